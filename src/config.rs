@@ -1,0 +1,527 @@
+//! The plugin configuration: its JSON model, and the validated form the filter runs on.
+//!
+//! Parsing happens in two stages, so that every error names the field it comes from:
+//! serde reads the JSON into [`PluginConfig`] (unknown fields refused), then
+//! [`Config::compile`] checks every value and builds the lookup structures.
+
+use crate::keys::{self, Digest, KeyIndex};
+use crate::time;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The plugin configuration exactly as written in Envoy's `configuration` field.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Realm named in the `WWW-Authenticate` header of 401 responses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realm: Option<String>,
+    /// Where to look for the key, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sources: Option<Vec<KeySourceSpec>>,
+    /// The accepted keys, by digest.
+    #[serde(default)]
+    pub keys: Vec<KeySpec>,
+    /// Path rules, first matching prefix wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSpec>,
+    /// Remove the headers that carried the key before forwarding (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strip_credentials: Option<bool>,
+    /// Let CORS preflight requests through without a key (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_cors_preflight: Option<bool>,
+}
+
+/// One place a key may be sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySourceSpec {
+    /// Header name (matched case-insensitively).
+    pub header: String,
+    /// Authorization scheme the value must start with, e.g. `Bearer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+}
+
+/// One configured key: its digest and identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    /// Stable identifier, forwarded as `x-keygate-key-id`.
+    pub id: String,
+    /// `sha256:<64 lowercase hex>` of the key.
+    pub hash: String,
+    /// Client (customer) the key belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// Tenant the key is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Role, e.g. client, miner, admin.
+    pub role: String,
+    /// Scopes granted to the key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// active (default), suspended or revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<KeyStatus>,
+    /// RFC 3339 instant after which the key is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// Lifecycle state of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStatus {
+    /// Accepted.
+    Active,
+    /// Temporarily refused with 403.
+    Suspended,
+    /// Permanently refused with 401.
+    Revoked,
+}
+
+/// One path rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Path prefix (query string excluded).
+    pub prefix: String,
+    /// No key needed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
+    /// Methods allowed on the route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// Roles allowed on the route (any one of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
+    /// Scopes the key must all hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+}
+
+/// A configuration error: the field it concerns and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Path of the field, e.g. `keys[2].hash`; `configuration` for the whole document.
+    pub path: String,
+    /// What is wrong and, where useful, what to write instead.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where a key is read from, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySource {
+    /// Lowercase header name.
+    pub header: String,
+    /// Scheme the value must carry (compared case-insensitively), if any.
+    pub scheme: Option<String>,
+}
+
+/// A configured key's identity and state, as the filter uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    /// Key id.
+    pub id: String,
+    /// Client, if set.
+    pub client: Option<String>,
+    /// Tenant, if set.
+    pub tenant: Option<String>,
+    /// Role.
+    pub role: String,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// Scopes joined with commas, as forwarded in `x-keygate-scopes`.
+    pub scopes_header: String,
+    /// Lifecycle state.
+    pub status: KeyStatus,
+    /// Expiry in Unix seconds.
+    pub expires_at: Option<i64>,
+}
+
+/// A path rule, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Path prefix.
+    pub prefix: String,
+    /// No key needed.
+    pub public: bool,
+    /// Allowed methods; empty means any.
+    pub methods: Vec<String>,
+    /// Allowed roles; empty means any.
+    pub roles: Vec<String>,
+    /// Required scopes; empty means none.
+    pub scopes: Vec<String>,
+}
+
+/// The validated configuration the filter decides with.
+#[derive(Debug)]
+pub struct Config {
+    /// Realm for `WWW-Authenticate`.
+    pub realm: String,
+    /// The full `WWW-Authenticate` value sent with every 401.
+    pub www_authenticate: String,
+    /// Key sources in order.
+    pub key_sources: Vec<KeySource>,
+    /// Keys, in configuration order.
+    pub keys: Vec<Key>,
+    /// Digest → position in `keys`.
+    pub index: KeyIndex,
+    /// Routes in order.
+    pub routes: Vec<Route>,
+    /// Remove the credential headers before forwarding.
+    pub strip_credentials: bool,
+    /// Let CORS preflights through without a key.
+    pub allow_cors_preflight: bool,
+}
+
+/// Realm used when the configuration names none.
+pub const DEFAULT_REALM: &str = "keygate";
+
+/// The key sources used when the configuration names none.
+pub fn default_key_sources() -> Vec<KeySourceSpec> {
+    vec![
+        KeySourceSpec {
+            header: "x-api-key".into(),
+            scheme: None,
+        },
+        KeySourceSpec {
+            header: "authorization".into(),
+            scheme: Some("Bearer".into()),
+        },
+    ]
+}
+
+impl Config {
+    /// Parses and validates the JSON plugin configuration.
+    pub fn from_json(json: &[u8]) -> Result<Config, ConfigError> {
+        Config::compile(&PluginConfig::from_json(json)?)
+    }
+
+    /// Validates a parsed configuration and builds the lookup structures.
+    pub fn compile(doc: &PluginConfig) -> Result<Config, ConfigError> {
+        let realm = doc.realm.clone().unwrap_or_else(|| DEFAULT_REALM.into());
+        if realm.is_empty()
+            || !realm
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
+            return Err(ConfigError::new(
+                "realm",
+                "must be non-empty printable ASCII without quotes or backslashes (it is sent in WWW-Authenticate)",
+            ));
+        }
+
+        let key_sources = compile_key_sources(doc.key_sources.as_deref())?;
+        let routes = compile_routes(&doc.routes)?;
+
+        let mut keys = Vec::with_capacity(doc.keys.len());
+        let mut index = KeyIndex::with_capacity(doc.keys.len());
+        let mut ids = std::collections::HashMap::with_capacity(doc.keys.len());
+        for (i, spec) in doc.keys.iter().enumerate() {
+            let (key, digest) = compile_key(i, spec)?;
+            if let Some(first) = ids.insert(key.id.clone(), i) {
+                return Err(ConfigError::new(
+                    format!("keys[{i}].id"),
+                    format!(
+                        "duplicate id {:?} (also keys[{first}].id); ids must be unique",
+                        key.id
+                    ),
+                ));
+            }
+            if let Err(first) = index.insert(digest, i) {
+                return Err(ConfigError::new(
+                    format!("keys[{i}].hash"),
+                    format!("duplicate hash (also keys[{first}].hash); each key must be configured once"),
+                ));
+            }
+            keys.push(key);
+        }
+        let everything_public =
+            routes.iter().all(|r| r.public) && routes.iter().any(|r| r.prefix == "/");
+        if keys.is_empty() && !everything_public {
+            return Err(ConfigError::new(
+                "keys",
+                "no keys configured, so every request that needs a key would be refused; add at least one key",
+            ));
+        }
+
+        Ok(Config {
+            www_authenticate: format!("ApiKey realm=\"{realm}\""),
+            realm,
+            key_sources,
+            keys,
+            index,
+            routes,
+            strip_credentials: doc.strip_credentials.unwrap_or(true),
+            allow_cors_preflight: doc.allow_cors_preflight.unwrap_or(false),
+        })
+    }
+
+    /// The first route whose prefix matches the path (query string ignored).
+    pub fn route_for(&self, path: &str) -> Option<&Route> {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        self.routes.iter().find(|r| path.starts_with(&r.prefix))
+    }
+}
+
+impl PluginConfig {
+    /// Reads the JSON document; errors name the offending field.
+    pub fn from_json(json: &[u8]) -> Result<PluginConfig, ConfigError> {
+        if json.iter().all(u8::is_ascii_whitespace) {
+            return Err(ConfigError::new(
+                "configuration",
+                "the plugin configuration is empty; it must be a JSON object with at least \"keys\"",
+            ));
+        }
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let doc: PluginConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            // "." is the document itself; "?" a position serde could not name (e.g. early EOF).
+            let path = if path == "." || path == "?" {
+                "configuration".to_string()
+            } else {
+                path
+            };
+            ConfigError::new(path, e.into_inner().to_string())
+        })?;
+        de.end()
+            .map_err(|e| ConfigError::new("configuration", e.to_string()))?;
+        Ok(doc)
+    }
+}
+
+fn compile_key_sources(specs: Option<&[KeySourceSpec]>) -> Result<Vec<KeySource>, ConfigError> {
+    let defaults;
+    let specs = match specs {
+        Some(s) => s,
+        None => {
+            defaults = default_key_sources();
+            &defaults
+        }
+    };
+    if specs.is_empty() {
+        return Err(ConfigError::new(
+            "key_sources",
+            "must name at least one header (omit the field for x-api-key and Authorization: Bearer)",
+        ));
+    }
+    let mut out: Vec<KeySource> = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let header = spec.header.to_ascii_lowercase();
+        if header.is_empty() || !header.bytes().all(is_tchar) {
+            return Err(ConfigError::new(
+                format!("key_sources[{i}].header"),
+                format!("{:?} is not a valid HTTP header name", spec.header),
+            ));
+        }
+        if header.starts_with("x-keygate-") {
+            return Err(ConfigError::new(
+                format!("key_sources[{i}].header"),
+                "x-keygate-* headers are set by keygate itself and cannot carry keys",
+            ));
+        }
+        if let Some(scheme) = &spec.scheme {
+            if scheme.is_empty() || !scheme.bytes().all(is_tchar) {
+                return Err(ConfigError::new(
+                    format!("key_sources[{i}].scheme"),
+                    format!(
+                        "{scheme:?} is not a valid authorization scheme name such as \"Bearer\""
+                    ),
+                ));
+            }
+        }
+        let source = KeySource {
+            header,
+            scheme: spec.scheme.clone(),
+        };
+        if out.contains(&source) {
+            return Err(ConfigError::new(
+                format!("key_sources[{i}]"),
+                "duplicate key source",
+            ));
+        }
+        out.push(source);
+    }
+    Ok(out)
+}
+
+fn compile_key(i: usize, spec: &KeySpec) -> Result<(Key, Digest), ConfigError> {
+    let field = |name: &str| format!("keys[{i}].{name}");
+    if spec.id.is_empty()
+        || spec.id.len() > 128
+        || !spec
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+    {
+        return Err(ConfigError::new(
+            field("id"),
+            format!(
+                "{:?} is not a valid key id: use 1 to 128 letters, digits or . _ : @ -",
+                spec.id
+            ),
+        ));
+    }
+    let digest =
+        keys::parse_hash(&spec.hash).map_err(|reason| ConfigError::new(field("hash"), reason))?;
+    for (name, value) in [("client", &spec.client), ("tenant", &spec.tenant)] {
+        if let Some(v) = value {
+            check_label(v).map_err(|reason| ConfigError::new(field(name), reason))?;
+        }
+    }
+    check_word(&spec.role).map_err(|reason| ConfigError::new(field("role"), reason))?;
+    for (j, scope) in spec.scopes.iter().enumerate() {
+        check_word(scope)
+            .map_err(|reason| ConfigError::new(format!("keys[{i}].scopes[{j}]"), reason))?;
+    }
+    let expires_at = match &spec.expires_at {
+        Some(s) => Some(
+            time::parse_rfc3339(s)
+                .map_err(|reason| ConfigError::new(field("expires_at"), reason))?,
+        ),
+        None => None,
+    };
+    let key = Key {
+        id: spec.id.clone(),
+        client: spec.client.clone(),
+        tenant: spec.tenant.clone(),
+        role: spec.role.clone(),
+        scopes: spec.scopes.clone(),
+        scopes_header: spec.scopes.join(","),
+        status: spec.status.unwrap_or(KeyStatus::Active),
+        expires_at,
+    };
+    Ok((key, digest))
+}
+
+fn compile_routes(specs: &[RouteSpec]) -> Result<Vec<Route>, ConfigError> {
+    let mut routes: Vec<Route> = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let at = |name: &str| format!("routes[{i}].{name}");
+        if !spec.prefix.starts_with('/')
+            || spec
+                .prefix
+                .bytes()
+                .any(|b| b <= b' ' || b == b'?' || b == 0x7f)
+        {
+            return Err(ConfigError::new(
+                at("prefix"),
+                format!(
+                    "{:?} must start with \"/\" and contain no spaces, control characters or \"?\"",
+                    spec.prefix
+                ),
+            ));
+        }
+        if let Some((j, earlier)) = routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| spec.prefix.starts_with(&r.prefix))
+        {
+            return Err(ConfigError::new(
+                at("prefix"),
+                format!(
+                    "{:?} is never reached: routes[{j}] ({:?}) matches every such path first; put the longer prefix first",
+                    spec.prefix, earlier.prefix
+                ),
+            ));
+        }
+        let list =
+            |name: &str, values: &Option<Vec<String>>, check: fn(&str) -> Result<(), String>| {
+                let Some(values) = values else {
+                    return Ok(Vec::new());
+                };
+                if values.is_empty() {
+                    return Err(ConfigError::new(
+                        at(name),
+                        "must not be empty; omit the field to place no requirement",
+                    ));
+                }
+                for (j, v) in values.iter().enumerate() {
+                    check(v).map_err(|reason| {
+                        ConfigError::new(format!("routes[{i}].{name}[{j}]"), reason)
+                    })?;
+                }
+                Ok(values.clone())
+            };
+        let route = Route {
+            prefix: spec.prefix.clone(),
+            public: spec.public,
+            methods: list("methods", &spec.methods, check_method)?,
+            roles: list("roles", &spec.roles, check_word)?,
+            scopes: list("scopes", &spec.scopes, check_word)?,
+        };
+        if route.public
+            && !(route.methods.is_empty() && route.roles.is_empty() && route.scopes.is_empty())
+        {
+            return Err(ConfigError::new(
+                format!("routes[{i}]"),
+                "a public route needs no key, so it cannot also require methods, roles or scopes",
+            ));
+        }
+        routes.push(route);
+    }
+    Ok(routes)
+}
+
+// RFC 9110 token characters.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Roles and scopes: forwarded comma-separated, so no commas or spaces.
+fn check_word(v: &str) -> Result<(), String> {
+    if v.is_empty() || v.len() > 128 || !v.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b',') {
+        return Err(format!(
+            "{v:?} must be 1 to 128 printable ASCII characters without spaces or commas"
+        ));
+    }
+    Ok(())
+}
+
+/// Client and tenant names: forwarded as header values.
+fn check_label(v: &str) -> Result<(), String> {
+    if v.is_empty()
+        || v.len() > 256
+        || v.starts_with(' ')
+        || v.ends_with(' ')
+        || !v.bytes().all(|b| (0x20..0x7f).contains(&b))
+    {
+        return Err(format!(
+            "{v:?} must be 1 to 256 printable ASCII characters without leading or trailing spaces"
+        ));
+    }
+    Ok(())
+}
+
+fn check_method(v: &str) -> Result<(), String> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "{v:?} is not an HTTP method in upper case, such as \"POST\""
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,280 @@
+use super::*;
+
+const HASH_A: &str = "sha256:3fdb536b7aa2eccdaec0c7162262f499b2c6af7b95096edae688f064006df729";
+const HASH_B: &str = "sha256:0f276ec700df7954d9acc7556c190041248adad5c917636cd407dec90830fbea";
+
+fn parse(json: &str) -> Result<Config, ConfigError> {
+    Config::from_json(json.as_bytes())
+}
+
+fn err(json: &str) -> String {
+    match parse(json) {
+        Ok(_) => panic!("accepted: {json}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn one_key(fields: &str) -> String {
+    format!(r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "client"{fields}}}]}}"#)
+}
+
+#[test]
+fn issue_example_parses_with_every_field() {
+    let c = parse(&format!(
+        r#"{{
+          "realm": "keygate",
+          "key_sources": [{{"header": "x-api-key"}}, {{"header": "authorization", "scheme": "Bearer"}}],
+          "keys": [{{
+            "id": "client-1", "hash": "{HASH_A}",
+            "client": "acme", "tenant": "test-tenant", "role": "client",
+            "scopes": ["jobs:write"], "status": "active",
+            "expires_at": "2027-01-01T00:00:00Z"
+          }}],
+          "routes": [
+            {{"prefix": "/healthz", "public": true}},
+            {{"prefix": "/v1/admin", "roles": ["admin"]}},
+            {{"prefix": "/v1/jobs", "methods": ["POST"], "roles": ["client", "admin"], "scopes": ["jobs:write"]}}
+          ],
+          "strip_credentials": true,
+          "allow_cors_preflight": false
+        }}"#
+    ))
+    .unwrap();
+    assert_eq!(c.realm, "keygate");
+    assert_eq!(c.www_authenticate, "ApiKey realm=\"keygate\"");
+    assert_eq!(c.keys.len(), 1);
+    let k = &c.keys[0];
+    assert_eq!(k.id, "client-1");
+    assert_eq!(k.client.as_deref(), Some("acme"));
+    assert_eq!(k.tenant.as_deref(), Some("test-tenant"));
+    assert_eq!(k.scopes_header, "jobs:write");
+    assert_eq!(k.status, KeyStatus::Active);
+    assert_eq!(k.expires_at, Some(1_798_761_600));
+    assert_eq!(c.index.find(b"test_client_key_16_chars"), Some(0));
+    assert_eq!(c.routes.len(), 3);
+    assert_eq!(c.routes[2].methods, vec!["POST"]);
+    assert!(c.strip_credentials);
+    assert!(!c.allow_cors_preflight);
+}
+
+#[test]
+fn defaults() {
+    let c = parse(&one_key("")).unwrap();
+    assert_eq!(c.realm, "keygate");
+    assert_eq!(
+        c.key_sources,
+        vec![
+            KeySource {
+                header: "x-api-key".into(),
+                scheme: None
+            },
+            KeySource {
+                header: "authorization".into(),
+                scheme: Some("Bearer".into())
+            },
+        ]
+    );
+    assert_eq!(c.keys[0].status, KeyStatus::Active);
+    assert!(c.keys[0].scopes.is_empty());
+    assert_eq!(c.keys[0].expires_at, None);
+    assert!(c.routes.is_empty());
+    assert!(c.strip_credentials);
+    assert!(!c.allow_cors_preflight);
+}
+
+#[test]
+fn header_names_are_lowercased() {
+    let c = parse(&format!(
+        r#"{{"key_sources": [{{"header": "X-Custom-Key"}}], "keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "r"}}]}}"#
+    ))
+    .unwrap();
+    assert_eq!(c.key_sources[0].header, "x-custom-key");
+}
+
+#[test]
+fn syntax_errors_name_the_field() {
+    assert!(err("").starts_with("configuration: the plugin configuration is empty"));
+    assert!(
+        err("{").starts_with("configuration: EOF while parsing"),
+        "{}",
+        err("{")
+    );
+    assert!(
+        err("\"x\"").starts_with("configuration: invalid type: string"),
+        "{}",
+        err("\"x\"")
+    );
+    assert!(
+        err("{} x").starts_with("configuration: trailing characters"),
+        "{}",
+        err("{} x")
+    );
+    let e = err(r#"{"kes": []}"#);
+    assert!(
+        e.starts_with("kes: unknown field `kes`, expected one of"),
+        "{e}"
+    );
+    let e = err(&one_key(r#", "nmae": "x""#));
+    assert!(e.starts_with("keys[0].nmae: unknown field `nmae`"), "{e}");
+    let e = err(&format!(r#"{{"keys": [{{"id": "k1", "role": "r"}}]}}"#));
+    assert!(e.starts_with("keys[0]: missing field `hash`"), "{e}");
+    let e = err(&one_key(r#", "status": "paused""#));
+    assert!(e.starts_with("keys[0].status: unknown variant `paused`, expected one of `active`, `suspended`, `revoked`"), "{e}");
+    let e = err(&one_key(r#", "scopes": "jobs:write""#));
+    assert!(e.starts_with("keys[0].scopes: invalid type: string"), "{e}");
+    let e = err(r#"{"strip_credentials": "yes", "keys": []}"#);
+    assert!(
+        e.starts_with("strip_credentials: invalid type: string"),
+        "{e}"
+    );
+    let e = err(&format!(
+        r#"{{"routes": [{{"prefix": "/a", "public": true, "role": "x"}}], "keys": []}}"#
+    ));
+    assert!(e.starts_with("routes[0].role: unknown field `role`"), "{e}");
+}
+
+#[test]
+fn key_errors_name_the_field() {
+    let cases: &[(&str, &str)] = &[
+        (r#"{"keys": []}"#, "keys: no keys configured"),
+        (r#"{}"#, "keys: no keys configured"),
+        (
+            &format!(r#"{{"keys": [{{"id": "k1", "hash": "sha256:ABC", "role": "r"}}]}}"#),
+            "keys[0].hash: expected \"sha256:\" followed by 64 lowercase hex digits",
+        ),
+        (
+            &format!(
+                r#"{{"keys": [{{"id": "k1", "hash": "{}", "role": "r"}}]}}"#,
+                HASH_A.to_uppercase()
+            ),
+            "keys[0].hash: expected",
+        ),
+        (
+            &format!(r#"{{"keys": [{{"id": "", "hash": "{HASH_A}", "role": "r"}}]}}"#),
+            "keys[0].id: \"\" is not a valid key id",
+        ),
+        (
+            &format!(r#"{{"keys": [{{"id": "a b", "hash": "{HASH_A}", "role": "r"}}]}}"#),
+            "keys[0].id: \"a b\" is not a valid key id",
+        ),
+        (
+            &format!(
+                r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "r"}}, {{"id": "k1", "hash": "{HASH_B}", "role": "r"}}]}}"#
+            ),
+            "keys[1].id: duplicate id \"k1\" (also keys[0].id)",
+        ),
+        (
+            &format!(
+                r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "r"}}, {{"id": "k2", "hash": "{HASH_A}", "role": "r"}}]}}"#
+            ),
+            "keys[1].hash: duplicate hash (also keys[0].hash)",
+        ),
+        (
+            &one_key(r#", "expires_at": "2027-01-01""#),
+            "keys[0].expires_at: \"2027-01-01\" is not an RFC 3339 timestamp",
+        ),
+        (
+            &one_key(r#", "expires_at": "tomorrow""#),
+            "keys[0].expires_at: \"tomorrow\" is not an RFC 3339",
+        ),
+        (
+            &one_key(r#", "scopes": ["a,b"]"#),
+            "keys[0].scopes[0]: \"a,b\" must be 1 to 128 printable ASCII",
+        ),
+        (
+            &one_key(r#", "scopes": ["ok", ""]"#),
+            "keys[0].scopes[1]: \"\" must be",
+        ),
+        (
+            &one_key(r#", "tenant": "bad\ntenant""#),
+            "keys[0].tenant: \"bad\\ntenant\" must be 1 to 256 printable ASCII",
+        ),
+        (
+            &one_key(r#", "client": " acme""#),
+            "keys[0].client: \" acme\" must be",
+        ),
+        (
+            &format!(r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "a b"}}]}}"#),
+            "keys[0].role: \"a b\" must be",
+        ),
+    ];
+    for (json, want) in cases {
+        let e = err(json);
+        assert!(
+            e.starts_with(want),
+            "config {json}\n  got:  {e}\n  want: {want}..."
+        );
+    }
+}
+
+#[test]
+fn other_field_errors() {
+    let cases: &[(&str, &str)] = &[
+        (r#""realm": "a\"b""#, "realm: must be non-empty printable ASCII"),
+        (r#""realm": """#, "realm: must be non-empty"),
+        (r#""key_sources": []"#, "key_sources: must name at least one header"),
+        (r#""key_sources": [{"header": "x api"}]"#, "key_sources[0].header: \"x api\" is not a valid HTTP header name"),
+        (r#""key_sources": [{"header": "X-Keygate-Key-Id"}]"#, "key_sources[0].header: x-keygate-* headers are set by keygate"),
+        (r#""key_sources": [{"header": "authorization", "scheme": "Bear er"}]"#, "key_sources[0].scheme: \"Bear er\" is not a valid"),
+        (
+            r#""key_sources": [{"header": "x-api-key"}, {"header": "X-API-KEY"}]"#,
+            "key_sources[1]: duplicate key source",
+        ),
+        (r#""routes": [{"prefix": "v1"}]"#, "routes[0].prefix: \"v1\" must start with \"/\""),
+        (r#""routes": [{"prefix": "/a?b"}]"#, "routes[0].prefix: \"/a?b\" must start"),
+        (
+            r#""routes": [{"prefix": "/v1"}, {"prefix": "/v1/jobs", "roles": ["admin"]}]"#,
+            "routes[1].prefix: \"/v1/jobs\" is never reached: routes[0] (\"/v1\") matches every such path first",
+        ),
+        (r#""routes": [{"prefix": "/a", "roles": []}]"#, "routes[0].roles: must not be empty"),
+        (r#""routes": [{"prefix": "/a", "methods": ["post"]}]"#, "routes[0].methods[0]: \"post\" is not an HTTP method in upper case"),
+        (r#""routes": [{"prefix": "/a", "scopes": ["x y"]}]"#, "routes[0].scopes[0]: \"x y\" must be"),
+        (
+            r#""routes": [{"prefix": "/a", "public": true, "roles": ["admin"]}]"#,
+            "routes[0]: a public route needs no key, so it cannot also require",
+        ),
+    ];
+    for (fields, want) in cases {
+        let json =
+            format!(r#"{{{fields}, "keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "r"}}]}}"#);
+        let e = err(&json);
+        assert!(
+            e.starts_with(want),
+            "config {json}\n  got:  {e}\n  want: {want}..."
+        );
+    }
+}
+
+#[test]
+fn no_keys_is_fine_only_when_everything_is_public() {
+    assert!(parse(r#"{"routes": [{"prefix": "/", "public": true}]}"#).is_ok());
+    let e = err(
+        r#"{"routes": [{"prefix": "/admin", "roles": ["admin"]}, {"prefix": "/", "public": true}]}"#,
+    );
+    assert!(e.starts_with("keys: no keys configured"), "{e}");
+}
+
+#[test]
+fn route_matching_is_first_prefix_without_query() {
+    let c = parse(&format!(
+        r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "r"}}],
+            "routes": [{{"prefix": "/v1/jobs/special"}}, {{"prefix": "/v1/jobs"}}, {{"prefix": "/healthz", "public": true}}]}}"#
+    ))
+    .unwrap();
+    let prefix = |p: &str| c.route_for(p).map(|r| r.prefix.as_str());
+    assert_eq!(prefix("/v1/jobs"), Some("/v1/jobs"));
+    assert_eq!(prefix("/v1/jobs/1"), Some("/v1/jobs"));
+    assert_eq!(prefix("/v1/jobs/special/1"), Some("/v1/jobs/special"));
+    assert_eq!(prefix("/healthz?probe=1"), Some("/healthz"));
+    assert_eq!(prefix("/v1?x=/v1/jobs"), None);
+    assert_eq!(prefix("/other"), None);
+}
+
+#[test]
+fn serializes_back_to_the_same_document() {
+    let json = format!(
+        r#"{{"keys":[{{"id":"k1","hash":"{HASH_A}","tenant":"t","role":"client","scopes":["a"],"status":"suspended","expires_at":"2027-01-01T00:00:00Z"}}],"routes":[{{"prefix":"/h","public":true}},{{"prefix":"/a","roles":["admin"]}}],"strip_credentials":false}}"#
+    );
+    let doc = PluginConfig::from_json(json.as_bytes()).unwrap();
+    assert_eq!(serde_json::to_string(&doc).unwrap(), json);
+}

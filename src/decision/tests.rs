@@ -1,0 +1,449 @@
+use super::*;
+use crate::config::Config;
+use crate::keys::hash_string;
+
+const CLIENT_KEY: &str = "client-key-0123456789";
+const ADMIN_KEY: &str = "admin-key-0123456789";
+const REVOKED_KEY: &str = "revoked-key-0123456789";
+const SUSPENDED_KEY: &str = "suspended-key-0123456789";
+const EXPIRING_KEY: &str = "expiring-key-0123456789";
+const NOTENANT_KEY: &str = "notenant-key-0123456789";
+const EXPIRY: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
+const NOW: i64 = EXPIRY - 3600;
+
+fn config_with(extra: &str) -> Config {
+    let json = format!(
+        r#"{{
+        "keys": [
+          {{"id": "client-1", "hash": "{}", "client": "acme", "tenant": "t1", "role": "client", "scopes": ["jobs:write", "jobs:read"]}},
+          {{"id": "admin-1", "hash": "{}", "tenant": "t1", "role": "admin"}},
+          {{"id": "revoked-1", "hash": "{}", "tenant": "t1", "role": "client", "status": "revoked"}},
+          {{"id": "suspended-1", "hash": "{}", "tenant": "t1", "role": "client", "status": "suspended"}},
+          {{"id": "expiring-1", "hash": "{}", "role": "client", "expires_at": "2027-01-01T00:00:00Z"}},
+          {{"id": "notenant-1", "hash": "{}", "role": "miner"}}
+        ],
+        "routes": [
+          {{"prefix": "/healthz", "public": true}},
+          {{"prefix": "/v1/admin", "roles": ["admin"]}},
+          {{"prefix": "/v1/jobs", "methods": ["POST"], "roles": ["client", "admin"], "scopes": ["jobs:write"]}},
+          {{"prefix": "/v1/open"}}
+        ]{extra}
+    }}"#,
+        hash_string(CLIENT_KEY.as_bytes()),
+        hash_string(ADMIN_KEY.as_bytes()),
+        hash_string(REVOKED_KEY.as_bytes()),
+        hash_string(SUSPENDED_KEY.as_bytes()),
+        hash_string(EXPIRING_KEY.as_bytes()),
+        hash_string(NOTENANT_KEY.as_bytes()),
+    );
+    Config::from_json(json.as_bytes()).unwrap()
+}
+
+fn headers(pairs: &[(&str, &str)]) -> Vec<Header> {
+    pairs
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+fn run<'c>(c: &'c Config, method: &str, path: &str, hs: &[(&str, &str)], now: i64) -> Decision<'c> {
+    let hs = headers(hs);
+    let req = Request {
+        method,
+        path,
+        headers: &hs,
+    };
+    // The decision borrows only the configuration, never the request.
+    decide(c, &req, now)
+}
+
+fn reason(d: &Decision<'_>) -> Option<Reason> {
+    d.as_ref().err().map(|d| d.reason)
+}
+
+fn admitted_id<'a>(d: &'a Decision<'_>) -> Option<&'a str> {
+    d.as_ref().ok().and_then(|a| a.key).map(|k| k.id.as_str())
+}
+
+#[test]
+fn every_row_of_the_decision_table() {
+    let c = config_with("");
+    let key = |k: &str| ("x-api-key", k.to_string());
+    let rows: Vec<(&str, &str, Vec<(&str, String)>, Option<Reason>)> = vec![
+        ("GET", "/v1/open", vec![], Some(Reason::MissingApiKey)),
+        (
+            "GET",
+            "/v1/open",
+            vec![key("unknown-key-0123456789")],
+            Some(Reason::InvalidApiKey),
+        ),
+        (
+            "GET",
+            "/v1/open",
+            vec![key("short")],
+            Some(Reason::InvalidApiKey),
+        ),
+        (
+            "GET",
+            "/v1/open",
+            vec![key(&"x".repeat(513))],
+            Some(Reason::InvalidApiKey),
+        ),
+        (
+            "GET",
+            "/v1/open",
+            vec![key(&format!("{CLIENT_KEY}\u{7}"))],
+            Some(Reason::InvalidApiKey),
+        ),
+        (
+            "GET",
+            "/v1/open",
+            vec![key(CLIENT_KEY), key(ADMIN_KEY)],
+            Some(Reason::InvalidApiKey),
+        ),
+        (
+            "GET",
+            "/v1/open",
+            vec![
+                key(CLIENT_KEY),
+                ("authorization", format!("Bearer {ADMIN_KEY}")),
+            ],
+            Some(Reason::InvalidApiKey),
+        ),
+        (
+            "GET",
+            "/v1/open",
+            vec![key(REVOKED_KEY)],
+            Some(Reason::KeyRevoked),
+        ),
+        (
+            "GET",
+            "/v1/open",
+            vec![key(SUSPENDED_KEY)],
+            Some(Reason::KeySuspended),
+        ),
+        (
+            "POST",
+            "/v1/admin/users",
+            vec![key(CLIENT_KEY)],
+            Some(Reason::InsufficientPermissions),
+        ),
+        (
+            "GET",
+            "/v1/jobs",
+            vec![key(CLIENT_KEY)],
+            Some(Reason::InsufficientPermissions),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            vec![key(NOTENANT_KEY)],
+            Some(Reason::InsufficientPermissions),
+        ),
+        (
+            "GET",
+            "/v1/open",
+            vec![key(CLIENT_KEY), ("x-tenant-id", "t2".into())],
+            Some(Reason::TenantMismatch),
+        ),
+        ("POST", "/v1/jobs", vec![key(CLIENT_KEY)], None),
+        (
+            "POST",
+            "/v1/jobs",
+            vec![("authorization", format!("Bearer {CLIENT_KEY}"))],
+            None,
+        ),
+        ("GET", "/v1/admin", vec![key(ADMIN_KEY)], None),
+        (
+            "GET",
+            "/v1/open",
+            vec![key(CLIENT_KEY), ("x-tenant-id", "t1".into())],
+            None,
+        ),
+        ("GET", "/healthz", vec![], None),
+        ("GET", "/no/route/at/all", vec![key(NOTENANT_KEY)], None),
+    ];
+    for (method, path, hs, want) in rows {
+        let hs: Vec<(&str, &str)> = hs.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let d = run(&c, method, path, &hs, NOW);
+        assert_eq!(reason(&d), want, "{method} {path} {hs:?}");
+    }
+}
+
+#[test]
+fn status_codes_and_bodies() {
+    let all = [
+        (
+            Reason::MissingApiKey,
+            401,
+            "missing_api_key",
+            "API key required",
+        ),
+        (
+            Reason::InvalidApiKey,
+            401,
+            "invalid_api_key",
+            "Invalid API key",
+        ),
+        (
+            Reason::KeyRevoked,
+            401,
+            "key_revoked",
+            "API key has been revoked",
+        ),
+        (
+            Reason::KeyExpired,
+            401,
+            "key_expired",
+            "API key has expired",
+        ),
+        (
+            Reason::KeySuspended,
+            403,
+            "key_suspended",
+            "API key is suspended",
+        ),
+        (
+            Reason::InsufficientPermissions,
+            403,
+            "insufficient_permissions",
+            "API key lacks permission for this route",
+        ),
+        (
+            Reason::TenantMismatch,
+            403,
+            "tenant_mismatch",
+            "API key does not belong to this tenant",
+        ),
+    ];
+    for (reason, status, code, message) in all {
+        assert_eq!(reason.status(), status);
+        let body: serde_json::Value = serde_json::from_str(&reason.body()).unwrap();
+        assert_eq!(body, serde_json::json!({"error": code, "message": message}));
+    }
+}
+
+#[test]
+fn expiry_with_time_passed_in() {
+    let c = config_with("");
+    let hs = [("x-api-key", EXPIRING_KEY)];
+    assert_eq!(
+        admitted_id(&run(&c, "GET", "/v1/open", &hs, EXPIRY - 1)),
+        Some("expiring-1")
+    );
+    assert_eq!(
+        reason(&run(&c, "GET", "/v1/open", &hs, EXPIRY)),
+        Some(Reason::KeyExpired)
+    );
+    assert_eq!(
+        reason(&run(&c, "GET", "/v1/open", &hs, EXPIRY + 86_400)),
+        Some(Reason::KeyExpired)
+    );
+    // Keys without expiry never expire.
+    let hs = [("x-api-key", CLIENT_KEY)];
+    assert_eq!(
+        admitted_id(&run(&c, "GET", "/v1/open", &hs, i64::MAX)),
+        Some("client-1")
+    );
+}
+
+#[test]
+fn authentication_comes_before_authorization() {
+    let c = config_with("");
+    // Admin route, no key: 401 not 403.
+    assert_eq!(
+        reason(&run(&c, "GET", "/v1/admin", &[], NOW)),
+        Some(Reason::MissingApiKey)
+    );
+    // Revoked key on a route it also lacks permission for: 401.
+    let hs = [("x-api-key", REVOKED_KEY)];
+    assert_eq!(
+        reason(&run(&c, "GET", "/v1/admin", &hs, NOW)),
+        Some(Reason::KeyRevoked)
+    );
+    // Expired beats suspended? An expired key is not authenticated: 401.
+    let hs = [("x-api-key", EXPIRING_KEY)];
+    assert_eq!(
+        reason(&run(&c, "GET", "/v1/admin", &hs, EXPIRY)),
+        Some(Reason::KeyExpired)
+    );
+}
+
+#[test]
+fn public_routes_check_a_key_if_one_is_sent() {
+    let c = config_with("");
+    let d = run(&c, "GET", "/healthz", &[], NOW);
+    assert_eq!(d.as_ref().map(|a| a.key.is_none()), Ok(true));
+    let d = run(&c, "GET", "/healthz", &[("x-api-key", CLIENT_KEY)], NOW);
+    assert_eq!(admitted_id(&d), Some("client-1"));
+    let d = run(
+        &c,
+        "GET",
+        "/healthz",
+        &[("x-api-key", "unknown-key-0123456789")],
+        NOW,
+    );
+    assert_eq!(reason(&d), Some(Reason::InvalidApiKey));
+    let d = run(&c, "GET", "/healthz", &[("x-api-key", REVOKED_KEY)], NOW);
+    assert_eq!(reason(&d), Some(Reason::KeyRevoked));
+}
+
+#[test]
+fn denials_name_the_key_id_or_a_prefix_never_the_key() {
+    let c = config_with("");
+    let d = run(
+        &c,
+        "GET",
+        "/v1/open",
+        &[("x-api-key", "unknown-key-0123456789")],
+        NOW,
+    );
+    assert_eq!(d.unwrap_err().subject, Subject::Unknown("unknown-".into()));
+    let d = run(&c, "GET", "/v1/admin", &[("x-api-key", CLIENT_KEY)], NOW);
+    assert_eq!(d.unwrap_err().subject, Subject::Key("client-1"));
+    let d = run(&c, "GET", "/v1/open", &[], NOW);
+    assert_eq!(d.unwrap_err().subject, Subject::Nobody);
+}
+
+#[test]
+fn forwarding_strips_credentials_and_spoofed_identity() {
+    let c = config_with("");
+    let hs = [
+        ("x-api-key", CLIENT_KEY),
+        ("authorization", "Basic dXNlcjpwYXNz"),
+        ("X-Keygate-Role", "admin"),
+        ("x-keygate-key-id", "someone-else"),
+        ("x-keygate-role", "admin"),
+    ];
+    let d = run(&c, "POST", "/v1/jobs", &hs, NOW);
+    let admission = d.unwrap();
+    assert_eq!(
+        admission.remove,
+        vec!["x-keygate-key-id", "x-keygate-role", "x-api-key"]
+    );
+    assert_eq!(
+        admission.identity_headers(),
+        vec![
+            ("x-keygate-key-id", "client-1"),
+            ("x-keygate-role", "client"),
+            ("x-keygate-client", "acme"),
+            ("x-keygate-scopes", "jobs:write,jobs:read"),
+            ("x-tenant-id", "t1"),
+        ]
+    );
+    // Bearer carrier is stripped too; both when both carried the same key.
+    let hs = [
+        ("x-api-key", CLIENT_KEY),
+        ("authorization", &format!("Bearer {CLIENT_KEY}")),
+    ];
+    let d = run(&c, "POST", "/v1/jobs", &hs, NOW).unwrap();
+    assert_eq!(d.remove, vec!["x-api-key", "authorization"]);
+}
+
+#[test]
+fn strip_credentials_off_keeps_the_key_header() {
+    let c = config_with(r#", "strip_credentials": false"#);
+    let hs = [("x-api-key", CLIENT_KEY), ("x-keygate-client", "spoof")];
+    let d = run(&c, "POST", "/v1/jobs", &hs, NOW).unwrap();
+    assert_eq!(d.remove, vec!["x-keygate-client"]);
+}
+
+#[test]
+fn public_route_without_key_still_removes_spoofed_identity() {
+    let c = config_with("");
+    let d = run(
+        &c,
+        "GET",
+        "/healthz",
+        &[("x-keygate-key-id", "admin-1")],
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(d.remove, vec!["x-keygate-key-id"]);
+    assert!(d.identity_headers().is_empty());
+}
+
+#[test]
+fn keys_without_tenant_are_not_bound_to_one() {
+    let c = config_with("");
+    let hs = [("x-api-key", NOTENANT_KEY), ("x-tenant-id", "anything")];
+    let d = run(&c, "GET", "/v1/open", &hs, NOW).unwrap();
+    assert!(!d
+        .identity_headers()
+        .iter()
+        .any(|(n, _)| *n == "x-tenant-id"));
+    assert!(!d.remove.contains(&"x-tenant-id".to_string()));
+}
+
+#[test]
+fn every_x_tenant_id_value_must_match() {
+    let c = config_with("");
+    let hs = [
+        ("x-api-key", CLIENT_KEY),
+        ("x-tenant-id", "t1"),
+        ("x-tenant-id", "t2"),
+    ];
+    assert_eq!(
+        reason(&run(&c, "GET", "/v1/open", &hs, NOW)),
+        Some(Reason::TenantMismatch)
+    );
+}
+
+#[test]
+fn cors_preflight() {
+    let preflight = [
+        ("origin", "https://app.example"),
+        ("access-control-request-method", "POST"),
+    ];
+    let off = config_with("");
+    assert_eq!(
+        reason(&run(&off, "OPTIONS", "/v1/jobs", &preflight, NOW)),
+        Some(Reason::MissingApiKey)
+    );
+    let on = config_with(r#", "allow_cors_preflight": true"#);
+    let d = run(&on, "OPTIONS", "/v1/jobs", &preflight, NOW).unwrap();
+    assert!(d.key.is_none());
+    // Not a preflight: OPTIONS without the CORS headers, or GET with them.
+    let origin_only = [("origin", "https://app.example")];
+    assert_eq!(
+        reason(&run(&on, "OPTIONS", "/v1/jobs", &origin_only, NOW)),
+        Some(Reason::MissingApiKey)
+    );
+    assert_eq!(
+        reason(&run(&on, "GET", "/v1/jobs", &preflight, NOW)),
+        Some(Reason::MissingApiKey)
+    );
+}
+
+#[test]
+fn route_requirements_all_hold() {
+    let c = config_with("");
+    // Admin passes the jobs route (role admin allowed) only if it has the scope: it has none.
+    let hs = [("x-api-key", ADMIN_KEY)];
+    assert_eq!(
+        reason(&run(&c, "POST", "/v1/jobs", &hs, NOW)),
+        Some(Reason::InsufficientPermissions)
+    );
+    // Methods are compared exactly.
+    let hs = [("x-api-key", CLIENT_KEY)];
+    assert_eq!(
+        reason(&run(&c, "post", "/v1/jobs", &hs, NOW)),
+        Some(Reason::InsufficientPermissions)
+    );
+}
+
+#[test]
+fn other_authorization_schemes_are_not_keys() {
+    let c = config_with("");
+    let hs = [("authorization", "Basic dXNlcjpwYXNz")];
+    assert_eq!(
+        reason(&run(&c, "GET", "/v1/open", &hs, NOW)),
+        Some(Reason::MissingApiKey)
+    );
+    let hs = [
+        ("authorization", "Basic dXNlcjpwYXNz"),
+        ("x-api-key", CLIENT_KEY),
+    ];
+    let d = run(&c, "GET", "/v1/open", &hs, NOW).unwrap();
+    assert_eq!(d.remove, vec!["x-api-key"]);
+}

@@ -1,0 +1,211 @@
+//! The few proxy-wasm host calls keygate makes, with every status handled.
+//!
+//! The SDK's `hostcalls` wrappers panic on an unexpected status; a panic in a filter
+//! takes the worker's VM down, so these call the ABI directly and return `Result`.
+
+use crate::credentials::Header;
+use crate::wire;
+use std::ptr::{null, null_mut};
+
+/// A non-Ok status returned by the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostError(pub u32);
+
+const OK: u32 = 0;
+const NOT_FOUND: u32 = 1;
+const MAP_REQUEST_HEADERS: u32 = 0;
+const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+const METRIC_COUNTER: u32 = 0;
+
+/// proxy-wasm log levels.
+#[derive(Debug, Clone, Copy)]
+#[repr(u32)]
+pub enum Level {
+    Debug = 1,
+    Info = 2,
+    Warn = 3,
+    Error = 4,
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message: *const u8, size: usize) -> u32;
+    fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32;
+    fn proxy_get_buffer_bytes(
+        kind: u32,
+        start: usize,
+        max: usize,
+        data: *mut *mut u8,
+        size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+    fn proxy_replace_header_map_value(
+        map: u32,
+        key: *const u8,
+        key_size: usize,
+        value: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map: u32, key: *const u8, key_size: usize) -> u32;
+    fn proxy_send_local_response(
+        status: u32,
+        details: *const u8,
+        details_size: usize,
+        body: *const u8,
+        body_size: usize,
+        headers: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
+    fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+}
+
+fn check(status: u32) -> Result<(), HostError> {
+    if status == OK {
+        Ok(())
+    } else {
+        Err(HostError(status))
+    }
+}
+
+/// Takes ownership of a buffer the host allocated through the SDK's
+/// `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes).
+unsafe fn take_host_buffer(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(data, size, size)
+    }
+}
+
+/// Writes one line to Envoy's log.
+pub fn log(level: Level, message: &str) {
+    // Nothing sensible can be done if logging itself fails.
+    let _ = unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) };
+}
+
+/// Host wall-clock time in nanoseconds since the Unix epoch.
+pub fn now_nanos() -> Result<u64, HostError> {
+    let mut t = 0u64;
+    check(unsafe { proxy_get_current_time_nanoseconds(&mut t) })?;
+    Ok(t)
+}
+
+/// The plugin configuration bytes (empty when none is set).
+pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
+    let mut data = null_mut();
+    let mut size = 0usize;
+    match unsafe {
+        proxy_get_buffer_bytes(
+            BUFFER_PLUGIN_CONFIGURATION,
+            0,
+            usize::MAX,
+            &mut data,
+            &mut size,
+        )
+    } {
+        OK => Ok(unsafe { take_host_buffer(data, size) }),
+        NOT_FOUND => Ok(Vec::new()),
+        status => Err(HostError(status)),
+    }
+}
+
+/// Every request header, duplicates included, in order.
+pub fn request_headers() -> Result<Vec<Header>, HostError> {
+    let mut data = null_mut();
+    let mut size = 0usize;
+    check(unsafe { proxy_get_header_map_pairs(MAP_REQUEST_HEADERS, &mut data, &mut size) })?;
+    let buf = unsafe { take_host_buffer(data, size) };
+    wire::decode_pairs(&buf).ok_or(HostError(u32::MAX))
+}
+
+/// Replaces every value of a request header with one value.
+pub fn set_request_header(name: &str, value: &str) -> Result<(), HostError> {
+    check(unsafe {
+        proxy_replace_header_map_value(
+            MAP_REQUEST_HEADERS,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
+/// Removes every value of a request header.
+pub fn remove_request_header(name: &str) -> Result<(), HostError> {
+    check(unsafe { proxy_remove_header_map_value(MAP_REQUEST_HEADERS, name.as_ptr(), name.len()) })
+}
+
+/// Answers the request locally; `details` shows in Envoy's %RESPONSE_CODE_DETAILS%.
+pub fn send_response(
+    status: u32,
+    details: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<(), HostError> {
+    let headers = wire::encode_pairs(headers);
+    check(unsafe {
+        proxy_send_local_response(
+            status,
+            details.as_ptr(),
+            details.len(),
+            if body.is_empty() {
+                null()
+            } else {
+                body.as_ptr()
+            },
+            body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            -1,
+        )
+    })
+}
+
+/// Defines (or finds) a counter; Envoy aggregates it across worker VMs.
+pub fn define_counter(name: &str) -> Result<u32, HostError> {
+    let mut id = 0u32;
+    check(unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+/// Adds one to a counter.
+pub fn increment(id: u32) {
+    // A lost count must not fail the request.
+    let _ = unsafe { proxy_increment_metric(id, 1) };
+}
+
+/// Routes the `log` crate's macros to Envoy's log.
+struct HostLogger;
+
+impl log::Log for HostLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let level = match record.level() {
+            log::Level::Error => Level::Error,
+            log::Level::Warn => Level::Warn,
+            log::Level::Info => Level::Info,
+            log::Level::Debug | log::Level::Trace => Level::Debug,
+        };
+        log(level, &record.args().to_string());
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: HostLogger = HostLogger;
+
+/// Installs the host logger (once per VM; later calls are no-ops).
+pub fn install_logger() {
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+}

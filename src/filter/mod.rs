@@ -1,0 +1,200 @@
+//! proxy-wasm glue: reads the request, asks `decision`, applies the outcome.
+
+mod host;
+
+use crate::config::Config;
+use crate::decision::{self, Admission, Denial, Reason, Request, Subject};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType};
+use std::rc::Rc;
+
+proxy_wasm::main! {{
+    host::install_logger();
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+/// Counter ids, defined once per VM.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    allowed: u32,
+    unauthorized: u32,
+    forbidden: u32,
+    rate_limited: u32,
+    internal_errors: u32,
+}
+
+impl Counters {
+    fn define() -> Counters {
+        let id = |name| host::define_counter(name).unwrap_or(u32::MAX);
+        Counters {
+            allowed: id("keygate_allowed"),
+            unauthorized: id("keygate_unauthorized"),
+            forbidden: id("keygate_forbidden"),
+            rate_limited: id("keygate_rate_limited"),
+            internal_errors: id("keygate_internal_errors"),
+        }
+    }
+
+    fn for_status(&self, status: u32) -> u32 {
+        match status {
+            401 => self.unauthorized,
+            403 => self.forbidden,
+            429 => self.rate_limited,
+            _ => self.internal_errors,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Root {
+    config: Option<Rc<Config>>,
+    counters: Counters,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        if self.config.is_none() {
+            self.counters = Counters::define();
+        }
+        let bytes = match host::plugin_configuration() {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("keygate: invalid configuration: configuration: cannot be read from the host (status {})", e.0);
+                return false;
+            }
+        };
+        match Config::from_json(&bytes) {
+            Ok(config) => {
+                log::info!(
+                    "keygate: configured {} keys, {} routes",
+                    config.keys.len(),
+                    config.routes.len()
+                );
+                self.config = Some(Rc::new(config));
+                true
+            }
+            Err(e) => {
+                log::error!("keygate: invalid configuration: {e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream {
+            config: self.config.clone(),
+            counters: self.counters,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    config: Option<Rc<Config>>,
+    counters: Counters,
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(config) = self.config.clone() else {
+            return self.internal_error("keygate has no configuration");
+        };
+        let headers = match host::request_headers() {
+            Ok(h) => h,
+            Err(e) => {
+                return self
+                    .internal_error(&format!("cannot read request headers (status {})", e.0))
+            }
+        };
+        let pseudo = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+                .unwrap_or("")
+        };
+        let request = Request {
+            method: pseudo(":method"),
+            path: pseudo(":path"),
+            headers: &headers,
+        };
+        // Time before 1970 or past i64 seconds is not a real clock; saturate.
+        let now = host::now_nanos().map_or(0, |ns| {
+            i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX)
+        });
+        match decision::decide(&config, &request, now) {
+            Ok(admission) => self.forward(&admission),
+            Err(denial) => self.deny(&config, &denial),
+        }
+    }
+}
+
+impl Stream {
+    fn forward(&self, admission: &Admission<'_>) -> Action {
+        let mut ok = true;
+        for name in &admission.remove {
+            ok &= host::remove_request_header(name).is_ok();
+        }
+        for (name, value) in admission.identity_headers() {
+            ok &= host::set_request_header(name, value).is_ok();
+        }
+        if !ok {
+            // Forwarding without the identity (or with a spoofed one) is not an option.
+            return self.internal_error("cannot rewrite request headers");
+        }
+        host::increment(self.counters.allowed);
+        Action::Continue
+    }
+
+    fn deny(&self, config: &Config, denial: &Denial<'_>) -> Action {
+        let reason = denial.reason;
+        let status = reason.status();
+        match &denial.subject {
+            Subject::Nobody => log::info!("keygate: denied {status} {}", reason.code()),
+            Subject::Key(id) => {
+                log::info!("keygate: denied {status} {} key_id={id}", reason.code())
+            }
+            Subject::Unknown(prefix) => {
+                log::info!(
+                    "keygate: denied {status} {} key_prefix={prefix:?}",
+                    reason.code()
+                )
+            }
+        }
+        let mut headers = vec![("content-type", "application/json")];
+        if status == 401 {
+            headers.push(("www-authenticate", config.www_authenticate.as_str()));
+        }
+        self.respond(status, reason, &headers)
+    }
+
+    fn respond(&self, status: u32, reason: Reason, headers: &[(&str, &str)]) -> Action {
+        host::increment(self.counters.for_status(status));
+        let details = format!("keygate_{}", reason.code());
+        if host::send_response(status, &details, headers, reason.body().as_bytes()).is_err() {
+            log::error!("keygate: cannot send the {status} response");
+        }
+        Action::Pause
+    }
+
+    fn internal_error(&self, what: &str) -> Action {
+        log::error!("keygate: internal error: {what}; request refused with 500");
+        host::increment(self.counters.internal_errors);
+        let body =
+            br#"{"error":"internal_error","message":"The gateway could not process this request"}"#;
+        let _ = host::send_response(
+            500,
+            "keygate_internal_error",
+            &[("content-type", "application/json")],
+            body,
+        );
+        Action::Pause
+    }
+}

@@ -1,0 +1,204 @@
+//! API keys: their accepted shape, SHA-256 digests and the digest index.
+
+use sha2::{Digest as _, Sha256};
+use std::collections::HashMap;
+
+/// A SHA-256 digest of an API key.
+pub type Digest = [u8; 32];
+
+/// Shortest accepted key, in characters.
+pub const MIN_KEY_CHARS: usize = 16;
+/// Longest accepted key, in characters.
+pub const MAX_KEY_CHARS: usize = 512;
+/// The prefix of every configured hash.
+pub const HASH_PREFIX: &str = "sha256:";
+
+/// SHA-256 of the key bytes, exactly what `printf %s "$KEY" | sha256sum` computes.
+pub fn digest(key: &[u8]) -> Digest {
+    Sha256::digest(key).into()
+}
+
+/// The `sha256:<hex>` form of a key's digest, as written in the configuration.
+pub fn hash_string(key: &[u8]) -> String {
+    let mut out = String::with_capacity(HASH_PREFIX.len() + 64);
+    out.push_str(HASH_PREFIX);
+    for byte in digest(key) {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    out
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Parses `sha256:` followed by 64 lowercase hex digits.
+pub fn parse_hash(s: &str) -> Result<Digest, String> {
+    let bad = || {
+        format!(
+            "expected \"sha256:\" followed by 64 lowercase hex digits \
+             (printf %s \"$KEY\" | sha256sum), got {:?}",
+            abbreviate(s)
+        )
+    };
+    let hex = s.strip_prefix(HASH_PREFIX).ok_or_else(bad)?.as_bytes();
+    if hex.len() != 64 {
+        return Err(bad());
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        match (nibble(pair[0]), nibble(pair[1])) {
+            (Some(hi), Some(lo)) => out[i] = hi << 4 | lo,
+            _ => return Err(bad()),
+        }
+    }
+    Ok(out)
+}
+
+fn abbreviate(s: &str) -> String {
+    if s.chars().count() > 80 {
+        format!("{}...", s.chars().take(80).collect::<String>())
+    } else {
+        s.to_string()
+    }
+}
+
+/// Whether a presented credential has the shape of an API key: valid UTF-8, 16 to 512
+/// characters, no control characters. Anything else is refused before any lookup.
+pub fn well_formed(key: &[u8]) -> bool {
+    let Ok(s) = std::str::from_utf8(key) else {
+        return false;
+    };
+    let chars = s.chars().count();
+    (MIN_KEY_CHARS..=MAX_KEY_CHARS).contains(&chars) && !s.chars().any(char::is_control)
+}
+
+/// The first 8 characters of a presented credential, safe to log: never the whole key,
+/// and control or non-printable characters replaced by `?`.
+pub fn log_prefix(key: &[u8]) -> String {
+    String::from_utf8_lossy(key)
+        .chars()
+        .take(8)
+        .map(|c| {
+            if c.is_control() || c == '\u{fffd}' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// Maps key digests to their index in the configured key list.
+#[derive(Debug, Default)]
+pub struct KeyIndex {
+    by_digest: HashMap<Digest, usize>,
+}
+
+impl KeyIndex {
+    /// An empty index with room for `n` keys.
+    pub fn with_capacity(n: usize) -> Self {
+        KeyIndex {
+            by_digest: HashMap::with_capacity(n),
+        }
+    }
+
+    /// Adds a digest; returns the index already holding it, if any.
+    pub fn insert(&mut self, digest: Digest, index: usize) -> Result<(), usize> {
+        match self.by_digest.entry(digest) {
+            std::collections::hash_map::Entry::Occupied(e) => Err(*e.get()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(index);
+                Ok(())
+            }
+        }
+    }
+
+    /// Looks up a presented key by its digest; the plaintext is never compared.
+    pub fn find(&self, key: &[u8]) -> Option<usize> {
+        self.by_digest.get(&digest(key)).copied()
+    }
+
+    /// Number of keys in the index.
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    /// Whether the index holds no keys.
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_matches_sha256sum() {
+        // printf %s test_client_key_16_chars | sha256sum
+        assert_eq!(
+            hash_string(b"test_client_key_16_chars"),
+            "sha256:3fdb536b7aa2eccdaec0c7162262f499b2c6af7b95096edae688f064006df729"
+        );
+    }
+
+    #[test]
+    fn parse_hash_round_trips_and_rejects() {
+        let h = hash_string(b"some-key-0123456789");
+        assert_eq!(parse_hash(&h), Ok(digest(b"some-key-0123456789")));
+        for bad in [
+            "",
+            "sha256:",
+            "sha1:0000000000000000000000000000000000000000000000000000000000000000",
+            "sha256:000000000000000000000000000000000000000000000000000000000000000",
+            "sha256:00000000000000000000000000000000000000000000000000000000000000000",
+            "sha256:000000000000000000000000000000000000000000000000000000000000000A",
+            "sha256:000000000000000000000000000000000000000000000000000000000000000g",
+            "SHA256:0000000000000000000000000000000000000000000000000000000000000000",
+        ] {
+            let err = parse_hash(bad).expect_err(bad);
+            assert!(
+                err.starts_with("expected \"sha256:\" followed by 64"),
+                "{err}"
+            );
+        }
+        // Multi-byte characters must not panic the parser.
+        assert!(parse_hash("sha256:ééééééééééééééééééééééééééééééééé").is_err());
+    }
+
+    #[test]
+    fn key_shape() {
+        assert!(well_formed(b"0123456789abcdef"));
+        assert!(!well_formed(b"0123456789abcde"));
+        assert!(well_formed("k".repeat(512).as_bytes()));
+        assert!(!well_formed("k".repeat(513).as_bytes()));
+        assert!(!well_formed(b"0123456789abcdef\x01"));
+        assert!(!well_formed(b"0123456789abcdef\x7f"));
+        assert!(!well_formed(b"0123456789abcdef\xff"));
+        // Length counts characters, not bytes.
+        assert!(well_formed("ééééééééééééééé1".as_bytes()));
+    }
+
+    #[test]
+    fn log_prefix_is_short_and_printable() {
+        assert_eq!(log_prefix(b"abcdefghijklmnop"), "abcdefgh");
+        assert_eq!(log_prefix(b"ab\ncd\xffefgh"), "ab?cd?ef");
+        assert_eq!(log_prefix(b"abc"), "abc");
+    }
+
+    #[test]
+    fn index_finds_by_digest_and_refuses_duplicates() {
+        let mut idx = KeyIndex::with_capacity(2);
+        assert_eq!(idx.insert(digest(b"key-one-0123456789"), 0), Ok(()));
+        assert_eq!(idx.insert(digest(b"key-two-0123456789"), 1), Ok(()));
+        assert_eq!(idx.insert(digest(b"key-one-0123456789"), 2), Err(0));
+        assert_eq!(idx.find(b"key-two-0123456789"), Some(1));
+        assert_eq!(idx.find(b"key-three-0123456789"), None);
+        assert_eq!(idx.len(), 2);
+    }
+}

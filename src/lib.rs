@@ -1,0 +1,18 @@
+//! keygate: API-key authentication at the edge, as an Envoy proxy-wasm HTTP filter.
+//!
+//! Every decision is made by plain Rust in the modules below, tested natively; only
+//! `filter` (built for wasm32 alone) talks to the proxy-wasm host.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod config;
+pub mod credentials;
+pub mod decision;
+pub mod keys;
+pub mod time;
+pub mod wire;
+
+#[cfg(target_arch = "wasm32")]
+mod filter;

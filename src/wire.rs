@@ -1,0 +1,103 @@
+//! The proxy-wasm ABI's serialized header-map format, decoded without trusting it.
+//!
+//! Layout: `u32 count`, then `count` pairs of `u32 name_len, u32 value_len`, then each
+//! name and value followed by a NUL byte; all integers little-endian. The SDK's own
+//! decoder panics on a malformed buffer or a non-UTF-8 name; this one returns `None`.
+
+use crate::credentials::Header;
+
+/// Decodes a serialized header map; `None` if the buffer is malformed.
+pub fn decode_pairs(buf: &[u8]) -> Option<Vec<Header>> {
+    if buf.is_empty() {
+        return Some(Vec::new());
+    }
+    let count = read_u32(buf, 0)? as usize;
+    let mut data = count.checked_mul(8)?.checked_add(4)?;
+    if data > buf.len() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let name_len = read_u32(buf, 4 + i * 8)? as usize;
+        let value_len = read_u32(buf, 8 + i * 8)? as usize;
+        let name = buf.get(data..data.checked_add(name_len)?)?;
+        data = data + name_len + 1;
+        let value = buf.get(data..data.checked_add(value_len)?)?;
+        data = data + value_len + 1;
+        out.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
+    }
+    Some(out)
+}
+
+/// Serializes header pairs for the host.
+pub fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let size = 4 + pairs
+        .iter()
+        .map(|(n, v)| n.len() + v.len() + 10)
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&len_u32(pairs.len()).to_le_bytes());
+    for (name, value) in pairs {
+        out.extend_from_slice(&len_u32(name.len()).to_le_bytes());
+        out.extend_from_slice(&len_u32(value.len()).to_le_bytes());
+    }
+    for (name, value) in pairs {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        out.extend_from_slice(value.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
+    let bytes: [u8; 4] = buf.get(at..at.checked_add(4)?)?.try_into().ok()?;
+    Some(u32::from_le_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let pairs = [(":path", "/v1/jobs"), ("x-api-key", "abc"), ("empty", "")];
+        let decoded = decode_pairs(&encode_pairs(&pairs)).unwrap();
+        let expected: Vec<Header> = pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(decoded, expected);
+        assert_eq!(decode_pairs(&[]), Some(Vec::new()));
+        assert_eq!(decode_pairs(&encode_pairs(&[])), Some(Vec::new()));
+    }
+
+    #[test]
+    fn malformed_buffers_are_refused_not_panicked_on() {
+        let good = encode_pairs(&[("a", "bc"), ("d", "ef")]);
+        for cut in 1..good.len() - 1 {
+            // Every truncation is either refused or decodes without reading past the end.
+            let _ = decode_pairs(&good[..cut]);
+        }
+        assert_eq!(decode_pairs(&[1, 0, 0]), None);
+        assert_eq!(decode_pairs(&[0xff, 0xff, 0xff, 0xff]), None);
+        let mut huge_len = good.clone();
+        huge_len[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_pairs(&huge_len), None);
+    }
+
+    #[test]
+    fn non_utf8_names_and_values_survive() {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&1u32.to_le_bytes());
+        buf.extend_from_slice(&1u32.to_le_bytes());
+        buf.extend_from_slice(&2u32.to_le_bytes());
+        buf.extend_from_slice(&[0xff, 0, 0xfe, 0xfd, 0]);
+        let decoded = decode_pairs(&buf).unwrap();
+        assert_eq!(decoded, vec![("\u{fffd}".to_string(), vec![0xfe, 0xfd])]);
+    }
+}

@@ -4,9 +4,12 @@
 //! serde reads the JSON into [`PluginConfig`] (unknown fields refused), then
 //! [`Config::compile`] checks every value and builds the lookup structures.
 
+use crate::ip::CidrSet;
 use crate::keys::{self, Digest, KeyIndex};
+use crate::ratelimit::Rate;
 use crate::time;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// The plugin configuration exactly as written in Envoy's `configuration` field.
@@ -31,6 +34,75 @@ pub struct PluginConfig {
     /// Let CORS preflight requests through without a key (default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_cors_preflight: Option<bool>,
+    /// Rate-limit plans by name, added to (or overriding) the built-in ones.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub plans: BTreeMap<String, RateSpec>,
+    /// Plan of keys that name none; without it such keys are not limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_plan: Option<String>,
+    /// Client IP allow and deny lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_rules: Option<IpRulesSpec>,
+    /// Peers whose X-Forwarded-For is believed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
+    /// Limit on failed authentications (401s) per client IP; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_auth_limit: Option<RateSpec>,
+    /// Send X-RateLimit-* headers on responses to authenticated requests (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_headers: Option<bool>,
+}
+
+/// A rate: `requests` per `per`, with a bucket of `burst` (default `requests`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateSpec {
+    /// Requests per period.
+    pub requests: u64,
+    /// The period.
+    pub per: Per,
+    /// Bucket capacity; defaults to `requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+}
+
+/// Rate periods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Per {
+    /// One second.
+    Second,
+    /// One minute.
+    Minute,
+    /// One hour.
+    Hour,
+    /// One day.
+    Day,
+}
+
+impl Per {
+    /// Length in seconds.
+    pub fn seconds(self) -> u64 {
+        match self {
+            Per::Second => 1,
+            Per::Minute => 60,
+            Per::Hour => 3600,
+            Per::Day => 86_400,
+        }
+    }
+}
+
+/// IP allow and deny lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpRulesSpec {
+    /// If non-empty, only these clients are admitted. `*` means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// These clients are refused, whatever `allow` says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 /// One place a key may be sent.
@@ -69,6 +141,12 @@ pub struct KeySpec {
     /// RFC 3339 instant after which the key is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// Rate-limit plan; `default_plan` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    /// Client addresses this key may be used from (CIDR blocks); any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_ips: Vec<String>,
 }
 
 /// Lifecycle state of a key.
@@ -157,6 +235,21 @@ pub struct Key {
     pub status: KeyStatus,
     /// Expiry in Unix seconds.
     pub expires_at: Option<i64>,
+    /// Rate limit, if the key has a plan (its own or the default).
+    pub limit: Option<Limit>,
+    /// Addresses the key may be used from; empty means any.
+    pub allowed_ips: CidrSet,
+    /// Shared-data name of the key's bucket.
+    pub bucket: String,
+}
+
+/// A plan applied to a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    /// Plan name.
+    pub plan: String,
+    /// The rate.
+    pub rate: Rate,
 }
 
 /// A path rule, compiled.
@@ -193,7 +286,40 @@ pub struct Config {
     pub strip_credentials: bool,
     /// Let CORS preflights through without a key.
     pub allow_cors_preflight: bool,
+    /// Clients refused whatever else holds.
+    pub deny_ips: CidrSet,
+    /// If non-empty, the only clients admitted.
+    pub allow_ips: CidrSet,
+    /// Peers whose X-Forwarded-For is believed.
+    pub trusted_proxies: CidrSet,
+    /// Failed-authentication limit per client IP.
+    pub failed_auth_limit: Option<Rate>,
+    /// Send X-RateLimit-* headers.
+    pub rate_limit_headers: bool,
+    /// Whether any rule needs the client address (so it is only looked up then).
+    pub needs_client_ip: bool,
 }
+
+/// Largest `requests` or `burst` accepted: far above any real plan, and small enough
+/// that bucket arithmetic in nano-tokens never saturates.
+pub const MAX_RATE_REQUESTS: u64 = 1_000_000_000;
+
+/// The published plans, present unless the configuration overrides them by name.
+pub fn builtin_plans() -> BTreeMap<String, RateSpec> {
+    let plan = |requests| RateSpec {
+        requests,
+        per: Per::Minute,
+        burst: None,
+    };
+    BTreeMap::from([
+        ("free".to_string(), plan(60)),
+        ("pro".to_string(), plan(600)),
+        ("enterprise".to_string(), plan(6000)),
+    ])
+}
+
+/// Shared-data name prefix of per-key buckets.
+pub const BUCKET_PREFIX: &str = "keygate:bucket:";
 
 /// Realm used when the configuration names none.
 pub const DEFAULT_REALM: &str = "keygate";
@@ -235,11 +361,56 @@ impl Config {
         let key_sources = compile_key_sources(doc.key_sources.as_deref())?;
         let routes = compile_routes(&doc.routes)?;
 
+        let mut plans = builtin_plans();
+        for (name, spec) in &doc.plans {
+            check_word(name).map_err(|reason| ConfigError::new(format!("plans.{name}"), reason))?;
+            plans.insert(name.clone(), *spec);
+        }
+        let mut rates = BTreeMap::new();
+        for (name, spec) in &plans {
+            rates.insert(name.clone(), compile_rate(&format!("plans.{name}"), spec)?);
+        }
+        let plan_named = |path: String, name: &str| -> Result<Limit, ConfigError> {
+            match rates.get(name) {
+                Some(rate) => Ok(Limit {
+                    plan: name.to_string(),
+                    rate: *rate,
+                }),
+                None => Err(ConfigError::new(
+                    path,
+                    format!(
+                        "unknown plan {name:?}; known plans: {}",
+                        rates.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                    ),
+                )),
+            }
+        };
+        let default_limit = match &doc.default_plan {
+            Some(name) => Some(plan_named("default_plan".into(), name)?),
+            None => None,
+        };
+        let cidrs = |path: &str, list: &[String]| {
+            CidrSet::parse(list).map_err(|(i, reason)| ConfigError::new(format!("{path}[{i}]"), reason))
+        };
+        let rules = doc.ip_rules.clone().unwrap_or_default();
+        let allow_ips = cidrs("ip_rules.allow", &rules.allow)?;
+        let deny_ips = cidrs("ip_rules.deny", &rules.deny)?;
+        let trusted_proxies = cidrs("trusted_proxies", &doc.trusted_proxies)?;
+        let failed_auth_limit = match &doc.failed_auth_limit {
+            Some(spec) => Some(compile_rate("failed_auth_limit", spec)?),
+            None => None,
+        };
+
         let mut keys = Vec::with_capacity(doc.keys.len());
         let mut index = KeyIndex::with_capacity(doc.keys.len());
         let mut ids = std::collections::HashMap::with_capacity(doc.keys.len());
         for (i, spec) in doc.keys.iter().enumerate() {
-            let (key, digest) = compile_key(i, spec)?;
+            let (mut key, digest) = compile_key(i, spec)?;
+            key.limit = match &spec.plan {
+                Some(name) => Some(plan_named(format!("keys[{i}].plan"), name)?),
+                None => default_limit.clone(),
+            };
+            key.allowed_ips = cidrs(&format!("keys[{i}].allowed_ips"), &spec.allowed_ips)?;
             if let Some(first) = ids.insert(key.id.clone(), i) {
                 return Err(ConfigError::new(
                     format!("keys[{i}].id"),
@@ -266,7 +437,17 @@ impl Config {
             ));
         }
 
+        let needs_client_ip = !allow_ips.is_empty()
+            || !deny_ips.is_empty()
+            || failed_auth_limit.is_some()
+            || keys.iter().any(|k| !k.allowed_ips.is_empty());
         Ok(Config {
+            deny_ips,
+            allow_ips,
+            trusted_proxies,
+            failed_auth_limit,
+            rate_limit_headers: doc.rate_limit_headers.unwrap_or(true),
+            needs_client_ip,
             www_authenticate: format!("ApiKey realm=\"{realm}\""),
             realm,
             key_sources,
@@ -411,8 +592,33 @@ fn compile_key(i: usize, spec: &KeySpec) -> Result<(Key, Digest), ConfigError> {
         scopes_header: spec.scopes.join(","),
         status: spec.status.unwrap_or(KeyStatus::Active),
         expires_at,
+        limit: None,
+        allowed_ips: CidrSet::default(),
+        bucket: format!("{BUCKET_PREFIX}{}", spec.id),
     };
     Ok((key, digest))
+}
+
+fn compile_rate(path: &str, spec: &RateSpec) -> Result<Rate, ConfigError> {
+    let in_range = |v: u64| (1..=MAX_RATE_REQUESTS).contains(&v);
+    if !in_range(spec.requests) {
+        return Err(ConfigError::new(
+            format!("{path}.requests"),
+            format!("must be between 1 and {MAX_RATE_REQUESTS}, got {}", spec.requests),
+        ));
+    }
+    let burst = spec.burst.unwrap_or(spec.requests);
+    if !in_range(burst) {
+        return Err(ConfigError::new(
+            format!("{path}.burst"),
+            format!("must be between 1 and {MAX_RATE_REQUESTS}, got {burst}"),
+        ));
+    }
+    Ok(Rate {
+        requests: spec.requests,
+        period_ns: spec.per.seconds() * 1_000_000_000,
+        burst,
+    })
 }
 
 fn compile_routes(specs: &[RouteSpec]) -> Result<Vec<Route>, ConfigError> {

@@ -1,11 +1,16 @@
 //! The access decision: request facts + configuration + time → allow or deny.
 //!
-//! Order: CORS preflight, then route, then the key (authentication, 401), then the
-//! key's state and permissions (403). A request without a valid key never sees a 403.
+//! Order: client IP rules (403), CORS preflight, the failed-authentication limit (429),
+//! the key (authentication, 401), then the key's state, address and permissions (403),
+//! and last the key's rate limit (429). A request without a valid key never sees a 403
+//! about its key, and a refused request never takes from the key's quota.
 
 use crate::config::{Config, Key, KeyStatus, Route};
 use crate::credentials::{self, Credential, Header};
+use crate::ip;
 use crate::keys;
+use crate::ratelimit::{self, LimitError, Store, Verdict};
+use std::net::IpAddr;
 
 /// The facts of a request the decision needs.
 #[derive(Debug, Clone, Copy)]
@@ -16,6 +21,8 @@ pub struct Request<'a> {
     pub path: &'a str,
     /// Every request header, duplicates included.
     pub headers: &'a [Header],
+    /// The peer address Envoy reports (`source.address`), if known.
+    pub peer: Option<IpAddr>,
 }
 
 /// Why a request is refused; each has one status, code and message.
@@ -35,6 +42,12 @@ pub enum Reason {
     InsufficientPermissions,
     /// X-Tenant-ID differs from the key's tenant.
     TenantMismatch,
+    /// Client address refused by `ip_rules` or the key's `allowed_ips`.
+    IpNotAllowed,
+    /// The key's bucket is empty.
+    RateLimited,
+    /// Too many 401s from this client address.
+    TooManyFailedAttempts,
 }
 
 impl Reason {
@@ -45,7 +58,11 @@ impl Reason {
             | Reason::InvalidApiKey
             | Reason::KeyRevoked
             | Reason::KeyExpired => 401,
-            Reason::KeySuspended | Reason::InsufficientPermissions | Reason::TenantMismatch => 403,
+            Reason::KeySuspended
+            | Reason::InsufficientPermissions
+            | Reason::TenantMismatch
+            | Reason::IpNotAllowed => 403,
+            Reason::RateLimited | Reason::TooManyFailedAttempts => 429,
         }
     }
 
@@ -59,6 +76,9 @@ impl Reason {
             Reason::KeySuspended => "key_suspended",
             Reason::InsufficientPermissions => "insufficient_permissions",
             Reason::TenantMismatch => "tenant_mismatch",
+            Reason::IpNotAllowed => "ip_not_allowed",
+            Reason::RateLimited => "rate_limited",
+            Reason::TooManyFailedAttempts => "too_many_failed_attempts",
         }
     }
 
@@ -72,6 +92,9 @@ impl Reason {
             Reason::KeySuspended => "API key is suspended",
             Reason::InsufficientPermissions => "API key lacks permission for this route",
             Reason::TenantMismatch => "API key does not belong to this tenant",
+            Reason::IpNotAllowed => "Access denied from this IP address",
+            Reason::RateLimited => "Rate limit exceeded",
+            Reason::TooManyFailedAttempts => "Too many failed authentication attempts",
         }
     }
 
@@ -98,6 +121,27 @@ pub enum Subject<'c> {
     Unknown(String),
 }
 
+/// A key's quota after a request, for the X-RateLimit-* headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// The plan's requests per period.
+    pub limit: u64,
+    /// Whole tokens left.
+    pub remaining: u64,
+    /// Seconds until the bucket is full.
+    pub reset_s: u64,
+}
+
+impl Quota {
+    fn of(limit: u64, v: &Verdict) -> Quota {
+        Quota {
+            limit,
+            remaining: v.remaining,
+            reset_s: v.reset_s,
+        }
+    }
+}
+
 /// A refused request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial<'c> {
@@ -105,6 +149,15 @@ pub struct Denial<'c> {
     pub reason: Reason,
     /// About whom.
     pub subject: Subject<'c>,
+    /// Seconds to send in Retry-After (429s).
+    pub retry_after_s: Option<u64>,
+    /// The key's quota (429 rate_limited).
+    pub quota: Option<Quota>,
+    /// The limiter could not be consulted (contention or a host failure): refused to stay
+    /// within the limit, and counted separately.
+    pub limiter_failure: Option<LimitError>,
+    /// The client address, when it was needed.
+    pub client_ip: Option<IpAddr>,
 }
 
 /// An admitted request and what to change before it goes upstream.
@@ -115,6 +168,8 @@ pub struct Admission<'c> {
     /// Request headers to remove: client-sent `x-keygate-*`, and the key's carriers
     /// when `strip_credentials` is on.
     pub remove: Vec<String>,
+    /// The key's quota, when it has a plan and headers are on.
+    pub quota: Option<Quota>,
 }
 
 impl Admission<'_> {
@@ -146,8 +201,18 @@ pub type Decision<'c> = Result<Admission<'c>, Denial<'c>>;
 /// Prefix of the headers keygate sets; client-sent ones are always removed.
 pub const IDENTITY_PREFIX: &str = "x-keygate-";
 
-/// Decides a request at `now` (Unix seconds).
-pub fn decide<'c>(config: &'c Config, req: &Request<'_>, now: i64) -> Decision<'c> {
+/// Number of shared-data slots that count failed authentications. Client addresses are
+/// hashed into them, so memory stays fixed whatever addresses clients send; two addresses
+/// sharing a slot share a failure budget.
+pub const FAILED_AUTH_SLOTS: u64 = 4096;
+
+/// Shared-data name prefix of the failed-authentication slots.
+pub const FAILED_AUTH_PREFIX: &str = "keygate:failed:";
+
+/// Decides a request at `now_ns` (host time, nanoseconds since the Unix epoch), taking
+/// from the key's bucket in `store` when the request is admitted.
+pub fn decide<'c, S: Store + ?Sized>(config: &'c Config, req: &Request<'_>, now_ns: u64, store: &S) -> Decision<'c> {
+    let now_s = i64::try_from(now_ns / 1_000_000_000).unwrap_or(i64::MAX);
     let mut remove: Vec<String> = req
         .headers
         .iter()
@@ -156,55 +221,120 @@ pub fn decide<'c>(config: &'c Config, req: &Request<'_>, now: i64) -> Decision<'
         .collect();
     remove.sort();
     remove.dedup();
+    let deny = |reason: Reason, subject: Subject<'c>, client_ip: Option<IpAddr>| Denial {
+        reason,
+        subject,
+        retry_after_s: None,
+        quota: None,
+        limiter_failure: None,
+        client_ip,
+    };
+
+    let client_ip = if config.needs_client_ip {
+        req.peer.map(|peer| {
+            let xff: Vec<&[u8]> = header(req.headers, "x-forwarded-for").collect();
+            ip::client_address(peer, &xff, &config.trusted_proxies)
+        })
+    } else {
+        None
+    };
+    if !config.allow_ips.is_empty() || !config.deny_ips.is_empty() {
+        let admitted = client_ip.is_some_and(|ip| {
+            !config.deny_ips.contains(ip) && (config.allow_ips.is_empty() || config.allow_ips.contains(ip))
+        });
+        if !admitted {
+            return Err(deny(Reason::IpNotAllowed, Subject::Nobody, client_ip));
+        }
+    }
 
     if config.allow_cors_preflight && is_cors_preflight(req) {
-        return Ok(Admission { key: None, remove });
+        return Ok(Admission {
+            key: None,
+            remove,
+            quota: None,
+        });
     }
 
     let route = config.route_for(req.path);
     let public = route.is_some_and(|r| r.public);
-    let (key, carriers) = match credentials::extract(&config.key_sources, req.headers) {
-        Credential::Missing if public => return Ok(Admission { key: None, remove }),
-        Credential::Missing => return deny(Reason::MissingApiKey, Subject::Nobody),
-        Credential::Conflicting { first } => {
-            return deny(
-                Reason::InvalidApiKey,
-                Subject::Unknown(keys::log_prefix(first)),
-            )
+    let credential = credentials::extract(&config.key_sources, req.headers);
+    if public && credential == Credential::Missing {
+        return Ok(Admission {
+            key: None,
+            remove,
+            quota: None,
+        });
+    }
+
+    let failed_slot = config
+        .failed_auth_limit
+        .map(|rate| (failed_auth_slot(client_ip), rate));
+    if let Some((slot, rate)) = &failed_slot {
+        // An exhausted budget refuses before the key is even looked at, so guessing
+        // stops; a limiter failure here fails closed like every other limiter failure.
+        match ratelimit::peek(store, slot, rate, now_ns) {
+            Ok(v) if v.admitted => {}
+            Ok(v) => {
+                let mut d = deny(Reason::TooManyFailedAttempts, Subject::Nobody, client_ip);
+                d.retry_after_s = Some(v.retry_after_s);
+                return Err(d);
+            }
+            Err(e) => {
+                let mut d = deny(Reason::TooManyFailedAttempts, Subject::Nobody, client_ip);
+                d.retry_after_s = Some(1);
+                d.limiter_failure = Some(e);
+                return Err(d);
+            }
         }
-        Credential::Found { key, carriers } => (key, carriers),
+    }
+
+    let authenticated = authenticate(config, credential, now_s);
+    let (entry, carriers) = match authenticated {
+        Ok(found) => found,
+        Err((reason, subject)) => {
+            if let Some((slot, rate)) = &failed_slot {
+                // Counting is best effort: the 401 stands either way.
+                let _ = ratelimit::take(store, slot, rate, now_ns, 1);
+            }
+            return Err(deny(reason, subject, client_ip));
+        }
     };
-    let entry = match keys::well_formed(key)
-        .then(|| config.index.find(key))
-        .flatten()
-    {
-        Some(i) => config.keys.get(i),
-        None => None,
-    };
-    let Some(entry) = entry else {
-        return deny(
-            Reason::InvalidApiKey,
-            Subject::Unknown(keys::log_prefix(key)),
-        );
-    };
+
     let who = Subject::Key(entry.id.as_str());
-    if entry.status == KeyStatus::Revoked {
-        return deny(Reason::KeyRevoked, who);
-    }
-    if entry.expires_at.is_some_and(|t| now >= t) {
-        return deny(Reason::KeyExpired, who);
-    }
     if entry.status == KeyStatus::Suspended {
-        return deny(Reason::KeySuspended, who);
+        return Err(deny(Reason::KeySuspended, who, client_ip));
+    }
+    if !entry.allowed_ips.is_empty() && !client_ip.is_some_and(|ip| entry.allowed_ips.contains(ip)) {
+        return Err(deny(Reason::IpNotAllowed, who, client_ip));
     }
     if !tenant_matches(entry, req.headers) {
-        return deny(Reason::TenantMismatch, who);
+        return Err(deny(Reason::TenantMismatch, who, client_ip));
     }
     if let Some(route) = route {
         if !permitted(route, entry, req.method) {
-            return deny(Reason::InsufficientPermissions, who);
+            return Err(deny(Reason::InsufficientPermissions, who, client_ip));
         }
     }
+
+    let mut quota = None;
+    if let Some(limit) = &entry.limit {
+        match ratelimit::take(store, &entry.bucket, &limit.rate, now_ns, 1) {
+            Ok(v) if v.admitted => quota = Some(Quota::of(limit.rate.requests, &v)),
+            Ok(v) => {
+                let mut d = deny(Reason::RateLimited, who, client_ip);
+                d.retry_after_s = Some(v.retry_after_s);
+                d.quota = config.rate_limit_headers.then(|| Quota::of(limit.rate.requests, &v));
+                return Err(d);
+            }
+            Err(e) => {
+                let mut d = deny(Reason::RateLimited, who, client_ip);
+                d.retry_after_s = Some(1);
+                d.limiter_failure = Some(e);
+                return Err(d);
+            }
+        }
+    }
+
     if config.strip_credentials {
         for carrier in carriers {
             let carrier = carrier.to_ascii_lowercase();
@@ -216,11 +346,54 @@ pub fn decide<'c>(config: &'c Config, req: &Request<'_>, now: i64) -> Decision<'
     Ok(Admission {
         key: Some(entry),
         remove,
+        quota: quota.filter(|_| config.rate_limit_headers),
     })
 }
 
-fn deny<'c>(reason: Reason, subject: Subject<'c>) -> Decision<'c> {
-    Err(Denial { reason, subject })
+/// The key behind the credential, or why there is none (all 401s).
+#[allow(clippy::type_complexity)]
+fn authenticate<'c, 'h>(
+    config: &'c Config,
+    credential: Credential<'h>,
+    now_s: i64,
+) -> Result<(&'c Key, Vec<&'h str>), (Reason, Subject<'c>)> {
+    let (key, carriers) = match credential {
+        Credential::Missing => return Err((Reason::MissingApiKey, Subject::Nobody)),
+        Credential::Conflicting { first } => {
+            return Err((Reason::InvalidApiKey, Subject::Unknown(keys::log_prefix(first))))
+        }
+        Credential::Found { key, carriers } => (key, carriers),
+    };
+    let entry = keys::well_formed(key)
+        .then(|| config.index.find(key))
+        .flatten()
+        .and_then(|i| config.keys.get(i));
+    let Some(entry) = entry else {
+        return Err((Reason::InvalidApiKey, Subject::Unknown(keys::log_prefix(key))));
+    };
+    if entry.status == KeyStatus::Revoked {
+        return Err((Reason::KeyRevoked, Subject::Key(&entry.id)));
+    }
+    if entry.expires_at.is_some_and(|t| now_s >= t) {
+        return Err((Reason::KeyExpired, Subject::Key(&entry.id)));
+    }
+    Ok((entry, carriers))
+}
+
+/// The shared-data slot counting failures for a client address (FNV-1a of its 16-byte
+/// form). Unknown addresses share one slot.
+pub fn failed_auth_slot(client_ip: Option<IpAddr>) -> String {
+    let bytes = match client_ip.map(ip::canonical) {
+        Some(IpAddr::V4(v4)) => v4.to_ipv6_mapped().octets(),
+        Some(IpAddr::V6(v6)) => v6.octets(),
+        None => [0; 16],
+    };
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{FAILED_AUTH_PREFIX}{}", hash % FAILED_AUTH_SLOTS)
 }
 
 fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {

@@ -10,7 +10,9 @@
 pub mod config;
 pub mod credentials;
 pub mod decision;
+pub mod ip;
 pub mod keys;
+pub mod ratelimit;
 pub mod time;
 pub mod wire;
 

@@ -1,6 +1,7 @@
 use super::*;
 use crate::config::Config;
 use crate::keys::hash_string;
+use crate::ratelimit::MemoryStore;
 
 const CLIENT_KEY: &str = "client-key-0123456789";
 const ADMIN_KEY: &str = "admin-key-0123456789";
@@ -46,15 +47,34 @@ fn headers(pairs: &[(&str, &str)]) -> Vec<Header> {
         .collect()
 }
 
+const SEC: u64 = 1_000_000_000;
+
+fn ns(now_s: i64) -> u64 {
+    u64::try_from(now_s).unwrap() * SEC
+}
+
 fn run<'c>(c: &'c Config, method: &str, path: &str, hs: &[(&str, &str)], now: i64) -> Decision<'c> {
+    run_from(c, &MemoryStore::default(), "127.0.0.1", method, path, hs, ns(now))
+}
+
+fn run_from<'c>(
+    c: &'c Config,
+    store: &MemoryStore,
+    peer: &str,
+    method: &str,
+    path: &str,
+    hs: &[(&str, &str)],
+    now_ns: u64,
+) -> Decision<'c> {
     let hs = headers(hs);
     let req = Request {
         method,
         path,
         headers: &hs,
+        peer: Some(peer.parse().unwrap()),
     };
     // The decision borrows only the configuration, never the request.
-    decide(c, &req, now)
+    decide(c, &req, now_ns, store)
 }
 
 fn reason(d: &Decision<'_>) -> Option<Reason> {
@@ -242,7 +262,7 @@ fn expiry_with_time_passed_in() {
     // Keys without expiry never expire.
     let hs = [("x-api-key", CLIENT_KEY)];
     assert_eq!(
-        admitted_id(&run(&c, "GET", "/v1/open", &hs, i64::MAX)),
+        admitted_id(&run(&c, "GET", "/v1/open", &hs, i64::MAX / 1_000_000_000)),
         Some("client-1")
     );
 }

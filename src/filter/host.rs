@@ -4,6 +4,7 @@
 //! takes the worker's VM down, so these call the ABI directly and return `Result`.
 
 use crate::credentials::Header;
+use crate::ratelimit::{self, StoreError};
 use crate::wire;
 use std::ptr::{null, null_mut};
 
@@ -13,7 +14,9 @@ pub struct HostError(pub u32);
 
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
+const CAS_MISMATCH: u32 = 8;
 const MAP_REQUEST_HEADERS: u32 = 0;
+const MAP_RESPONSE_HEADERS: u32 = 2;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const METRIC_COUNTER: u32 = 0;
 
@@ -57,6 +60,10 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> u32;
+    fn proxy_add_header_map_value(map: u32, key: *const u8, key_size: usize, value: *const u8, value_size: usize) -> u32;
+    fn proxy_get_property(path: *const u8, path_size: usize, data: *mut *mut u8, size: *mut usize) -> u32;
+    fn proxy_get_shared_data(key: *const u8, key_size: usize, data: *mut *mut u8, size: *mut usize, cas: *mut u32) -> u32;
+    fn proxy_set_shared_data(key: *const u8, key_size: usize, value: *const u8, value_size: usize, cas: u32) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
 }
@@ -136,6 +143,50 @@ pub fn set_request_header(name: &str, value: &str) -> Result<(), HostError> {
 /// Removes every value of a request header.
 pub fn remove_request_header(name: &str) -> Result<(), HostError> {
     check(unsafe { proxy_remove_header_map_value(MAP_REQUEST_HEADERS, name.as_ptr(), name.len()) })
+}
+
+/// Adds a response header (for headers on upstream responses).
+pub fn add_response_header(name: &str, value: &str) -> Result<(), HostError> {
+    check(unsafe {
+        proxy_add_header_map_value(MAP_RESPONSE_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+    })
+}
+
+/// A property of the stream, e.g. `["source", "address"]`; `None` when absent.
+pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+    let path = path.join("\0");
+    let mut data = null_mut();
+    let mut size = 0usize;
+    match unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) } {
+        OK => Ok(Some(unsafe { take_host_buffer(data, size) })),
+        NOT_FOUND => Ok(None),
+        status => Err(HostError(status)),
+    }
+}
+
+/// Proxy-wasm shared data: one key-value space per `vm_id`, shared by all workers,
+/// with a version per value for compare-and-swap.
+pub struct SharedData;
+
+impl ratelimit::Store for SharedData {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        let mut data = null_mut();
+        let mut size = 0usize;
+        let mut cas = 0u32;
+        match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) } {
+            OK => Ok(Some((unsafe { take_host_buffer(data, size) }, cas))),
+            NOT_FOUND => Ok(None),
+            status => Err(StoreError::Host(status)),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], version: u32) -> Result<(), StoreError> {
+        match unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), version) } {
+            OK => Ok(()),
+            CAS_MISMATCH => Err(StoreError::Conflict),
+            status => Err(StoreError::Host(status)),
+        }
+    }
 }
 
 /// Answers the request locally; `details` shows in Envoy's %RESPONSE_CODE_DETAILS%.

@@ -3,7 +3,8 @@
 mod host;
 
 use crate::config::Config;
-use crate::decision::{self, Admission, Denial, Reason, Request, Subject};
+use crate::decision::{self, Admission, Denial, Quota, Reason, Request, Subject};
+use crate::ip;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;
@@ -20,6 +21,7 @@ struct Counters {
     unauthorized: u32,
     forbidden: u32,
     rate_limited: u32,
+    limiter_failures: u32,
     internal_errors: u32,
 }
 
@@ -31,6 +33,7 @@ impl Counters {
             unauthorized: id("keygate_unauthorized"),
             forbidden: id("keygate_forbidden"),
             rate_limited: id("keygate_rate_limited"),
+            limiter_failures: id("keygate_limiter_failures"),
             internal_errors: id("keygate_internal_errors"),
         }
     }
@@ -86,6 +89,7 @@ impl RootContext for Root {
         Some(Box::new(Stream {
             config: self.config.clone(),
             counters: self.counters,
+            quota: None,
         }))
     }
 
@@ -97,6 +101,8 @@ impl RootContext for Root {
 struct Stream {
     config: Option<Rc<Config>>,
     counters: Counters,
+    /// Quota to report on the upstream's response.
+    quota: Option<Quota>,
 }
 
 impl Context for Stream {}
@@ -120,24 +126,56 @@ impl HttpContext for Stream {
                 .and_then(|(_, v)| std::str::from_utf8(v).ok())
                 .unwrap_or("")
         };
+        // The peer address costs a host call; only rules that use it pay for it.
+        let peer = if config.needs_client_ip {
+            match host::property(&["source", "address"]) {
+                Ok(Some(addr)) => std::str::from_utf8(&addr).ok().and_then(ip::parse_peer),
+                _ => None,
+            }
+        } else {
+            None
+        };
         let request = Request {
             method: pseudo(":method"),
             path: pseudo(":path"),
             headers: &headers,
+            peer,
         };
-        // Time before 1970 or past i64 seconds is not a real clock; saturate.
-        let now = host::now_nanos().map_or(0, |ns| {
-            i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX)
-        });
-        match decision::decide(&config, &request, now) {
+        let now = match host::now_nanos() {
+            Ok(ns) => ns,
+            Err(e) => return self.internal_error(&format!("cannot read the clock (status {})", e.0)),
+        };
+        match decision::decide(&config, &request, now, &host::SharedData) {
             Ok(admission) => self.forward(&admission),
             Err(denial) => self.deny(&config, &denial),
         }
     }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(quota) = self.quota.take() {
+            for (name, value) in quota_headers(&quota) {
+                // Missing informational headers must not fail the response.
+                let _ = host::add_response_header(name, &value);
+            }
+        }
+        Action::Continue
+    }
+}
+
+fn client(denial: &Denial<'_>) -> String {
+    denial.client_ip.map(|ip| format!(" client_ip={ip}")).unwrap_or_default()
+}
+
+fn quota_headers(q: &Quota) -> [(&'static str, String); 3] {
+    [
+        ("x-ratelimit-limit", q.limit.to_string()),
+        ("x-ratelimit-remaining", q.remaining.to_string()),
+        ("x-ratelimit-reset", q.reset_s.to_string()),
+    ]
 }
 
 impl Stream {
-    fn forward(&self, admission: &Admission<'_>) -> Action {
+    fn forward(&mut self, admission: &Admission<'_>) -> Action {
         let mut ok = true;
         for name in &admission.remove {
             ok &= host::remove_request_header(name).is_ok();
@@ -150,27 +188,34 @@ impl Stream {
             return self.internal_error("cannot rewrite request headers");
         }
         host::increment(self.counters.allowed);
+        self.quota = admission.quota;
         Action::Continue
     }
 
     fn deny(&self, config: &Config, denial: &Denial<'_>) -> Action {
         let reason = denial.reason;
         let status = reason.status();
-        match &denial.subject {
-            Subject::Nobody => log::info!("keygate: denied {status} {}", reason.code()),
-            Subject::Key(id) => {
-                log::info!("keygate: denied {status} {} key_id={id}", reason.code())
-            }
-            Subject::Unknown(prefix) => {
-                log::info!(
-                    "keygate: denied {status} {} key_prefix={prefix:?}",
-                    reason.code()
-                )
-            }
+        let who = match &denial.subject {
+            Subject::Nobody => String::new(),
+            Subject::Key(id) => format!(" key_id={id}"),
+            Subject::Unknown(prefix) => format!(" key_prefix={prefix:?}"),
+        };
+        log::info!("keygate: denied {status} {}{who}{}", reason.code(), client(denial));
+        if let Some(failure) = denial.limiter_failure {
+            host::increment(self.counters.limiter_failures);
+            log::warn!("keygate: rate limiter unavailable ({failure:?}); request refused to stay within the limit");
         }
+        let retry_after = denial.retry_after_s.map(|s| s.to_string());
+        let quota = denial.quota.as_ref().map(quota_headers);
         let mut headers = vec![("content-type", "application/json")];
         if status == 401 {
             headers.push(("www-authenticate", config.www_authenticate.as_str()));
+        }
+        if let Some(seconds) = &retry_after {
+            headers.push(("retry-after", seconds));
+        }
+        for (name, value) in quota.iter().flatten() {
+            headers.push((name, value));
         }
         self.respond(status, reason, &headers)
     }

@@ -1,0 +1,237 @@
+//! Token buckets: pure arithmetic on a 16-byte state, and the compare-and-swap loop that
+//! keeps one bucket exact across Envoy's worker threads.
+//!
+//! Tokens are counted in nano-tokens and refill is rounded down, so rounding can only
+//! ever admit less than the configured rate, never more.
+
+const NANOS_PER_TOKEN: u128 = 1_000_000_000;
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
+
+/// A refill rate and a capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Tokens added per `period_ns`.
+    pub requests: u64,
+    /// Length of the period, in nanoseconds.
+    pub period_ns: u64,
+    /// Bucket capacity in tokens.
+    pub burst: u64,
+}
+
+/// The whole state of one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket {
+    /// Tokens held, in nano-tokens.
+    pub nanotokens: u64,
+    /// Host time of the last update, nanoseconds since the Unix epoch.
+    pub updated_ns: u64,
+}
+
+/// What one attempt to take a token found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// A token was taken.
+    pub admitted: bool,
+    /// Whole tokens left after this request.
+    pub remaining: u64,
+    /// Seconds until one token is available (0 when one is), rounded up.
+    pub retry_after_s: u64,
+    /// Seconds until the bucket is full again, rounded up.
+    pub reset_s: u64,
+}
+
+impl Bucket {
+    /// A full bucket at `now`.
+    pub fn full(rate: &Rate, now_ns: u64) -> Bucket {
+        Bucket {
+            nanotokens: capacity(rate),
+            updated_ns: now_ns,
+        }
+    }
+
+    /// The bucket refilled up to `now`; a clock that steps back refills nothing.
+    pub fn refilled(self, rate: &Rate, now_ns: u64) -> Bucket {
+        let elapsed = now_ns.saturating_sub(self.updated_ns);
+        let added = u128::from(elapsed)
+            .saturating_mul(u128::from(rate.requests))
+            .saturating_mul(NANOS_PER_TOKEN)
+            / u128::from(rate.period_ns.max(1));
+        let cap = capacity(rate);
+        Bucket {
+            nanotokens: u64::try_from(u128::from(self.nanotokens).saturating_add(added).min(u128::from(cap)))
+                .unwrap_or(cap),
+            updated_ns: self.updated_ns.max(now_ns),
+        }
+    }
+
+    /// Takes `cost` tokens if the bucket holds them; returns the new state and verdict.
+    pub fn take(self, rate: &Rate, now_ns: u64, cost: u64) -> (Bucket, Verdict) {
+        let mut b = self.refilled(rate, now_ns);
+        let cost_nt = u128::from(cost).saturating_mul(NANOS_PER_TOKEN);
+        let admitted = u128::from(b.nanotokens) >= cost_nt;
+        if admitted {
+            b.nanotokens -= u64::try_from(cost_nt).unwrap_or(b.nanotokens);
+        }
+        (b, b.verdict(rate, admitted))
+    }
+
+    /// The verdict for the current state without taking anything.
+    pub fn peek(self, rate: &Rate, now_ns: u64) -> Verdict {
+        let b = self.refilled(rate, now_ns);
+        b.verdict(rate, u128::from(b.nanotokens) >= NANOS_PER_TOKEN)
+    }
+
+    fn verdict(&self, rate: &Rate, admitted: bool) -> Verdict {
+        let held = u128::from(self.nanotokens);
+        let until = |target: u128| -> u64 {
+            let missing = target.saturating_sub(held);
+            // Nanoseconds until `missing` nano-tokens have been added, rounded up.
+            let per_ns_num = u128::from(rate.requests).saturating_mul(NANOS_PER_TOKEN);
+            let ns = missing.saturating_mul(u128::from(rate.period_ns)).div_ceil(per_ns_num.max(1));
+            u64::try_from(ns.div_ceil(u128::from(NANOS_PER_SECOND))).unwrap_or(u64::MAX)
+        };
+        let retry = until(NANOS_PER_TOKEN);
+        Verdict {
+            admitted,
+            remaining: u64::try_from(held / NANOS_PER_TOKEN).unwrap_or(u64::MAX),
+            retry_after_s: if admitted { 0 } else { retry.max(1) },
+            reset_s: until(u128::from(capacity(rate))),
+        }
+    }
+
+    /// 16 bytes: nano-tokens then update time, little-endian.
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.nanotokens.to_le_bytes());
+        out[8..].copy_from_slice(&self.updated_ns.to_le_bytes());
+        out
+    }
+
+    /// Reads the 16-byte form; `None` for anything else.
+    pub fn decode(bytes: &[u8]) -> Option<Bucket> {
+        let tokens: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+        let time: [u8; 8] = bytes.get(8..16)?.try_into().ok()?;
+        if bytes.len() != 16 {
+            return None;
+        }
+        Some(Bucket {
+            nanotokens: u64::from_le_bytes(tokens),
+            updated_ns: u64::from_le_bytes(time),
+        })
+    }
+}
+
+fn capacity(rate: &Rate) -> u64 {
+    u64::try_from(u128::from(rate.burst).saturating_mul(NANOS_PER_TOKEN)).unwrap_or(u64::MAX)
+}
+
+/// Shared storage with compare-and-swap, as proxy-wasm shared data provides.
+pub trait Store {
+    /// The value and its version, or `None` if the key was never set.
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
+    /// Writes the value if the stored version is still `version` (0: unconditionally).
+    fn set(&self, key: &str, value: &[u8], version: u32) -> Result<(), StoreError>;
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreError {
+    /// Someone else wrote first; read again.
+    Conflict,
+    /// The host refused the operation.
+    Host(u32),
+}
+
+/// Version passed when creating a bucket. Hosts number versions from 1 upwards, one per
+/// write across all keys, so an existing entry holds this value only after about 4e9
+/// writes and only by coincidence; that is the one case in which creation can race.
+const CREATE_VERSION: u32 = u32::MAX;
+
+/// Attempts per request before giving up on a contended bucket.
+pub const MAX_ATTEMPTS: usize = 32;
+
+/// Why a bucket could not be consulted; the request must then be refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitError {
+    /// Every attempt lost the compare-and-swap race.
+    Contended,
+    /// The store failed.
+    Store(u32),
+}
+
+/// Takes `cost` tokens from the bucket stored under `key`, exactly once across all
+/// workers: read, compute, write back only if nobody wrote in between; else retry.
+pub fn take<S: Store + ?Sized>(store: &S, key: &str, rate: &Rate, now_ns: u64, cost: u64) -> Result<Verdict, LimitError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let (bucket, version) = current(store, key, rate, now_ns)?;
+        let (next, verdict) = bucket.take(rate, now_ns, cost);
+        if next == bucket && version != 0 {
+            // Nothing changed (refused, no refill): no write needed.
+            return Ok(verdict);
+        }
+        // A bucket seen absent is created with a version no live entry is expected to
+        // hold: the host then creates it if it is still absent, and reports a conflict
+        // if another worker created it first (a version of 0 would overwrite that).
+        let version = if version == 0 { CREATE_VERSION } else { version };
+        match store.set(key, &next.encode(), version) {
+            Ok(()) => return Ok(verdict),
+            Err(StoreError::Conflict) => continue,
+            Err(StoreError::Host(s)) => return Err(LimitError::Store(s)),
+        }
+    }
+    Err(LimitError::Contended)
+}
+
+/// The verdict for the bucket under `key` without taking a token.
+pub fn peek<S: Store + ?Sized>(store: &S, key: &str, rate: &Rate, now_ns: u64) -> Result<Verdict, LimitError> {
+    let (bucket, _) = current(store, key, rate, now_ns)?;
+    Ok(bucket.peek(rate, now_ns))
+}
+
+fn current<S: Store + ?Sized>(store: &S, key: &str, rate: &Rate, now_ns: u64) -> Result<(Bucket, u32), LimitError> {
+    match store.get(key) {
+        Ok(Some((bytes, version))) => Ok((Bucket::decode(&bytes).unwrap_or_else(|| Bucket::full(rate, now_ns)), version)),
+        // Never used: a full bucket, created by the first write.
+        Ok(None) => Ok((Bucket::full(rate, now_ns), 0)),
+        Err(StoreError::Conflict) => Err(LimitError::Contended),
+        Err(StoreError::Host(s)) => Err(LimitError::Store(s)),
+    }
+}
+
+/// An in-process [`Store`], for tests and offline tools.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    values: std::cell::RefCell<std::collections::HashMap<String, (Vec<u8>, u32)>>,
+    version: std::cell::Cell<u32>,
+}
+
+impl Store for MemoryStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        Ok(self.values.borrow().get(key).cloned())
+    }
+
+    fn set(&self, key: &str, value: &[u8], version: u32) -> Result<(), StoreError> {
+        let mut values = self.values.borrow_mut();
+        if version != 0 && values.get(key).is_some_and(|(_, v)| *v != version) {
+            return Err(StoreError::Conflict);
+        }
+        self.version.set(self.version.get().wrapping_add(1).max(1));
+        values.insert(key.to_string(), (value.to_vec(), self.version.get()));
+        Ok(())
+    }
+}
+
+impl MemoryStore {
+    /// Number of keys stored.
+    pub fn len(&self) -> usize {
+        self.values.borrow().len()
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.values.borrow().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,251 @@
+use super::*;
+use proptest::prelude::*;
+
+const SEC: u64 = 1_000_000_000;
+const T0: u64 = 1_800_000_000 * SEC;
+
+fn per_minute(requests: u64, burst: u64) -> Rate {
+    Rate {
+        requests,
+        period_ns: 60 * SEC,
+        burst,
+    }
+}
+
+#[test]
+fn full_bucket_admits_burst_then_refuses() {
+    let rate = per_minute(60, 5);
+    let mut b = Bucket::full(&rate, T0);
+    for left in (0..5).rev() {
+        let (next, v) = b.take(&rate, T0, 1);
+        assert!(v.admitted);
+        assert_eq!(v.remaining, left);
+        b = next;
+    }
+    let (_, v) = b.take(&rate, T0, 1);
+    assert!(!v.admitted);
+    assert_eq!(v.remaining, 0);
+    assert_eq!(v.retry_after_s, 1); // 60/min: one token a second
+    assert_eq!(v.reset_s, 5);
+}
+
+#[test]
+fn refills_at_the_rate() {
+    let rate = per_minute(60, 60);
+    let b = Bucket {
+        nanotokens: 0,
+        updated_ns: T0,
+    };
+    assert_eq!(b.peek(&rate, T0 + SEC / 2).remaining, 0);
+    assert_eq!(b.peek(&rate, T0 + SEC).remaining, 1);
+    assert_eq!(b.peek(&rate, T0 + 30 * SEC).remaining, 30);
+    assert_eq!(b.peek(&rate, T0 + 3600 * SEC).remaining, 60); // capped
+}
+
+#[test]
+fn retry_after_and_reset_round_up() {
+    // 1 request per hour, burst 2.
+    let rate = Rate {
+        requests: 1,
+        period_ns: 3600 * SEC,
+        burst: 2,
+    };
+    let empty = Bucket {
+        nanotokens: 0,
+        updated_ns: T0,
+    };
+    let v = empty.peek(&rate, T0);
+    assert!(!v.admitted);
+    assert_eq!(v.retry_after_s, 3600);
+    assert_eq!(v.reset_s, 7200);
+    let v = empty.peek(&rate, T0 + 1800 * SEC);
+    assert_eq!(v.retry_after_s, 1800);
+    assert_eq!(v.reset_s, 5400);
+    // Less than a second to go still says 1.
+    let v = empty.peek(&rate, T0 + 3600 * SEC - 1);
+    assert_eq!(v.retry_after_s, 1);
+}
+
+#[test]
+fn clock_stepping_back_refills_nothing_and_keeps_time() {
+    let rate = per_minute(60, 10);
+    let b = Bucket {
+        nanotokens: 0,
+        updated_ns: T0,
+    };
+    let back = b.refilled(&rate, T0 - 3600 * SEC);
+    assert_eq!(back, b);
+    // Returning to the original time gives no credit for the excursion.
+    assert_eq!(back.refilled(&rate, T0), b);
+    assert_eq!(b.refilled(&rate, 0), b);
+}
+
+#[test]
+fn extreme_values_do_not_overflow() {
+    let rate = Rate {
+        requests: u64::MAX,
+        period_ns: 1,
+        burst: u64::MAX,
+    };
+    let b = Bucket::full(&rate, 0);
+    let (b, v) = b.take(&rate, u64::MAX, 1);
+    assert!(v.admitted);
+    let _ = b.peek(&rate, u64::MAX);
+    let slow = Rate {
+        requests: 1,
+        period_ns: u64::MAX,
+        burst: 1,
+    };
+    let v = Bucket { nanotokens: 0, updated_ns: 0 }.peek(&slow, 0);
+    assert!(v.retry_after_s > 0);
+}
+
+#[test]
+fn encoding_round_trips_and_rejects_garbage() {
+    let b = Bucket {
+        nanotokens: 123_456_789_012,
+        updated_ns: T0 + 17,
+    };
+    assert_eq!(Bucket::decode(&b.encode()), Some(b));
+    assert_eq!(Bucket::decode(&[0; 15]), None);
+    assert_eq!(Bucket::decode(&[0; 17]), None);
+    assert_eq!(Bucket::decode(&[]), None);
+}
+
+#[test]
+fn store_loop_takes_exactly_once() {
+    let store = MemoryStore::default();
+    let rate = per_minute(600, 3);
+    let admitted = (0..10)
+        .filter(|_| take(&store, "b", &rate, T0, 1).unwrap().admitted)
+        .count();
+    assert_eq!(admitted, 3);
+    assert_eq!(store.len(), 1);
+    assert_eq!(peek(&store, "b", &rate, T0 + 100_000_000).unwrap().remaining, 1);
+}
+
+/// A store on which another worker writes between every read and write.
+struct Contended {
+    inner: MemoryStore,
+    interfere: std::cell::Cell<usize>,
+}
+
+impl Store for Contended {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        let got = self.inner.get(key)?;
+        if self.interfere.get() > 0 {
+            self.interfere.set(self.interfere.get() - 1);
+            if let Some((bytes, _)) = &got {
+                // The other worker takes a token.
+                let rate = per_minute(60, 100);
+                let b = Bucket::decode(bytes).unwrap();
+                let (next, _) = b.take(&rate, T0, 1);
+                self.inner.set(key, &next.encode(), 0)?;
+            }
+        }
+        Ok(got)
+    }
+
+    fn set(&self, key: &str, value: &[u8], version: u32) -> Result<(), StoreError> {
+        self.inner.set(key, value, version)
+    }
+}
+
+#[test]
+fn conflicts_are_retried_and_nothing_is_lost() {
+    let rate = per_minute(60, 100);
+    let store = Contended {
+        inner: MemoryStore::default(),
+        interfere: std::cell::Cell::new(5),
+    };
+    take(&store.inner, "b", &rate, T0, 0).unwrap();
+    let v = take(&store, "b", &rate, T0, 1).unwrap();
+    assert!(v.admitted);
+    // 5 tokens taken by the "other worker", 1 by us.
+    assert_eq!(v.remaining, 94);
+}
+
+#[test]
+fn endless_conflict_refuses_instead_of_admitting() {
+    let rate = per_minute(60, 100);
+    let store = Contended {
+        inner: MemoryStore::default(),
+        interfere: std::cell::Cell::new(usize::MAX),
+    };
+    take(&store.inner, "b", &rate, T0, 0).unwrap();
+    assert_eq!(take(&store, "b", &rate, T0, 1), Err(LimitError::Contended));
+}
+
+/// Another worker creates the bucket (and takes a token) between our read, which found
+/// nothing, and our write.
+struct RacingCreate {
+    inner: MemoryStore,
+    raced: std::cell::Cell<bool>,
+}
+
+impl Store for RacingCreate {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        let got = self.inner.get(key)?;
+        if got.is_none() && !self.raced.replace(true) {
+            let rate = per_minute(60, 10);
+            let (other, _) = Bucket::full(&rate, T0).take(&rate, T0, 1);
+            self.inner.set(key, &other.encode(), 0)?;
+        }
+        Ok(got)
+    }
+
+    fn set(&self, key: &str, value: &[u8], version: u32) -> Result<(), StoreError> {
+        self.inner.set(key, value, version)
+    }
+}
+
+#[test]
+fn racing_creation_loses_no_token() {
+    let rate = per_minute(60, 10);
+    let store = RacingCreate {
+        inner: MemoryStore::default(),
+        raced: std::cell::Cell::new(false),
+    };
+    let v = take(&store, "b", &rate, T0, 1).unwrap();
+    assert!(v.admitted);
+    // Both tokens are accounted for: ours and the other worker's.
+    assert_eq!(v.remaining, 8);
+}
+
+proptest! {
+    /// Over any sequence of request times, admitted requests never exceed
+    /// burst + rate x elapsed, and a request finding a whole token is admitted.
+    #[test]
+    fn never_admits_more_than_burst_plus_rate(
+        requests in 1u64..10_000,
+        period_s in prop::sample::select(vec![1u64, 60, 3600, 86_400]),
+        burst in 1u64..500,
+        gaps in prop::collection::vec(0u64..5 * SEC, 1..400),
+        back_steps in prop::collection::vec(any::<bool>(), 400),
+    ) {
+        let rate = Rate { requests, period_ns: period_s * SEC, burst };
+        let mut b = Bucket::full(&rate, T0);
+        let mut now = T0;
+        let mut latest = T0;
+        let mut admitted: u128 = 0;
+        for (i, gap) in gaps.iter().enumerate() {
+            // The host clock sometimes steps back.
+            if back_steps[i % back_steps.len()] && i % 7 == 3 {
+                now = now.saturating_sub(*gap);
+            } else {
+                now += gap;
+            }
+            latest = latest.max(now);
+            let before = b.refilled(&rate, now);
+            let (next, v) = b.take(&rate, now, 1);
+            prop_assert_eq!(v.admitted, before.nanotokens >= 1_000_000_000);
+            if v.admitted {
+                admitted += 1;
+            }
+            b = next;
+            let elapsed = u128::from(latest - T0);
+            let bound = u128::from(burst) + elapsed * u128::from(requests) / u128::from(rate.period_ns);
+            prop_assert!(admitted <= bound, "admitted {} > bound {}", admitted, bound);
+        }
+    }
+}

@@ -29,7 +29,9 @@ cleanup() {
   wait 2>/dev/null || true
   echo "make run: stopped."
 }
-trap cleanup INT TERM EXIT
+trap cleanup EXIT
+# Ctrl-C is how `make run` is meant to end: a clean exit, not an error.
+trap 'exit 0' INT TERM
 
 "$ECHO" --listen "$UPSTREAM" >/dev/null &
 pids+=($!)

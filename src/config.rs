@@ -380,7 +380,11 @@ impl Config {
                     path,
                     format!(
                         "unknown plan {name:?}; known plans: {}",
-                        rates.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                        rates
+                            .keys()
+                            .map(String::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 )),
             }
@@ -390,7 +394,8 @@ impl Config {
             None => None,
         };
         let cidrs = |path: &str, list: &[String]| {
-            CidrSet::parse(list).map_err(|(i, reason)| ConfigError::new(format!("{path}[{i}]"), reason))
+            CidrSet::parse(list)
+                .map_err(|(i, reason)| ConfigError::new(format!("{path}[{i}]"), reason))
         };
         let rules = doc.ip_rules.clone().unwrap_or_default();
         let allow_ips = cidrs("ip_rules.allow", &rules.allow)?;
@@ -604,7 +609,10 @@ fn compile_rate(path: &str, spec: &RateSpec) -> Result<Rate, ConfigError> {
     if !in_range(spec.requests) {
         return Err(ConfigError::new(
             format!("{path}.requests"),
-            format!("must be between 1 and {MAX_RATE_REQUESTS}, got {}", spec.requests),
+            format!(
+                "must be between 1 and {MAX_RATE_REQUESTS}, got {}",
+                spec.requests
+            ),
         ));
     }
     let burst = spec.burst.unwrap_or(spec.requests);

@@ -211,7 +211,12 @@ pub const FAILED_AUTH_PREFIX: &str = "keygate:failed:";
 
 /// Decides a request at `now_ns` (host time, nanoseconds since the Unix epoch), taking
 /// from the key's bucket in `store` when the request is admitted.
-pub fn decide<'c, S: Store + ?Sized>(config: &'c Config, req: &Request<'_>, now_ns: u64, store: &S) -> Decision<'c> {
+pub fn decide<'c, S: Store + ?Sized>(
+    config: &'c Config,
+    req: &Request<'_>,
+    now_ns: u64,
+    store: &S,
+) -> Decision<'c> {
     let now_s = i64::try_from(now_ns / 1_000_000_000).unwrap_or(i64::MAX);
     let mut remove: Vec<String> = req
         .headers
@@ -240,7 +245,8 @@ pub fn decide<'c, S: Store + ?Sized>(config: &'c Config, req: &Request<'_>, now_
     };
     if !config.allow_ips.is_empty() || !config.deny_ips.is_empty() {
         let admitted = client_ip.is_some_and(|ip| {
-            !config.deny_ips.contains(ip) && (config.allow_ips.is_empty() || config.allow_ips.contains(ip))
+            !config.deny_ips.contains(ip)
+                && (config.allow_ips.is_empty() || config.allow_ips.contains(ip))
         });
         if !admitted {
             return Err(deny(Reason::IpNotAllowed, Subject::Nobody, client_ip));
@@ -304,7 +310,8 @@ pub fn decide<'c, S: Store + ?Sized>(config: &'c Config, req: &Request<'_>, now_
     if entry.status == KeyStatus::Suspended {
         return Err(deny(Reason::KeySuspended, who, client_ip));
     }
-    if !entry.allowed_ips.is_empty() && !client_ip.is_some_and(|ip| entry.allowed_ips.contains(ip)) {
+    if !entry.allowed_ips.is_empty() && !client_ip.is_some_and(|ip| entry.allowed_ips.contains(ip))
+    {
         return Err(deny(Reason::IpNotAllowed, who, client_ip));
     }
     if !tenant_matches(entry, req.headers) {
@@ -323,7 +330,9 @@ pub fn decide<'c, S: Store + ?Sized>(config: &'c Config, req: &Request<'_>, now_
             Ok(v) => {
                 let mut d = deny(Reason::RateLimited, who, client_ip);
                 d.retry_after_s = Some(v.retry_after_s);
-                d.quota = config.rate_limit_headers.then(|| Quota::of(limit.rate.requests, &v));
+                d.quota = config
+                    .rate_limit_headers
+                    .then(|| Quota::of(limit.rate.requests, &v));
                 return Err(d);
             }
             Err(e) => {
@@ -360,7 +369,10 @@ fn authenticate<'c, 'h>(
     let (key, carriers) = match credential {
         Credential::Missing => return Err((Reason::MissingApiKey, Subject::Nobody)),
         Credential::Conflicting { first } => {
-            return Err((Reason::InvalidApiKey, Subject::Unknown(keys::log_prefix(first))))
+            return Err((
+                Reason::InvalidApiKey,
+                Subject::Unknown(keys::log_prefix(first)),
+            ))
         }
         Credential::Found { key, carriers } => (key, carriers),
     };
@@ -369,7 +381,10 @@ fn authenticate<'c, 'h>(
         .flatten()
         .and_then(|i| config.keys.get(i));
     let Some(entry) = entry else {
-        return Err((Reason::InvalidApiKey, Subject::Unknown(keys::log_prefix(key))));
+        return Err((
+            Reason::InvalidApiKey,
+            Subject::Unknown(keys::log_prefix(key)),
+        ));
     };
     if entry.status == KeyStatus::Revoked {
         return Err((Reason::KeyRevoked, Subject::Key(&entry.id)));

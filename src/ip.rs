@@ -13,7 +13,9 @@ pub struct Cidr {
 impl Cidr {
     /// Parses `10.0.0.0/8`, `2001:db8::/32`, or a single address (`203.0.113.7`, `::1`).
     pub fn parse(s: &str) -> Result<Cidr, String> {
-        let bad = |why: &str| format!("{s:?} is not an IP address or CIDR block ({why}), e.g. \"10.0.0.0/8\" or \"2001:db8::/32\"");
+        let bad = |why: &str| {
+            format!("{s:?} is not an IP address or CIDR block ({why}), e.g. \"10.0.0.0/8\" or \"2001:db8::/32\"")
+        };
         let (addr, len) = match s.split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
@@ -39,7 +41,9 @@ impl Cidr {
             prefix,
         };
         if cidr.network != bits {
-            return Err(bad("host bits set after the prefix; write the network address"));
+            return Err(bad(
+                "host bits set after the prefix; write the network address",
+            ));
         }
         Ok(cidr)
     }
@@ -111,7 +115,10 @@ pub fn parse_peer(s: &str) -> Option<IpAddr> {
     let s = s.trim();
     if let Some(rest) = s.strip_prefix('[') {
         let (addr, _) = rest.split_once(']')?;
-        return addr.parse::<Ipv6Addr>().ok().map(|a| canonical(IpAddr::V6(a)));
+        return addr
+            .parse::<Ipv6Addr>()
+            .ok()
+            .map(|a| canonical(IpAddr::V6(a)));
     }
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(canonical(ip));
@@ -143,7 +150,10 @@ pub fn client_address(peer: IpAddr, xff: &[&[u8]], trusted: &CidrSet) -> IpAddr 
     }
     // Every hop trusted: the left-most is where the request entered the trusted chain.
     let leftmost = hops.first().copied().unwrap_or(peer);
-    hops.into_iter().rev().find(|ip| !trusted.contains(*ip)).unwrap_or(leftmost)
+    hops.into_iter()
+        .rev()
+        .find(|ip| !trusted.contains(*ip))
+        .unwrap_or(leftmost)
 }
 
 /// An X-Forwarded-For entry: an address, possibly `[v6]:port` or `v4:port`.
@@ -183,14 +193,29 @@ mod tests {
         assert!(c.contains(ip("::1")));
         assert!(!c.contains(ip("127.0.0.1")));
         assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("1.2.3.4")));
-        assert!(!Cidr::parse("0.0.0.0/0").unwrap().contains(ip("2001:db8::1")));
+        assert!(!Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains(ip("2001:db8::1")));
     }
 
     #[test]
     fn cidr_errors() {
-        for bad in ["", "10.0.0.0/33", "10.0.0.0/", "10.0.0.0/x", "10.0.0.1/8", "::/129", "hello", "10.0.0/8", "1.2.3.4/+8"] {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "10.0.0.0/",
+            "10.0.0.0/x",
+            "10.0.0.1/8",
+            "::/129",
+            "hello",
+            "10.0.0/8",
+            "1.2.3.4/+8",
+        ] {
             let e = Cidr::parse(bad).unwrap_err();
-            assert!(e.contains("is not an IP address or CIDR block"), "{bad}: {e}");
+            assert!(
+                e.contains("is not an IP address or CIDR block"),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -200,7 +225,12 @@ mod tests {
         assert!(s.contains(ip("1.2.3.4")));
         assert!(s.contains(ip("2001:db8::1")));
         assert!(!set(&[]).contains(ip("1.2.3.4")));
-        assert_eq!(CidrSet::parse(&["10.0.0.0/8".into(), "nope".into()]).unwrap_err().0, 1);
+        assert_eq!(
+            CidrSet::parse(&["10.0.0.0/8".into(), "nope".into()])
+                .unwrap_err()
+                .0,
+            1
+        );
     }
 
     #[test]
@@ -219,8 +249,14 @@ mod tests {
     fn xff_ignored_without_trusted_peer() {
         let trusted = set(&["127.0.0.1/32"]);
         let xff: &[&[u8]] = &[b"203.0.113.9"];
-        assert_eq!(client_address(ip("127.0.0.2"), xff, &trusted), ip("127.0.0.2"));
-        assert_eq!(client_address(ip("127.0.0.1"), xff, &CidrSet::default()), ip("127.0.0.1"));
+        assert_eq!(
+            client_address(ip("127.0.0.2"), xff, &trusted),
+            ip("127.0.0.2")
+        );
+        assert_eq!(
+            client_address(ip("127.0.0.1"), xff, &CidrSet::default()),
+            ip("127.0.0.1")
+        );
     }
 
     #[test]
@@ -246,7 +282,13 @@ mod tests {
     fn malformed_xff_falls_back_to_peer() {
         let trusted = set(&["127.0.0.1/32"]);
         let peer = ip("127.0.0.1");
-        for bad in [&b"not-an-ip"[..], b"1.2.3.4,,5.6.7.8", b"", b"1.2.3.4, \xff", b"1.2.3.4 5.6.7.8"] {
+        for bad in [
+            &b"not-an-ip"[..],
+            b"1.2.3.4,,5.6.7.8",
+            b"",
+            b"1.2.3.4, \xff",
+            b"1.2.3.4 5.6.7.8",
+        ] {
             assert_eq!(client_address(peer, &[bad], &trusted), peer, "{bad:?}");
         }
     }

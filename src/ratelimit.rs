@@ -58,8 +58,12 @@ impl Bucket {
             / u128::from(rate.period_ns.max(1));
         let cap = capacity(rate);
         Bucket {
-            nanotokens: u64::try_from(u128::from(self.nanotokens).saturating_add(added).min(u128::from(cap)))
-                .unwrap_or(cap),
+            nanotokens: u64::try_from(
+                u128::from(self.nanotokens)
+                    .saturating_add(added)
+                    .min(u128::from(cap)),
+            )
+            .unwrap_or(cap),
             updated_ns: self.updated_ns.max(now_ns),
         }
     }
@@ -87,7 +91,9 @@ impl Bucket {
             let missing = target.saturating_sub(held);
             // Nanoseconds until `missing` nano-tokens have been added, rounded up.
             let per_ns_num = u128::from(rate.requests).saturating_mul(NANOS_PER_TOKEN);
-            let ns = missing.saturating_mul(u128::from(rate.period_ns)).div_ceil(per_ns_num.max(1));
+            let ns = missing
+                .saturating_mul(u128::from(rate.period_ns))
+                .div_ceil(per_ns_num.max(1));
             u64::try_from(ns.div_ceil(u128::from(NANOS_PER_SECOND))).unwrap_or(u64::MAX)
         };
         let retry = until(NANOS_PER_TOKEN);
@@ -161,7 +167,13 @@ pub enum LimitError {
 
 /// Takes `cost` tokens from the bucket stored under `key`, exactly once across all
 /// workers: read, compute, write back only if nobody wrote in between; else retry.
-pub fn take<S: Store + ?Sized>(store: &S, key: &str, rate: &Rate, now_ns: u64, cost: u64) -> Result<Verdict, LimitError> {
+pub fn take<S: Store + ?Sized>(
+    store: &S,
+    key: &str,
+    rate: &Rate,
+    now_ns: u64,
+    cost: u64,
+) -> Result<Verdict, LimitError> {
     for _ in 0..MAX_ATTEMPTS {
         let (bucket, version) = current(store, key, rate, now_ns)?;
         let (next, verdict) = bucket.take(rate, now_ns, cost);
@@ -172,7 +184,11 @@ pub fn take<S: Store + ?Sized>(store: &S, key: &str, rate: &Rate, now_ns: u64, c
         // A bucket seen absent is created with a version no live entry is expected to
         // hold: the host then creates it if it is still absent, and reports a conflict
         // if another worker created it first (a version of 0 would overwrite that).
-        let version = if version == 0 { CREATE_VERSION } else { version };
+        let version = if version == 0 {
+            CREATE_VERSION
+        } else {
+            version
+        };
         match store.set(key, &next.encode(), version) {
             Ok(()) => return Ok(verdict),
             Err(StoreError::Conflict) => continue,
@@ -183,14 +199,27 @@ pub fn take<S: Store + ?Sized>(store: &S, key: &str, rate: &Rate, now_ns: u64, c
 }
 
 /// The verdict for the bucket under `key` without taking a token.
-pub fn peek<S: Store + ?Sized>(store: &S, key: &str, rate: &Rate, now_ns: u64) -> Result<Verdict, LimitError> {
+pub fn peek<S: Store + ?Sized>(
+    store: &S,
+    key: &str,
+    rate: &Rate,
+    now_ns: u64,
+) -> Result<Verdict, LimitError> {
     let (bucket, _) = current(store, key, rate, now_ns)?;
     Ok(bucket.peek(rate, now_ns))
 }
 
-fn current<S: Store + ?Sized>(store: &S, key: &str, rate: &Rate, now_ns: u64) -> Result<(Bucket, u32), LimitError> {
+fn current<S: Store + ?Sized>(
+    store: &S,
+    key: &str,
+    rate: &Rate,
+    now_ns: u64,
+) -> Result<(Bucket, u32), LimitError> {
     match store.get(key) {
-        Ok(Some((bytes, version))) => Ok((Bucket::decode(&bytes).unwrap_or_else(|| Bucket::full(rate, now_ns)), version)),
+        Ok(Some((bytes, version))) => Ok((
+            Bucket::decode(&bytes).unwrap_or_else(|| Bucket::full(rate, now_ns)),
+            version,
+        )),
         // Never used: a full bucket, created by the first write.
         Ok(None) => Ok((Bucket::full(rate, now_ns), 0)),
         Err(StoreError::Conflict) => Err(LimitError::Contended),

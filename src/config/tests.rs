@@ -116,7 +116,7 @@ fn syntax_errors_name_the_field() {
     );
     let e = err(&one_key(r#", "nmae": "x""#));
     assert!(e.starts_with("keys[0].nmae: unknown field `nmae`"), "{e}");
-    let e = err(&format!(r#"{{"keys": [{{"id": "k1", "role": "r"}}]}}"#));
+    let e = err(r#"{"keys": [{"id": "k1", "role": "r"}]}"#);
     assert!(e.starts_with("keys[0]: missing field `hash`"), "{e}");
     let e = err(&one_key(r#", "status": "paused""#));
     assert!(e.starts_with("keys[0].status: unknown variant `paused`, expected one of `active`, `suspended`, `revoked`"), "{e}");
@@ -127,9 +127,7 @@ fn syntax_errors_name_the_field() {
         e.starts_with("strip_credentials: invalid type: string"),
         "{e}"
     );
-    let e = err(&format!(
-        r#"{{"routes": [{{"prefix": "/a", "public": true, "role": "x"}}], "keys": []}}"#
-    ));
+    let e = err(r#"{"routes": [{"prefix": "/a", "public": true, "role": "x"}], "keys": []}"#);
     assert!(e.starts_with("routes[0].role: unknown field `role`"), "{e}");
 }
 
@@ -139,7 +137,7 @@ fn key_errors_name_the_field() {
         (r#"{"keys": []}"#, "keys: no keys configured"),
         (r#"{}"#, "keys: no keys configured"),
         (
-            &format!(r#"{{"keys": [{{"id": "k1", "hash": "sha256:ABC", "role": "r"}}]}}"#),
+            r#"{"keys": [{"id": "k1", "hash": "sha256:ABC", "role": "r"}]}"#,
             "keys[0].hash: expected \"sha256:\" followed by 64 lowercase hex digits",
         ),
         (

@@ -54,7 +54,15 @@ fn ns(now_s: i64) -> u64 {
 }
 
 fn run<'c>(c: &'c Config, method: &str, path: &str, hs: &[(&str, &str)], now: i64) -> Decision<'c> {
-    run_from(c, &MemoryStore::default(), "127.0.0.1", method, path, hs, ns(now))
+    run_from(
+        c,
+        &MemoryStore::default(),
+        "127.0.0.1",
+        method,
+        path,
+        hs,
+        ns(now),
+    )
 }
 
 fn run_from<'c>(
@@ -89,7 +97,8 @@ fn admitted_id<'a>(d: &'a Decision<'_>) -> Option<&'a str> {
 fn every_row_of_the_decision_table() {
     let c = config_with("");
     let key = |k: &str| ("x-api-key", k.to_string());
-    let rows: Vec<(&str, &str, Vec<(&str, String)>, Option<Reason>)> = vec![
+    type Row<'a> = (&'a str, &'a str, Vec<(&'a str, String)>, Option<Reason>);
+    let rows: Vec<Row> = vec![
         ("GET", "/v1/open", vec![], Some(Reason::MissingApiKey)),
         (
             "GET",

@@ -60,10 +60,33 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> u32;
-    fn proxy_add_header_map_value(map: u32, key: *const u8, key_size: usize, value: *const u8, value_size: usize) -> u32;
-    fn proxy_get_property(path: *const u8, path_size: usize, data: *mut *mut u8, size: *mut usize) -> u32;
-    fn proxy_get_shared_data(key: *const u8, key_size: usize, data: *mut *mut u8, size: *mut usize, cas: *mut u32) -> u32;
-    fn proxy_set_shared_data(key: *const u8, key_size: usize, value: *const u8, value_size: usize, cas: u32) -> u32;
+    fn proxy_add_header_map_value(
+        map: u32,
+        key: *const u8,
+        key_size: usize,
+        value: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_get_property(
+        path: *const u8,
+        path_size: usize,
+        data: *mut *mut u8,
+        size: *mut usize,
+    ) -> u32;
+    fn proxy_get_shared_data(
+        key: *const u8,
+        key_size: usize,
+        data: *mut *mut u8,
+        size: *mut usize,
+        cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key: *const u8,
+        key_size: usize,
+        value: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
 }
@@ -148,7 +171,13 @@ pub fn remove_request_header(name: &str) -> Result<(), HostError> {
 /// Adds a response header (for headers on upstream responses).
 pub fn add_response_header(name: &str, value: &str) -> Result<(), HostError> {
     check(unsafe {
-        proxy_add_header_map_value(MAP_RESPONSE_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+        proxy_add_header_map_value(
+            MAP_RESPONSE_HEADERS,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
     })
 }
 
@@ -173,7 +202,9 @@ impl ratelimit::Store for SharedData {
         let mut data = null_mut();
         let mut size = 0usize;
         let mut cas = 0u32;
-        match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) } {
+        match unsafe {
+            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
+        } {
             OK => Ok(Some((unsafe { take_host_buffer(data, size) }, cas))),
             NOT_FOUND => Ok(None),
             status => Err(StoreError::Host(status)),
@@ -181,7 +212,15 @@ impl ratelimit::Store for SharedData {
     }
 
     fn set(&self, key: &str, value: &[u8], version: u32) -> Result<(), StoreError> {
-        match unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), version) } {
+        match unsafe {
+            proxy_set_shared_data(
+                key.as_ptr(),
+                key.len(),
+                value.as_ptr(),
+                value.len(),
+                version,
+            )
+        } {
             OK => Ok(()),
             CAS_MISMATCH => Err(StoreError::Conflict),
             status => Err(StoreError::Host(status)),

@@ -143,7 +143,9 @@ impl HttpContext for Stream {
         };
         let now = match host::now_nanos() {
             Ok(ns) => ns,
-            Err(e) => return self.internal_error(&format!("cannot read the clock (status {})", e.0)),
+            Err(e) => {
+                return self.internal_error(&format!("cannot read the clock (status {})", e.0))
+            }
         };
         match decision::decide(&config, &request, now, &host::SharedData) {
             Ok(admission) => self.forward(&admission),
@@ -163,7 +165,10 @@ impl HttpContext for Stream {
 }
 
 fn client(denial: &Denial<'_>) -> String {
-    denial.client_ip.map(|ip| format!(" client_ip={ip}")).unwrap_or_default()
+    denial
+        .client_ip
+        .map(|ip| format!(" client_ip={ip}"))
+        .unwrap_or_default()
 }
 
 fn quota_headers(q: &Quota) -> [(&'static str, String); 3] {
@@ -200,7 +205,11 @@ impl Stream {
             Subject::Key(id) => format!(" key_id={id}"),
             Subject::Unknown(prefix) => format!(" key_prefix={prefix:?}"),
         };
-        log::info!("keygate: denied {status} {}{who}{}", reason.code(), client(denial));
+        log::info!(
+            "keygate: denied {status} {}{who}{}",
+            reason.code(),
+            client(denial)
+        );
         if let Some(failure) = denial.limiter_failure {
             host::increment(self.counters.limiter_failures);
             log::warn!("keygate: rate limiter unavailable ({failure:?}); request refused to stay within the limit");

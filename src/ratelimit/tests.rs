@@ -96,7 +96,11 @@ fn extreme_values_do_not_overflow() {
         period_ns: u64::MAX,
         burst: 1,
     };
-    let v = Bucket { nanotokens: 0, updated_ns: 0 }.peek(&slow, 0);
+    let v = Bucket {
+        nanotokens: 0,
+        updated_ns: 0,
+    }
+    .peek(&slow, 0);
     assert!(v.retry_after_s > 0);
 }
 
@@ -121,7 +125,12 @@ fn store_loop_takes_exactly_once() {
         .count();
     assert_eq!(admitted, 3);
     assert_eq!(store.len(), 1);
-    assert_eq!(peek(&store, "b", &rate, T0 + 100_000_000).unwrap().remaining, 1);
+    assert_eq!(
+        peek(&store, "b", &rate, T0 + 100_000_000)
+            .unwrap()
+            .remaining,
+        1
+    );
 }
 
 /// A store on which another worker writes between every read and write.

@@ -87,7 +87,7 @@ test: test-unit test-envoy
 
 test-unit: setup
 	# Debug build: integer overflow checks are on, so arithmetic bugs fail loudly.
-	cargo test --lib --bins
+	cargo test
 
 test-envoy: build
 	$(PYTHON) -m pytest -q tests/integration

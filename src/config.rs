@@ -52,6 +52,20 @@ pub struct PluginConfig {
     /// Send X-RateLimit-* headers on responses to authenticated requests (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_headers: Option<bool>,
+    /// Shape of generated keys, so typos are refused before any lookup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_format: Option<KeyFormatSpec>,
+}
+
+/// The shape of keys `keygate create` generates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFormatSpec {
+    /// Prefix before the underscore, e.g. `kg`.
+    pub prefix: String,
+    /// Refuse keys that claim the prefix but fail the checksum.
+    #[serde(default)]
+    pub checksum: bool,
 }
 
 /// A rate: `requests` per `per`, with a bucket of `burst` (default `requests`).
@@ -298,6 +312,8 @@ pub struct Config {
     pub rate_limit_headers: bool,
     /// Whether any rule needs the client address (so it is only looked up then).
     pub needs_client_ip: bool,
+    /// Prefix whose keys must pass the checksum, when checking is on.
+    pub checksum_prefix: Option<String>,
 }
 
 /// Largest `requests` or `burst` accepted: far above any real plan, and small enough
@@ -442,6 +458,26 @@ impl Config {
             ));
         }
 
+        let checksum_prefix = match &doc.key_format {
+            Some(format) => {
+                let p = &format.prefix;
+                if p.is_empty()
+                    || p.len() > 16
+                    || !p
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                {
+                    return Err(ConfigError::new(
+                        "key_format.prefix",
+                        format!(
+                            "{p:?} must be 1 to 16 lowercase letters or digits, such as \"kg\""
+                        ),
+                    ));
+                }
+                format.checksum.then(|| p.clone())
+            }
+            None => None,
+        };
         let needs_client_ip = !allow_ips.is_empty()
             || !deny_ips.is_empty()
             || failed_auth_limit.is_some()
@@ -453,6 +489,7 @@ impl Config {
             failed_auth_limit,
             rate_limit_headers: doc.rate_limit_headers.unwrap_or(true),
             needs_client_ip,
+            checksum_prefix,
             www_authenticate: format!("ApiKey realm=\"{realm}\""),
             realm,
             key_sources,

@@ -359,6 +359,20 @@ pub fn decide<'c, S: Store + ?Sized>(
     })
 }
 
+/// Offline check of one key (for `keygate verify`): the key it is, or why it would be
+/// refused regardless of route, address or quota.
+pub fn identify<'c>(config: &'c Config, key: &[u8], now_s: i64) -> Result<&'c Key, Reason> {
+    let credential = Credential::Found {
+        key,
+        carriers: Vec::new(),
+    };
+    match authenticate(config, credential, now_s) {
+        Ok((entry, _)) if entry.status == KeyStatus::Suspended => Err(Reason::KeySuspended),
+        Ok((entry, _)) => Ok(entry),
+        Err((reason, _)) => Err(reason),
+    }
+}
+
 /// The key behind the credential, or why there is none (all 401s).
 #[allow(clippy::type_complexity)]
 fn authenticate<'c, 'h>(
@@ -376,7 +390,11 @@ fn authenticate<'c, 'h>(
         }
         Credential::Found { key, carriers } => (key, carriers),
     };
-    let entry = keys::well_formed(key)
+    let checksum_fails = config
+        .checksum_prefix
+        .as_deref()
+        .is_some_and(|prefix| keys::checksum_holds(prefix, key) == Some(false));
+    let entry = (keys::well_formed(key) && !checksum_fails)
         .then(|| config.index.find(key))
         .flatten()
         .and_then(|i| config.keys.get(i));

@@ -93,6 +93,56 @@ pub fn log_prefix(key: &[u8]) -> String {
         .collect()
 }
 
+/// Random bytes in a generated key.
+pub const RANDOM_BYTES: usize = 32;
+/// Characters of the random part: base64url of 32 bytes, unpadded.
+pub const RANDOM_CHARS: usize = 43;
+/// Characters of the checksum: base64url of the 4-byte CRC-32, unpadded.
+pub const CHECKSUM_CHARS: usize = 6;
+
+/// Builds a key `<prefix>_<random><checksum>` from 32 random bytes.
+pub fn format_key(prefix: &str, random: &[u8; RANDOM_BYTES]) -> String {
+    use base64::Engine as _;
+    let body = format!(
+        "{prefix}_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random)
+    );
+    let sum = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(crc32(body.as_bytes()).to_be_bytes());
+    body + &sum
+}
+
+/// For a key that claims `prefix`: whether its checksum holds. Keys with another
+/// prefix are not judged (`None`), so imported legacy keys keep working.
+pub fn checksum_holds(prefix: &str, key: &[u8]) -> Option<bool> {
+    use base64::Engine as _;
+    let rest = key.strip_prefix(prefix.as_bytes())?.strip_prefix(b"_")?;
+    if rest.len() != RANDOM_CHARS + CHECKSUM_CHARS {
+        return Some(false);
+    }
+    let (_, sum) = key.split_at(key.len() - CHECKSUM_CHARS);
+    let body = &key[..key.len() - CHECKSUM_CHARS];
+    let expected =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crc32(body).to_be_bytes());
+    Some(expected.as_bytes() == sum)
+}
+
+/// CRC-32 (IEEE 802.3, as in zlib and `cksum -o 3`): catches typos, not forgery.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
 /// Maps key digests to their index in the configured key list.
 #[derive(Debug, Default)]
 pub struct KeyIndex {
@@ -189,6 +239,39 @@ mod tests {
         assert_eq!(log_prefix(b"abcdefghijklmnop"), "abcdefgh");
         assert_eq!(log_prefix(b"ab\ncd\xffefgh"), "ab?cd?ef");
         assert_eq!(log_prefix(b"abc"), "abc");
+    }
+
+    #[test]
+    fn crc32_known_values() {
+        assert_eq!(crc32(b""), 0);
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(
+            crc32(b"The quick brown fox jumps over the lazy dog"),
+            0x414F_A339
+        );
+    }
+
+    #[test]
+    fn generated_keys_carry_a_checksum() {
+        let key = format_key("kg", &[7u8; 32]);
+        assert!(key.starts_with("kg_"));
+        assert_eq!(key.len(), 3 + RANDOM_CHARS + CHECKSUM_CHARS);
+        assert!(well_formed(key.as_bytes()));
+        assert_eq!(checksum_holds("kg", key.as_bytes()), Some(true));
+        // One changed character anywhere is caught.
+        for i in 3..key.len() {
+            let mut typo = key.clone().into_bytes();
+            typo[i] = if typo[i] == b'A' { b'B' } else { b'A' };
+            assert_eq!(checksum_holds("kg", &typo), Some(false), "position {i}");
+        }
+        assert_eq!(
+            checksum_holds("kg", &key.as_bytes()[..key.len() - 1]),
+            Some(false)
+        );
+        // Other prefixes (legacy keys) are not judged.
+        assert_eq!(checksum_holds("kg", b"test_client_key_16_chars"), None);
+        assert_eq!(checksum_holds("kg", b"kgx_whatever_0123456789"), None);
+        assert_eq!(checksum_holds("live", key.as_bytes()), None);
     }
 
     #[test]

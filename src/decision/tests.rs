@@ -476,3 +476,40 @@ fn other_authorization_schemes_are_not_keys() {
     let d = run(&c, "GET", "/v1/open", &hs, NOW).unwrap();
     assert_eq!(d.remove, vec!["x-api-key"]);
 }
+
+#[test]
+fn key_format_checksum_refuses_typos_before_lookup() {
+    let good = keys::format_key("kg", &[9u8; 32]);
+    let mut typo = good.clone().into_bytes();
+    typo[10] = if typo[10] == b'x' { b'y' } else { b'x' };
+    let typo = String::from_utf8(typo).unwrap();
+    let json = |format: &str| {
+        format!(
+            r#"{{"keys": [{{"id": "gen", "hash": "{}", "role": "client"}}, {{"id": "typo", "hash": "{}", "role": "client"}},
+                          {{"id": "legacy", "hash": "{}", "role": "client"}}]{format}}}"#,
+            hash_string(good.as_bytes()),
+            hash_string(typo.as_bytes()),
+            hash_string(CLIENT_KEY.as_bytes()),
+        )
+    };
+    let checked =
+        Config::from_json(json(r#", "key_format": {"prefix": "kg", "checksum": true}"#).as_bytes())
+            .unwrap();
+    let unchecked = Config::from_json(json("").as_bytes()).unwrap();
+    fn get(c: &Config, k: &str) -> Result<Option<String>, Reason> {
+        run(c, "GET", "/x", &[("x-api-key", k)], NOW)
+            .map(|a| a.key.map(|k| k.id.clone()))
+            .map_err(|d| d.reason)
+    }
+    assert_eq!(get(&checked, &good), Ok(Some("gen".into())));
+    assert_eq!(get(&checked, CLIENT_KEY), Ok(Some("legacy".into())));
+    assert_eq!(get(&checked, &typo), Err(Reason::InvalidApiKey));
+    // Without checksum checking the (configured) typo key is looked up like any other.
+    assert_eq!(get(&unchecked, &typo), Ok(Some("typo".into())));
+    let e = Config::from_json(json(r#", "key_format": {"prefix": "KG!"}"#).as_bytes()).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("key_format.prefix: \"KG!\" must be 1 to 16 lowercase"),
+        "{e}"
+    );
+}

@@ -28,6 +28,7 @@ pub enum Level {
     Info = 2,
     Warn = 3,
     Error = 4,
+    Critical = 5,
 }
 
 #[link(wasm_import_module = "env")]
@@ -293,9 +294,11 @@ impl log::Log for HostLogger {
 
 static LOGGER: HostLogger = HostLogger;
 
-/// Installs the host logger (once per VM; later calls are no-ops).
+/// Installs the host logger (once per VM; later calls are no-ops), and a panic hook
+/// that says in Envoy's log why a VM died (Envoy then fails closed with 503).
 pub fn install_logger() {
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(log::LevelFilter::Info);
     }
+    std::panic::set_hook(Box::new(|info| log(Level::Critical, &format!("keygate: panic: {info}"))));
 }

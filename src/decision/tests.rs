@@ -40,11 +40,8 @@ fn config_with(extra: &str) -> Config {
     Config::from_json(json.as_bytes()).unwrap()
 }
 
-fn headers(pairs: &[(&str, &str)]) -> Vec<Header> {
-    pairs
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-        .collect()
+fn headers<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<Header<'a>> {
+    pairs.iter().map(|&(n, v)| (n, v.as_bytes())).collect()
 }
 
 const SEC: u64 = 1_000_000_000;

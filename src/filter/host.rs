@@ -3,7 +3,6 @@
 //! The SDK's `hostcalls` wrappers panic on an unexpected status; a panic in a filter
 //! takes the worker's VM down, so these call the ABI directly and return `Result`.
 
-use crate::credentials::Header;
 use crate::ratelimit::{self, StoreError};
 use crate::wire;
 use std::ptr::{null, null_mut};
@@ -142,13 +141,13 @@ pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
     }
 }
 
-/// Every request header, duplicates included, in order.
-pub fn request_headers() -> Result<Vec<Header>, HostError> {
+/// Every request header, duplicates included, in order, in the ABI's serialized form
+/// (decode with `wire::decode_pairs`, which borrows from it).
+pub fn request_headers() -> Result<Vec<u8>, HostError> {
     let mut data = null_mut();
     let mut size = 0usize;
     check(unsafe { proxy_get_header_map_pairs(MAP_REQUEST_HEADERS, &mut data, &mut size) })?;
-    let buf = unsafe { take_host_buffer(data, size) };
-    wire::decode_pairs(&buf).ok_or(HostError(u32::MAX))
+    Ok(unsafe { take_host_buffer(data, size) })
 }
 
 /// Replaces every value of a request header with one value.
@@ -300,5 +299,7 @@ pub fn install_logger() {
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(log::LevelFilter::Info);
     }
-    std::panic::set_hook(Box::new(|info| log(Level::Critical, &format!("keygate: panic: {info}"))));
+    std::panic::set_hook(Box::new(|info| {
+        log(Level::Critical, &format!("keygate: panic: {info}"))
+    }));
 }

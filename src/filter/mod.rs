@@ -5,6 +5,7 @@ mod host;
 use crate::config::Config;
 use crate::decision::{self, Admission, Denial, Quota, Reason, Request, Subject};
 use crate::ip;
+use crate::wire;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;
@@ -112,17 +113,20 @@ impl HttpContext for Stream {
         let Some(config) = self.config.clone() else {
             return self.internal_error("keygate has no configuration");
         };
-        let headers = match host::request_headers() {
+        let buffer = match host::request_headers() {
             Ok(h) => h,
             Err(e) => {
                 return self
                     .internal_error(&format!("cannot read request headers (status {})", e.0))
             }
         };
+        let Some(headers) = wire::decode_pairs(&buffer) else {
+            return self.internal_error("the host sent a malformed header map");
+        };
         let pseudo = |name: &str| {
             headers
                 .iter()
-                .find(|(n, _)| n == name)
+                .find(|(n, _)| *n == name)
                 .and_then(|(_, v)| std::str::from_utf8(v).ok())
                 .unwrap_or("")
         };

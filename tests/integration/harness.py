@@ -37,6 +37,7 @@ class Paths:
     wasm: Path
     envoy: Path
     echo: Path
+    cli: Path
 
 
 def _path(env: str, default: str) -> Path:
@@ -51,12 +52,14 @@ def find_paths() -> Paths:
         wasm=_path("KEYGATE_WASM", "target/wasm32-wasip1/release/keygate.wasm"),
         envoy=_path("KEYGATE_ENVOY", ".venv/bin/envoy"),
         echo=_path("KEYGATE_ECHO", "target/release/keygate-echo"),
+        cli=_path("KEYGATE_CLI", "target/release/keygate"),
     )
     missing = []
     for what, env, path, fix in [
         ("the filter", "KEYGATE_WASM", paths.wasm, "run `make build`"),
         ("Envoy", "KEYGATE_ENVOY", paths.envoy, "run `make setup` (or `make build`)"),
         ("the echo upstream", "KEYGATE_ECHO", paths.echo, "run `make build`"),
+        ("the keygate tool", "KEYGATE_CLI", paths.cli, "run `make build`"),
     ]:
         if not path.is_file():
             missing.append(f"  {what}: {path} does not exist ({fix}; or set {env})")
@@ -100,12 +103,20 @@ def port_accepts(port: int, timeout: float = 0.5) -> bool:
 # ----------------------------------------------------------------------------- bootstrap
 
 
+@dataclasses.dataclass(frozen=True)
+class Ecds:
+    """Deliver keygate's configuration through ECDS, from a file that `keygate apply`
+    writes; Envoy watches the file's directory and reloads when the file is replaced."""
+
+    path: Path
+
+
 def bootstrap(
     listener_port: int,
     admin_port: int,
     upstream_port: int,
     wasm_path: Union[str, Path],
-    plugin_config: Union[dict, str],
+    plugin_config: Union[dict, str, Ecds],
     *,
     ipv6: bool = False,
 ) -> str:
@@ -115,6 +126,11 @@ def bootstrap(
     when it is a str (to test configurations that are not even JSON). `ipv6` makes the
     listener accept on [::1]:listener_port too.
     """
+    if isinstance(plugin_config, Ecds):
+        return _with_ecds(
+            bootstrap(listener_port, admin_port, upstream_port, wasm_path, {}, ipv6=ipv6),
+            plugin_config.path,
+        )
     configuration = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
     keygate_filter = {
         "name": "keygate",
@@ -226,6 +242,26 @@ def bootstrap(
                     # HTTP/1.1 upstream (the default without http_protocol_options).
                 }
             ],
+        },
+    }
+    return json.dumps(config, indent=2)
+
+
+def _with_ecds(bootstrap_json: str, path: Path) -> str:
+    """The same bootstrap with the keygate filter fetched from `path` (ECDS)."""
+    config = json.loads(bootstrap_json)
+    config["node"] = {"id": "keygate-test", "cluster": "keygate"}
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"][0] = {
+        "name": "keygate",
+        "config_discovery": {
+            "config_source": {
+                "path_config_source": {
+                    "path": str(path),
+                    "watched_directory": {"path": str(path.parent)},
+                }
+            },
+            "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
         },
     }
     return json.dumps(config, indent=2)

@@ -13,6 +13,8 @@ pub mod decision;
 pub mod ip;
 pub mod keys;
 pub mod ratelimit;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod store;
 pub mod time;
 pub mod wire;
 

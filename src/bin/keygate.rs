@@ -1,67 +1,734 @@
-//! The keygate command-line tool (key management arrives with the key-management work).
+//! `keygate`: manages the API keys the filter accepts, in a store of hashes, and renders
+//! the filter's configuration from it. The logic lives in `keygate::store`; this file
+//! parses arguments and prints.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Read;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use keygate::store::{self, Committed, Error, NewKey, Store, StoredKey, Transition};
+use keygate::{config, decision, keys, time};
+use serde_json::{json, Value};
+use std::io::{Read, Write as _};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage:
-  keygate hash           read a key on stdin, print its sha256:<hex> for the configuration
-  keygate check FILE     validate a plugin configuration (JSON) with the filter's own rules";
+/// Manage keygate's API keys: a store of SHA-256 hashes and metadata, never plaintext
+/// keys, rendered into the filter's configuration and checked with the filter's rules.
+#[derive(Parser)]
+#[command(name = "keygate", version)]
+struct Cli {
+    /// The key store.
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_STORE",
+        default_value = store::DEFAULT_STORE,
+        value_name = "PATH"
+    )]
+    store: PathBuf,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["hash"] => {
-            let mut key = String::new();
-            if let Err(e) = std::io::stdin().read_to_string(&mut key) {
-                eprintln!("keygate: cannot read the key from stdin: {e}");
-                return ExitCode::from(1);
-            }
-            let key = key.strip_suffix('\n').unwrap_or(&key);
-            let key = key.strip_suffix('\r').unwrap_or(key);
-            if !keygate::keys::well_formed(key.as_bytes()) {
-                eprintln!(
-                    "keygate: a key must be {} to {} characters without control characters",
-                    keygate::keys::MIN_KEY_CHARS,
-                    keygate::keys::MAX_KEY_CHARS
-                );
-                return ExitCode::from(1);
-            }
-            println!("{}", keygate::keys::hash_string(key.as_bytes()));
-            ExitCode::SUCCESS
-        }
-        ["check", file] => match std::fs::read(file) {
-            Err(e) => {
-                eprintln!("keygate: cannot read {file}: {e}");
-                ExitCode::from(1)
-            }
-            Ok(bytes) => match keygate::config::Config::from_json(&bytes) {
-                Ok(c) => {
-                    println!(
-                        "{file}: valid ({} keys, {} routes)",
-                        c.keys.len(),
-                        c.routes.len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("keygate: invalid configuration: {e}");
-                    ExitCode::from(1)
-                }
-            },
-        },
-        ["--help"] | ["-h"] | ["help"] => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        _ => {
-            eprintln!("{USAGE}");
-            ExitCode::from(2)
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new store with the default policy (refuses to overwrite one).
+    Init {
+        /// ECDS file that `apply` and `--apply` write for Envoy to watch; a relative
+        /// path is taken from the store's directory.
+        #[arg(long, value_name = "PATH")]
+        ecds: Option<String>,
+        /// The filter's .wasm, as Envoy will open it.
+        #[arg(long, value_name = "PATH", default_value = store::DEFAULT_WASM)]
+        wasm: String,
+        /// Prefix of generated keys (1 to 16 lowercase letters or digits).
+        #[arg(long, default_value = store::DEFAULT_PREFIX)]
+        prefix: String,
+        /// Start from this policy (a plugin configuration JSON without keys: routes,
+        /// plans, ip_rules, ...) instead of the default one; --prefix is then ignored.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+    },
+    /// Generate a key, store its hash, and print the key once.
+    Create {
+        /// Name shown in lists.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        identity: Identity,
+        /// Free text.
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        expiry: Expiry,
+        /// Then write the ECDS file, as `keygate apply` does.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// List the keys (never a key or its hash).
+    List,
+    /// Show one key's metadata.
+    Show {
+        /// Key id, as `list` shows it.
+        id: String,
+    },
+    /// Revoke a key for good (401 key_revoked).
+    Revoke {
+        /// Key id.
+        id: String,
+        /// Then write the ECDS file.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Suspend a key (403 key_suspended) until it is reactivated.
+    Suspend {
+        /// Key id.
+        id: String,
+        /// Then write the ECDS file.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Make a suspended key active again (a revoked key stays revoked).
+    Reactivate {
+        /// Key id.
+        id: String,
+        /// Then write the ECDS file.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Issue a new key with the same identity; the old key works until the grace ends.
+    Rotate {
+        /// Id of the key to replace.
+        id: String,
+        /// How long the old key keeps working: 90d, 24h, 30m or 3600s.
+        #[arg(long, value_name = "DURATION", value_parser = store::parse_duration)]
+        grace: i64,
+        #[command(flatten)]
+        expiry: Expiry,
+        /// Then write the ECDS file.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Store the hashes of existing keys read from stdin.
+    ///
+    /// One key per line; blank lines and # comments are ignored. Env-file lines such as
+    /// CLIENT_API_KEYS=a,b,c (quotes allowed) are split on commas, so a key containing a
+    /// comma cannot be imported this way. Keys already in the store are skipped; if any
+    /// line is malformed, nothing is imported.
+    Import {
+        #[command(flatten)]
+        identity: Identity,
+        /// Imported keys are named <PREFIX>-1, <PREFIX>-2, ...
+        #[arg(long, value_name = "PREFIX", default_value = "legacy")]
+        name_prefix: String,
+        #[command(flatten)]
+        expiry: Expiry,
+        /// Then write the ECDS file.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Tell, offline, whether the key on stdin is accepted and as whom (exit 0 only then).
+    Verify,
+    /// Print the filter configuration rendered from the store.
+    Render {
+        /// What to print.
+        #[arg(long, value_enum, default_value_t = Format::PluginJson)]
+        format: Format,
+    },
+    /// Write the ECDS file Envoy watches (atomically, so Envoy reloads on the move).
+    Apply,
+    /// Validate the store (or, given FILE, a plugin configuration) with the filter's rules.
+    Check {
+        /// A plugin configuration JSON file to check instead of the store.
+        file: Option<PathBuf>,
+    },
+    /// Print the sha256:<hex> of the key on stdin.
+    Hash,
+}
+
+/// Who a new key is.
+#[derive(Args)]
+struct Identity {
+    /// Role, one word such as client, miner or admin.
+    #[arg(long)]
+    role: String,
+    /// Rate-limit plan [default: the policy's default_plan].
+    #[arg(long)]
+    plan: Option<String>,
+    /// Scope granted to the key (repeatable).
+    #[arg(long = "scope", value_name = "SCOPE")]
+    scopes: Vec<String>,
+    /// Tenant the key is bound to.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Client (customer) name.
+    #[arg(long)]
+    client: Option<String>,
+    /// Address or CIDR block the key may be used from (repeatable) [default: any].
+    #[arg(long = "allowed-ip", value_name = "CIDR")]
+    allowed_ips: Vec<String>,
+}
+
+/// When a new key stops working [default: never].
+#[derive(Args)]
+struct Expiry {
+    /// Lifetime: 90d, 24h, 30m or 3600s.
+    #[arg(long, value_name = "DURATION", value_parser = store::parse_duration, conflicts_with = "expires_at")]
+    expires_in: Option<i64>,
+    /// Expiry instant (RFC 3339, e.g. 2027-01-01T00:00:00Z).
+    #[arg(long, value_name = "RFC3339", value_parser = time::parse_rfc3339)]
+    expires_at: Option<i64>,
+}
+
+impl Expiry {
+    fn at(&self, now: i64) -> Option<i64> {
+        self.expires_in
+            .map(|d| now.saturating_add(d))
+            .or(self.expires_at)
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    /// The plugin configuration JSON.
+    PluginJson,
+    /// The ECDS resource (JSON, which is YAML) that `apply` writes.
+    EnvoyEcds,
+}
+
+impl Identity {
+    fn new_key(
+        &self,
+        name: String,
+        description: Option<String>,
+        expires_at: Option<i64>,
+    ) -> NewKey {
+        NewKey {
+            name,
+            description,
+            role: self.role.clone(),
+            plan: self.plan.clone(),
+            scopes: self.scopes.clone(),
+            tenant: self.tenant.clone(),
+            client: self.client.clone(),
+            expires_at,
+            allowed_ips: self.allowed_ips.clone(),
         }
     }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // Bare `keygate`: the list of commands is the useful answer.
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("keygate: {} (see --help)", one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keygate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Clap's message without its usage block, on one line.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let message = text.split("\n\n").next().unwrap_or_default();
+    let joined = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    joined
+        .strip_prefix("error: ")
+        .unwrap_or(&joined)
+        .to_string()
+}
+
+fn run(cli: &Cli) -> Result<ExitCode, Error> {
+    let path = cli.store.as_path();
+    let now = store::unix_now();
+    match &cli.command {
+        Command::Init {
+            ecds,
+            wasm,
+            prefix,
+            policy,
+        } => {
+            let mut new = Store::new(ecds.clone(), wasm.clone(), prefix.clone());
+            if let Some(file) = policy {
+                new.policy = store::read_policy(file)?;
+            }
+            store::init(path, &new)?;
+            let ecds = ecds.as_deref().map(|e| store::resolve(path, e));
+            let text = format!(
+                "created {}; ECDS file: {}",
+                path.display(),
+                ecds.as_ref().map_or_else(
+                    || "none (keygate init --ecds PATH would enable apply)".into(),
+                    |e| e.display().to_string()
+                )
+            );
+            print(
+                cli,
+                &json!({"store": path, "ecds": ecds, "wasm": wasm}),
+                &text,
+            )?;
+        }
+        Command::Create {
+            name,
+            identity,
+            description,
+            expiry,
+            apply,
+        } => {
+            let new = identity.new_key(name.clone(), description.clone(), expiry.at(now));
+            let done = store::update(path, *apply, |s| {
+                let created = s.create(&new, now)?;
+                let plan = created.record.effective_plan(&s.policy).map(str::to_string);
+                Ok((created, plan))
+            })?;
+            let (created, plan) = &done.value;
+            let r = &created.record;
+            let out = json!({
+                "id": r.id, "key": created.key, "name": r.name, "prefix": r.prefix,
+                "role": r.role, "plan": plan, "expires_at": r.expires_at,
+            });
+            let text = format!(
+                "created key {} {:?} (role {}, plan {}, expires {})\n\
+                 the key, shown only now (the store keeps its hash):\n{}",
+                r.id,
+                r.name,
+                r.role,
+                plan.as_deref().unwrap_or("none"),
+                r.expires_at.as_deref().unwrap_or("never"),
+                created.key
+            );
+            return committed(cli, &done, out, text);
+        }
+        Command::List => {
+            let s = store::load(path)?;
+            list(cli, &s, now)?;
+        }
+        Command::Show { id } => {
+            let s = store::load(path)?;
+            let key = s.find(id)?;
+            print(cli, &describe(&s, key, now), &show_text(&s, key, now))?;
+        }
+        Command::Revoke { id, apply } => {
+            return transition(cli, id, Transition::Revoke, *apply, now)
+        }
+        Command::Suspend { id, apply } => {
+            return transition(cli, id, Transition::Suspend, *apply, now)
+        }
+        Command::Reactivate { id, apply } => {
+            return transition(cli, id, Transition::Reactivate, *apply, now)
+        }
+        Command::Rotate {
+            id,
+            grace,
+            expiry,
+            apply,
+        } => {
+            let done = store::update(path, *apply, |s| s.rotate(id, *grace, expiry.at(now), now))?;
+            let (new, old) = (&done.value.new, &done.value.old);
+            let old_expiry = old.expires_at.as_deref().unwrap_or("never");
+            let out = json!({
+                "id": new.record.id, "key": new.key, "name": new.record.name,
+                "prefix": new.record.prefix, "expires_at": new.record.expires_at,
+                "old_id": old.id, "old_expires_at": old.expires_at,
+            });
+            let text = format!(
+                "rotated {}: new key {} {:?}; {} keeps working until {old_expiry}\n\
+                 the new key, shown only now (the store keeps its hash):\n{}",
+                old.id, new.record.id, new.record.name, old.id, new.key
+            );
+            return committed(cli, &done, out, text);
+        }
+        Command::Import {
+            identity,
+            name_prefix,
+            expiry,
+            apply,
+        } => {
+            let input = read_stdin()?;
+            let input = String::from_utf8(input)
+                .map_err(|_| Error::Other("standard input is not UTF-8 text".into()))?;
+            let template = identity.new_key(String::new(), None, expiry.at(now));
+            let done = store::update(path, *apply, |s| {
+                let checksum_prefix = s
+                    .policy
+                    .key_format
+                    .as_ref()
+                    .filter(|f| f.checksum)
+                    .map(|f| f.prefix.clone());
+                let lines = store::parse_import(&input, checksum_prefix.as_deref())?;
+                s.import(&lines, &template, name_prefix, now)
+            })?;
+            let imported = &done.value;
+            let added: Vec<Value> = imported
+                .added
+                .iter()
+                .map(|(line, k)| json!({"line": line, "id": k.id, "name": k.name, "prefix": k.prefix}))
+                .collect();
+            let skipped: Vec<Value> = imported
+                .skipped
+                .iter()
+                .map(|s| json!({"line": s.line, "prefix": s.prefix, "existing_id": s.existing_id}))
+                .collect();
+            let mut text = format!("imported {} keys", imported.added.len());
+            for (line, k) in &imported.added {
+                text += &format!("\n  line {line}: {} as {} ({})", k.prefix, k.id, k.name);
+            }
+            if !imported.skipped.is_empty() {
+                text += &format!("\nskipped {} already in the store", imported.skipped.len());
+                for s in &imported.skipped {
+                    text += &format!("\n  line {}: {} is {}", s.line, s.prefix, s.existing_id);
+                }
+            }
+            let out = json!({"imported": added, "skipped": skipped});
+            return committed(cli, &done, out, text);
+        }
+        Command::Verify => return verify(cli, now),
+        Command::Render { format } => {
+            let s = store::load(path)?;
+            let rendered = s.render()?;
+            let doc = match format {
+                Format::PluginJson => serde_json::to_value(&rendered.plugin)
+                    .map_err(|e| Error::Other(format!("cannot serialise: {e}")))?,
+                Format::EnvoyEcds => s.ecds_document(&rendered.plugin)?,
+            };
+            emit(&pretty(&doc))?;
+        }
+        Command::Apply => {
+            let (target, keys) = store::apply(path)?;
+            let text = format!("wrote {} ({keys} keys)", target.display());
+            print(cli, &json!({"ecds": target, "keys": keys}), &text)?;
+        }
+        Command::Check { file: Some(file) } => {
+            let bytes = std::fs::read(file)
+                .map_err(|e| Error::Other(format!("cannot read {}: {e}", file.display())))?;
+            let c = config::Config::from_json(&bytes)?;
+            let text = format!(
+                "{}: valid ({} keys, {} routes)",
+                file.display(),
+                c.keys.len(),
+                c.routes.len()
+            );
+            print(
+                cli,
+                &json!({"ok": true, "keys": c.keys.len(), "routes": c.routes.len()}),
+                &text,
+            )?;
+        }
+        Command::Check { file: None } => {
+            let s = store::load(path)?;
+            s.render()?;
+            let c = s.counts(now);
+            let text = format!(
+                "ok: {} keys ({} active, {} suspended, {} revoked, {} expired)",
+                s.keys.len(),
+                c.active,
+                c.suspended,
+                c.revoked,
+                c.expired
+            );
+            let out = json!({
+                "ok": true, "keys": s.keys.len(), "active": c.active,
+                "suspended": c.suspended, "revoked": c.revoked, "expired": c.expired,
+            });
+            print(cli, &out, &text)?;
+        }
+        Command::Hash => {
+            let key = read_key()?;
+            if !keys::well_formed(&key) {
+                return Err(Error::Other(format!(
+                    "a key must be {} to {} characters without control characters",
+                    keys::MIN_KEY_CHARS,
+                    keys::MAX_KEY_CHARS
+                )));
+            }
+            let hash = keys::hash_string(&key);
+            print(cli, &json!({"hash": hash}), &hash)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+fn print(cli: &Cli, json: &Value, text: &str) -> Result<(), Error> {
+    if cli.json {
+        emit(&pretty(json))
+    } else {
+        emit(text)
+    }
+}
+
+/// Writes a line to stdout; a failure (e.g. a closed pipe) is an error, not a panic.
+fn emit(text: &str) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .map_err(|e| Error::Other(format!("cannot write to standard output: {e}")))
+}
+
+/// Prints a committed change; if `--apply` failed after the store was written, says so
+/// (the change, e.g. a new key, is real and already printed) and fails.
+fn committed<T>(
+    cli: &Cli,
+    done: &Committed<T>,
+    mut out: Value,
+    mut text: String,
+) -> Result<ExitCode, Error> {
+    if let (Some(Ok(target)), Some(fields)) = (&done.applied, out.as_object_mut()) {
+        fields.insert("applied".into(), json!(target));
+        text += &format!("\napplied: wrote {}", target.display());
+    }
+    print(cli, &out, &text)?;
+    match &done.applied {
+        Some(Err(e)) => Err(Error::Other(format!(
+            "the store was updated, but not applied: {e}; then run keygate apply"
+        ))),
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+fn transition(
+    cli: &Cli,
+    id: &str,
+    to: Transition,
+    apply: bool,
+    now: i64,
+) -> Result<ExitCode, Error> {
+    let done = store::update(&cli.store, apply, |s| {
+        let changed = s.transition(id, to, now)?;
+        Ok((describe(s, &changed.record, now), changed.changed))
+    })?;
+    let (mut out, changed) = done.value.clone();
+    let verb = match to {
+        Transition::Revoke => "revoked",
+        Transition::Suspend => "suspended",
+        Transition::Reactivate => "reactivated",
+    };
+    let text = if changed {
+        format!("{verb} {id}")
+    } else {
+        format!(
+            "{id} was already {}",
+            if to == Transition::Reactivate {
+                "active"
+            } else {
+                verb
+            }
+        )
+    };
+    if let Some(fields) = out.as_object_mut() {
+        fields.insert("changed".into(), json!(changed));
+    }
+    committed(cli, &done, out, text)
+}
+
+/// A key's metadata for output: everything but its hash; `status` is its state now.
+fn describe(s: &Store, key: &StoredKey, now: i64) -> Value {
+    json!({
+        "id": key.id, "name": key.name, "description": key.description, "prefix": key.prefix,
+        "status": key.state(now).as_str(), "role": key.role, "client": key.client,
+        "tenant": key.tenant, "scopes": key.scopes, "plan": key.effective_plan(&s.policy),
+        "allowed_ips": key.allowed_ips, "created_at": key.created_at,
+        "expires_at": key.expires_at, "revoked_at": key.revoked_at,
+    })
+}
+
+fn show_text(s: &Store, key: &StoredKey, now: i64) -> String {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let rows = [
+        ("id", key.id.clone()),
+        ("name", key.name.clone()),
+        (
+            "description",
+            key.description.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("prefix", key.prefix.clone()),
+        ("status", key.state(now).as_str().into()),
+        ("role", key.role.clone()),
+        ("client", key.client.clone().unwrap_or_else(|| "-".into())),
+        ("tenant", key.tenant.clone().unwrap_or_else(|| "-".into())),
+        ("scopes", list(&key.scopes)),
+        (
+            "plan",
+            key.effective_plan(&s.policy).unwrap_or("none").into(),
+        ),
+        (
+            "allowed_ips",
+            if key.allowed_ips.is_empty() {
+                "any".into()
+            } else {
+                list(&key.allowed_ips)
+            },
+        ),
+        ("created_at", key.created_at.clone()),
+        (
+            "expires_at",
+            key.expires_at.clone().unwrap_or_else(|| "never".into()),
+        ),
+        (
+            "revoked_at",
+            key.revoked_at.clone().unwrap_or_else(|| "-".into()),
+        ),
+    ];
+    rows.iter()
+        .map(|(k, v)| format!("{:<12} {v}", format!("{k}:")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn list(cli: &Cli, s: &Store, now: i64) -> Result<(), Error> {
+    if cli.json {
+        let out: Vec<Value> = s
+            .keys
+            .iter()
+            .map(|k| {
+                json!({
+                    "id": k.id, "name": k.name, "prefix": k.prefix, "role": k.role,
+                    "plan": k.effective_plan(&s.policy), "status": k.state(now).as_str(),
+                    "expires_at": k.expires_at,
+                })
+            })
+            .collect();
+        return emit(&pretty(&Value::from(out)));
+    }
+    let rows: Vec<[String; 7]> = s
+        .keys
+        .iter()
+        .map(|k| {
+            [
+                k.id.clone(),
+                k.name.clone(),
+                k.prefix.clone(),
+                k.role.clone(),
+                k.effective_plan(&s.policy).unwrap_or("-").into(),
+                k.state(now).as_str().into(),
+                k.expires_at.clone().unwrap_or_else(|| "never".into()),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return emit(&format!(
+            "no keys in {}; add one with keygate create",
+            cli.store.display()
+        ));
+    }
+    let header = ["ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "EXPIRES"].map(String::from);
+    let mut widths = [0usize; 7];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        emit(cells.join("  ").trim_end())?;
+    }
+    Ok(())
+}
+
+fn verify(cli: &Cli, now: i64) -> Result<ExitCode, Error> {
+    let key = read_key()?;
+    let s = store::load(&cli.store)?;
+    let rendered = s.render()?;
+    let config = &rendered.config;
+    let prefix = keys::log_prefix(&key);
+    match decision::identify(config, &key, now) {
+        Ok(k) => {
+            let plan = k.limit.as_ref().map(|l| l.plan.as_str());
+            let expires = k.expires_at.map(time::format_rfc3339);
+            let out = json!({
+                "accepted": true, "prefix": prefix, "id": k.id, "role": k.role,
+                "client": k.client, "tenant": k.tenant, "scopes": k.scopes, "plan": plan,
+                "expires_at": expires,
+            });
+            let text = format!(
+                "accepted: {prefix}... is key {} (role {}, client {}, tenant {}, scopes {}, plan {}, expires {})",
+                k.id,
+                k.role,
+                k.client.as_deref().unwrap_or("-"),
+                k.tenant.as_deref().unwrap_or("-"),
+                if k.scopes.is_empty() { "-".into() } else { k.scopes.join(",") },
+                plan.unwrap_or("none"),
+                expires.as_deref().unwrap_or("never"),
+            );
+            print(cli, &out, &text)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(reason) => {
+            // Name the key when it is a known one (revoked, expired, suspended).
+            let id = config
+                .index
+                .find(&key)
+                .and_then(|i| config.keys.get(i))
+                .map(|k| k.id.as_str());
+            let out = json!({
+                "accepted": false, "prefix": prefix, "error": reason.code(),
+                "message": reason.message(), "id": id,
+            });
+            let who = id.map_or_else(String::new, |id| format!(" (key {id})"));
+            let text = format!(
+                "refused: {} ({}): {prefix}...{who}",
+                reason.code(),
+                reason.message()
+            );
+            print(cli, &out, &text)?;
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn read_stdin() -> Result<Vec<u8>, Error> {
+    let mut input = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut input)
+        .map_err(|e| Error::Other(format!("cannot read standard input: {e}")))?;
+    Ok(input)
+}
+
+/// A key from stdin, without the trailing newline that `echo` or a file adds.
+fn read_key() -> Result<Vec<u8>, Error> {
+    let mut key = read_stdin()?;
+    if key.last() == Some(&b'\n') {
+        key.pop();
+        if key.last() == Some(&b'\r') {
+            key.pop();
+        }
+    }
+    Ok(key)
 }

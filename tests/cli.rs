@@ -1,0 +1,1213 @@
+//! The `keygate` tool, driven as a user would: the built binary, a store in a temp dir
+//! of each test's own, outputs and exit codes asserted.
+
+use keygate::config::Config;
+use keygate::keys;
+use serde_json::Value;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+
+/// A temp dir with a store path in it; nothing is shared between tests.
+struct Env {
+    dir: tempfile::TempDir,
+    store: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("keygate.json");
+        Env { dir, store }
+    }
+
+    /// A store made by `init`, with an ECDS file in `ecds/`.
+    fn init() -> Env {
+        let env = Env::new();
+        env.ok(&[
+            "init",
+            "--ecds",
+            "ecds/keygate.yaml",
+            "--wasm",
+            "/opt/keygate.wasm",
+        ]);
+        env
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--store")
+            .arg(&self.store)
+            .args(args)
+            .env_remove("KEYGATE_STORE");
+        cmd
+    }
+
+    fn run(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A command that fails before reading stdin (a usage error) closes the pipe early.
+        let written = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+        assert!(
+            written.is_ok() || written.is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+        );
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok_in(&self, args: &[&str], stdin: &str) -> String {
+        let out = self.run(args, stdin);
+        assert!(
+            out.status.success(),
+            "keygate {args:?} failed ({:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        self.ok_in(args, "")
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        json(&self.ok(&[&["--json"], args].concat()))
+    }
+
+    /// Runs a command that must fail with `code`; returns its one-line error.
+    fn fail_in(&self, args: &[&str], stdin: &str, code: i32) -> String {
+        let out = self.run(args, stdin);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(code), "keygate {args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("keygate: ")
+                && stderr.ends_with('\n')
+                && stderr.lines().count() == 1,
+            "not one line: {stderr:?}"
+        );
+        stderr.trim_end().to_string()
+    }
+
+    fn fail(&self, args: &[&str], code: i32) -> String {
+        self.fail_in(args, "", code)
+    }
+
+    /// `create` with the given extra arguments; returns (id, key).
+    fn create(&self, extra: &[&str]) -> (String, String) {
+        let out = self.json(&[&["create", "--name", "test", "--role", "client"], extra].concat());
+        (str_of(&out["id"]), str_of(&out["key"]))
+    }
+
+    fn verify(&self, key: &str) -> (Option<i32>, Value) {
+        let out = self.run(&["--json", "verify"], &format!("{key}\n"));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        if key.chars().count() > 8 {
+            assert!(!stdout.contains(key), "verify printed the key: {stdout}");
+        }
+        (out.status.code(), json(&stdout))
+    }
+
+    fn accepted(&self, key: &str) -> Value {
+        let (code, out) = self.verify(key);
+        assert_eq!(
+            (code, &out["accepted"]),
+            (Some(0), &Value::Bool(true)),
+            "{out}"
+        );
+        out
+    }
+
+    fn refused(&self, key: &str, error: &str) {
+        let (code, out) = self.verify(key);
+        assert_eq!(code, Some(1), "{out}");
+        assert_eq!(out["accepted"], false);
+        assert_eq!(out["error"], error, "{out}");
+    }
+
+    fn store_text(&self) -> String {
+        fs::read_to_string(&self.store).unwrap()
+    }
+
+    fn store_json(&self) -> Value {
+        json(&self.store_text())
+    }
+
+    fn edit_store(&self, edit: impl FnOnce(&mut Value)) {
+        let mut doc = self.store_json();
+        edit(&mut doc);
+        fs::write(&self.store, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    }
+
+    fn files(&self, dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.dir.path().join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+fn str_of(v: &Value) -> String {
+    v.as_str()
+        .unwrap_or_else(|| panic!("not a string: {v}"))
+        .to_string()
+}
+
+fn now() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap()
+}
+
+fn unix(rfc3339: &Value) -> i64 {
+    keygate::time::parse_rfc3339(rfc3339.as_str().unwrap()).unwrap()
+}
+
+#[test]
+fn init_writes_the_default_policy_and_refuses_to_overwrite() {
+    let env = Env::init();
+    let doc = env.store_json();
+    assert_eq!(doc["version"], 1);
+    assert_eq!(doc["envoy"]["ecds"], "ecds/keygate.yaml");
+    assert_eq!(doc["envoy"]["wasm"], "/opt/keygate.wasm");
+    let policy = &doc["policy"];
+    assert_eq!(policy["default_plan"], "free");
+    assert_eq!(
+        policy["key_format"],
+        serde_json::json!({"prefix": "kg", "checksum": true})
+    );
+    assert_eq!(
+        policy["failed_auth_limit"],
+        serde_json::json!({"requests": 20, "per": "minute"})
+    );
+    assert_eq!(policy["plans"]["free"]["requests"], 60);
+    assert_eq!(policy["plans"]["pro"]["requests"], 600);
+    assert_eq!(policy["plans"]["enterprise"]["requests"], 6000);
+    assert!(policy.get("keys").is_none() && policy.get("routes").is_none());
+    assert_eq!(doc["keys"], serde_json::json!([]));
+
+    let before = env.store_text();
+    let err = env.fail(&["init"], 1);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(env.store_text(), before);
+
+    // A prefix the filter would refuse is refused before anything is written.
+    let other = Env::new();
+    let err = other.fail(&["init", "--prefix", "KG"], 1);
+    assert!(
+        err.starts_with("keygate: invalid configuration: key_format.prefix:"),
+        "{err}"
+    );
+    assert!(!other.store.exists());
+}
+
+#[test]
+fn init_with_a_policy_file_takes_its_routes_and_refuses_a_bad_one() {
+    let env = Env::new();
+    let policy = env.dir.path().join("policy.json");
+    fs::write(
+        &policy,
+        r#"{"routes": [{"prefix": "/healthz", "public": true}, {"prefix": "/v1/admin", "roles": ["admin"]}],
+            "default_plan": "pro", "ip_rules": {"allow": ["127.0.0.0/8"]}}"#,
+    )
+    .unwrap();
+    env.ok(&["init", "--policy", policy.to_str().unwrap()]);
+    let doc = env.store_json();
+    assert_eq!(doc["policy"]["routes"][1]["prefix"], "/v1/admin");
+    assert_eq!(doc["policy"]["default_plan"], "pro");
+    assert_eq!(doc["policy"]["ip_rules"]["allow"][0], "127.0.0.0/8");
+    let (_, key) = env.create(&[]);
+    assert_eq!(env.accepted(&key)["plan"], "pro");
+
+    // Field errors name the field; a policy with keys in it, a plan that does not
+    // exist, and a missing file are refused and no store is written.
+    for (text, expect) in [
+        (r#"{"routez": []}"#, "routez"),
+        (r#"{"default_plan": "gold"}"#, "default_plan"),
+        (
+            r#"{"keys": [{"id": "a", "hash": "sha256:0000000000000000000000000000000000000000000000000000000000000000", "role": "x"}]}"#,
+            "policy.keys",
+        ),
+    ] {
+        let other = Env::new();
+        let file = other.dir.path().join("policy.json");
+        fs::write(&file, text).unwrap();
+        let err = other.fail(&["init", "--policy", file.to_str().unwrap()], 1);
+        assert!(err.contains(expect), "{text}: {err}");
+        assert!(!other.store.exists());
+    }
+    let other = Env::new();
+    let err = other.fail(&["init", "--policy", "/nonexistent/policy.json"], 1);
+    assert!(err.contains("/nonexistent/policy.json"), "{err}");
+}
+
+#[test]
+fn commands_without_a_store_say_how_to_make_one() {
+    let env = Env::new();
+    for args in [
+        &["list"][..],
+        &["show", "k_1"],
+        &["check"],
+        &["render"],
+        &["apply"],
+    ] {
+        let err = env.fail(args, 1);
+        assert!(err.contains("keygate init"), "{err}");
+    }
+    let err = env.fail(&["create", "--name", "n", "--role", "client"], 1);
+    assert!(err.contains("keygate init"), "{err}");
+}
+
+#[test]
+fn create_prints_the_key_once_and_stores_only_its_hash() {
+    let env = Env::init();
+    let out = env.ok(&[
+        "create",
+        "--name",
+        "acme prod",
+        "--description",
+        "the main integration",
+        "--role",
+        "client",
+        "--plan",
+        "pro",
+        "--scope",
+        "jobs:write",
+        "--scope",
+        "jobs:read",
+        "--tenant",
+        "t1",
+        "--client",
+        "acme",
+        "--allowed-ip",
+        "10.0.0.0/8",
+    ]);
+    let key = out.lines().last().unwrap().to_string();
+    assert_eq!(out.matches(key.as_str()).count(), 1, "{out}");
+    assert!(key.starts_with("kg_"), "{key}");
+    assert_eq!(key.len(), 3 + keys::RANDOM_CHARS + keys::CHECKSUM_CHARS);
+    assert_eq!(keys::checksum_holds("kg", key.as_bytes()), Some(true));
+    let hash = keys::hash_string(key.as_bytes());
+
+    let stored = env.store_json();
+    let k = &stored["keys"][0];
+    let id = str_of(&k["id"]);
+    assert!(
+        id.starts_with("k_") && id.len() == 14 && id[2..].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    assert!(out.contains(&id), "{out}");
+    assert_eq!(k["hash"], hash.as_str());
+    assert_eq!(k["prefix"], &key[..8]);
+    assert_eq!(k["name"], "acme prod");
+    assert_eq!(k["description"], "the main integration");
+    assert_eq!(k["role"], "client");
+    assert_eq!(k["plan"], "pro");
+    assert_eq!(k["scopes"], serde_json::json!(["jobs:write", "jobs:read"]));
+    assert_eq!((&k["tenant"], &k["client"]), (&"t1".into(), &"acme".into()));
+    assert_eq!(k["allowed_ips"], serde_json::json!(["10.0.0.0/8"]));
+    assert_eq!(k["status"], "active");
+    assert!((unix(&k["created_at"]) - now()).abs() <= 5);
+    assert_eq!(
+        (&k["expires_at"], &k["revoked_at"]),
+        (&Value::Null, &Value::Null)
+    );
+    assert!(!env.store_text().contains(&key));
+
+    let list = env.ok(&["list"]);
+    let mut lines = list.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "EXPIRES"]
+    );
+    let row = lines.next().unwrap();
+    for cell in [
+        id.as_str(),
+        "acme prod",
+        &key[..8],
+        "client",
+        "pro",
+        "active",
+        "never",
+    ] {
+        assert!(row.contains(cell), "{cell:?} missing from {row:?}");
+    }
+    let listed = env.json(&["list"]);
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["status"], "active");
+    let show = env.ok(&["show", &id]);
+    assert!(
+        show.contains("acme prod") && show.contains("jobs:write, jobs:read"),
+        "{show}"
+    );
+    let shown = env.json(&["show", &id]);
+    assert_eq!(shown["tenant"], "t1");
+    assert_eq!(shown["allowed_ips"][0], "10.0.0.0/8");
+    assert!(shown.get("hash").is_none());
+    for output in [list, listed.to_string(), show, shown.to_string()] {
+        assert!(!output.contains(&key), "key revealed: {output}");
+        assert!(!output.contains(&hash), "hash revealed: {output}");
+        assert!(
+            !output.contains(&hash["sha256:".len()..]),
+            "hash revealed: {output}"
+        );
+    }
+}
+
+#[test]
+fn create_refuses_what_the_filter_would_refuse_and_writes_nothing() {
+    let env = Env::init();
+    let before = env.store_text();
+    let err = env.fail(
+        &[
+            "create", "--name", "n", "--role", "client", "--plan", "gold",
+        ],
+        1,
+    );
+    assert!(
+        err.starts_with("keygate: invalid configuration: keys[0].plan: unknown plan \"gold\""),
+        "{err}"
+    );
+    let err = env.fail(&["create", "--name", "n", "--role", "two words"], 1);
+    assert!(
+        err.starts_with("keygate: invalid configuration: keys[0].role:"),
+        "{err}"
+    );
+    let err = env.fail(
+        &[
+            "create",
+            "--name",
+            "n",
+            "--role",
+            "client",
+            "--allowed-ip",
+            "10.0.0.1/8",
+        ],
+        1,
+    );
+    assert!(
+        err.starts_with("keygate: invalid configuration: keys[0].allowed_ips[0]:"),
+        "{err}"
+    );
+    let err = env.fail(&["create", "--name", "", "--role", "client"], 1);
+    assert!(err.contains("--name"), "{err}");
+    // Missing required arguments are usage errors.
+    let err = env.fail(&["create", "--name", "n"], 2);
+    assert!(err.contains("--role"), "{err}");
+    assert_eq!(env.store_text(), before);
+}
+
+#[test]
+fn show_of_an_unknown_id_fails_with_one_line() {
+    let env = Env::init();
+    env.create(&[]);
+    let out = env.run(&["show", "k_000000000000"], "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        "keygate: no key with id \"k_000000000000\"; keygate list shows the ids\n"
+    );
+    for cmd in ["revoke", "suspend", "reactivate"] {
+        env.fail(&[cmd, "k_000000000000"], 1);
+    }
+    env.fail(&["rotate", "k_000000000000", "--grace", "1h"], 1);
+}
+
+#[test]
+fn suspend_reactivate_and_revoke_change_what_verify_says() {
+    let env = Env::init();
+    let (id, key) = env.create(&[
+        "--client",
+        "acme",
+        "--tenant",
+        "t1",
+        "--scope",
+        "jobs:write",
+    ]);
+    let ok = env.accepted(&key);
+    assert_eq!(ok["id"], id.as_str());
+    assert_eq!(ok["role"], "client");
+    assert_eq!(ok["client"], "acme");
+    assert_eq!(ok["tenant"], "t1");
+    assert_eq!(ok["scopes"], serde_json::json!(["jobs:write"]));
+    assert_eq!(ok["plan"], "free", "the default plan applies");
+    assert_eq!(ok["prefix"], &key[..8]);
+    let text = env.ok_in(&["verify"], &format!("{key}\n"));
+    assert!(
+        text.starts_with(&format!("accepted: {}... is key {id}", &key[..8])),
+        "{text}"
+    );
+    assert!(!text.contains(&key));
+
+    assert_eq!(env.ok(&["suspend", &id]).trim(), format!("suspended {id}"));
+    assert_eq!(env.json(&["show", &id])["status"], "suspended");
+    env.refused(&key, "key_suspended");
+    assert_eq!(
+        env.ok(&["suspend", &id]).trim(),
+        format!("{id} was already suspended")
+    );
+
+    assert_eq!(
+        env.ok(&["reactivate", &id]).trim(),
+        format!("reactivated {id}")
+    );
+    env.accepted(&key);
+
+    let revoked = env.json(&["revoke", &id]);
+    assert_eq!(
+        (&revoked["status"], &revoked["changed"]),
+        (&"revoked".into(), &true.into())
+    );
+    assert!((unix(&revoked["revoked_at"]) - now()).abs() <= 5);
+    env.refused(&key, "key_revoked");
+    let (_, out) = env.verify(&key);
+    assert_eq!(out["id"], id.as_str(), "a known key is named");
+
+    let err = env.fail(&["reactivate", &id], 1);
+    assert!(
+        err.contains("revoked") && err.contains("permanent"),
+        "{err}"
+    );
+    env.fail(&["suspend", &id], 1);
+    assert_eq!(env.json(&["show", &id])["status"], "revoked");
+    assert_eq!(
+        env.ok(&["check"]).trim(),
+        "ok: 1 keys (0 active, 0 suspended, 1 revoked, 0 expired)"
+    );
+    // Revoked keys stay in the configuration, so the edge answers key_revoked.
+    let plugin = env.json(&["render"]);
+    assert_eq!(plugin["keys"][0]["status"], "revoked");
+}
+
+#[test]
+fn verify_refuses_unknown_mistyped_and_expired_keys() {
+    let env = Env::init();
+    let (id, key) = env.create(&[]);
+    env.refused(
+        "kg_not-a-key-that-exists-anywhere-0000000000000000",
+        "invalid_api_key",
+    );
+    env.refused("short", "invalid_api_key");
+    let mut typo = key.clone().into_bytes();
+    typo[10] = if typo[10] == b'A' { b'B' } else { b'A' };
+    env.refused(std::str::from_utf8(&typo).unwrap(), "invalid_api_key");
+    let text = env.run(&["verify"], "nope-nope-nope-nope-nope");
+    assert_eq!(text.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8(text.stdout).unwrap().trim(),
+        "refused: invalid_api_key (Invalid API key): nope-nop..."
+    );
+
+    env.edit_store(|doc| doc["keys"][0]["expires_at"] = "2020-01-01T00:00:00Z".into());
+    env.refused(&key, "key_expired");
+    assert_eq!(env.json(&["show", &id])["status"], "expired");
+    assert!(env.ok(&["list"]).contains("expired"));
+    assert_eq!(
+        env.ok(&["check"]).trim(),
+        "ok: 1 keys (0 active, 0 suspended, 0 revoked, 1 expired)"
+    );
+}
+
+#[test]
+fn rotate_issues_a_twin_key_and_gives_the_old_one_a_grace_period() {
+    let env = Env::init();
+    let (old_id, old_key) = env.create(&[
+        "--client",
+        "acme",
+        "--tenant",
+        "t1",
+        "--plan",
+        "pro",
+        "--scope",
+        "jobs:write",
+        "--allowed-ip",
+        "10.0.0.0/8",
+    ]);
+    let rotated = env.json(&["rotate", &old_id, "--grace", "24h"]);
+    let (new_id, new_key) = (str_of(&rotated["id"]), str_of(&rotated["key"]));
+    assert_ne!(new_id, old_id);
+    assert_ne!(new_key, old_key);
+    assert_eq!(rotated["old_id"], old_id.as_str());
+    let grace_end = now() + 86_400;
+    assert!(
+        (unix(&rotated["old_expires_at"]) - grace_end).abs() <= 5,
+        "{rotated}"
+    );
+    assert!((unix(&env.json(&["show", &old_id])["expires_at"]) - grace_end).abs() <= 5);
+
+    let old = env.accepted(&old_key);
+    let new = env.accepted(&new_key);
+    assert_eq!(new["id"], new_id.as_str());
+    for field in ["role", "client", "tenant", "scopes", "plan"] {
+        assert_eq!(old[field], new[field], "{field}");
+    }
+    assert_eq!(new["expires_at"], Value::Null);
+    let shown = env.json(&["show", &new_id]);
+    assert_eq!(shown["name"], "test (rotated)");
+    assert_eq!(shown["allowed_ips"], serde_json::json!(["10.0.0.0/8"]));
+
+    // A key that already expires sooner keeps its earlier expiry.
+    let (soon_id, _) = env.create(&["--expires-in", "1h"]);
+    let rotated = env.json(&["rotate", &soon_id, "--grace", "7d"]);
+    assert!((unix(&rotated["old_expires_at"]) - (now() + 3600)).abs() <= 5);
+
+    env.fail(&["rotate", &old_id, "--grace", "soon"], 2);
+    env.fail(&["rotate", &old_id], 2);
+    env.ok(&["suspend", &new_id]);
+    let err = env.fail(&["rotate", &new_id, "--grace", "1h"], 1);
+    assert!(err.contains("suspended"), "{err}");
+}
+
+#[test]
+fn expiry_flags_parse_durations_and_instants() {
+    let env = Env::init();
+    for (flag, seconds) in [
+        ("90d", 90 * 86_400),
+        ("24h", 86_400),
+        ("30m", 1800),
+        ("3600s", 3600),
+    ] {
+        let (id, _) = env.create(&["--expires-in", flag]);
+        let at = unix(&env.json(&["show", &id])["expires_at"]);
+        assert!((at - (now() + seconds)).abs() <= 5, "{flag}");
+    }
+    let (id, _) = env.create(&["--expires-at", "2030-01-01T00:00:00+01:00"]);
+    assert_eq!(
+        env.json(&["show", &id])["expires_at"],
+        "2029-12-31T23:00:00Z"
+    );
+
+    let before = env.store_text();
+    for bad in ["90", "5x", "-1d", "1.5h", "d", "1 d", "99999999999d"] {
+        let flag = format!("--expires-in={bad}");
+        let err = env.fail(&["create", "--name", "n", "--role", "client", &flag], 2);
+        assert!(err.contains("--expires-in"), "{err}");
+    }
+    for bad in ["2030-01-01", "tomorrow", "2030-13-01T00:00:00Z"] {
+        let err = env.fail(
+            &[
+                "create",
+                "--name",
+                "n",
+                "--role",
+                "client",
+                "--expires-at",
+                bad,
+            ],
+            2,
+        );
+        assert!(err.contains("RFC 3339"), "{err}");
+    }
+    env.fail(
+        &[
+            "create",
+            "--name",
+            "n",
+            "--role",
+            "client",
+            "--expires-in",
+            "1d",
+            "--expires-at",
+            "2030-01-01T00:00:00Z",
+        ],
+        2,
+    );
+    let err = env.fail(
+        &[
+            "create",
+            "--name",
+            "n",
+            "--role",
+            "client",
+            "--expires-at",
+            "2020-01-01T00:00:00Z",
+        ],
+        1,
+    );
+    assert!(err.contains("not in the future"), "{err}");
+    env.fail(
+        &[
+            "create",
+            "--name",
+            "n",
+            "--role",
+            "client",
+            "--expires-in",
+            "0s",
+        ],
+        1,
+    );
+    assert_eq!(env.store_text(), before);
+}
+
+#[test]
+fn import_takes_legacy_key_lists_and_the_keys_then_verify() {
+    let env = Env::init();
+    let clients = "# from the old .env\n\
+                   CLIENT_API_KEYS=test_client_key_16_chars,another_legacy_key_123\n\n";
+    let out = json(&env.ok_in(
+        &["--json", "import", "--role", "client", "--tenant", "t1"],
+        clients,
+    ));
+    let imported = out["imported"].as_array().unwrap();
+    assert_eq!(imported.len(), 2);
+    assert_eq!(
+        (&imported[0]["line"], &imported[0]["name"]),
+        (&2.into(), &"legacy-1".into())
+    );
+    assert_eq!(imported[1]["prefix"], "another_");
+    assert_eq!(out["skipped"], serde_json::json!([]));
+
+    let miners = "MINER_API_KEYS=\"miner_key_alpha_000001, miner_key_beta_0000002\"\n\
+                  miner_key_gamma_000003\n\
+                  test_client_key_16_chars\n";
+    let out = json(&env.ok_in(
+        &[
+            "--json",
+            "import",
+            "--role",
+            "miner",
+            "--plan",
+            "enterprise",
+            "--name-prefix",
+            "miner",
+        ],
+        miners,
+    ));
+    assert_eq!(out["imported"].as_array().unwrap().len(), 3);
+    assert_eq!(out["imported"][2]["name"], "miner-3");
+    let skipped = &out["skipped"][0];
+    assert_eq!(skipped["line"], 3);
+    assert_eq!(skipped["prefix"], "test_cli");
+    assert_eq!(skipped["existing_id"], imported[0]["id"]);
+
+    for key in ["test_client_key_16_chars", "another_legacy_key_123"] {
+        let ok = env.accepted(key);
+        assert_eq!(
+            (&ok["role"], &ok["tenant"]),
+            (&"client".into(), &"t1".into())
+        );
+    }
+    for key in [
+        "miner_key_alpha_000001",
+        "miner_key_beta_0000002",
+        "miner_key_gamma_000003",
+    ] {
+        let ok = env.accepted(key);
+        assert_eq!(
+            (&ok["role"], &ok["plan"]),
+            (&"miner".into(), &"enterprise".into())
+        );
+    }
+    assert_eq!(env.store_json()["keys"].as_array().unwrap().len(), 5);
+    let store = env.store_text();
+    assert!(!store.contains("legacy_key") && !store.contains("miner_key_"));
+    assert_eq!(
+        env.store_json()["keys"][0]["hash"],
+        "sha256:3fdb536b7aa2eccdaec0c7162262f499b2c6af7b95096edae688f064006df729"
+    );
+
+    let text = env.ok_in(
+        &["import", "--role", "client"],
+        "test_client_key_16_chars\n",
+    );
+    assert!(
+        text.contains("imported 0 keys") && text.contains("skipped 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn import_with_a_malformed_line_writes_nothing() {
+    let env = Env::init();
+    env.create(&[]);
+    let before = env.store_text();
+    let err = env.fail_in(
+        &["import", "--role", "client"],
+        "good_legacy_key_000001\n# fine\ntoo-short\n",
+        1,
+    );
+    assert!(err.starts_with("keygate: line 3: "), "{err}");
+    assert!(err.contains("nothing was imported"), "{err}");
+    // A kg_ key whose checksum fails would be refused at the edge: refused here too.
+    let err = env.fail_in(
+        &["import", "--role", "client"],
+        "good_legacy_key_000001\nkg_this_is_not_a_checksummed_key_at_all\n",
+        1,
+    );
+    assert!(
+        err.starts_with("keygate: line 2: ") && err.contains("checksum"),
+        "{err}"
+    );
+    let err = env.fail_in(&["import", "--role", "client"], "\n# only comments\n", 1);
+    assert!(err.contains("no keys"), "{err}");
+    env.fail_in(&["import"], "good_legacy_key_000001\n", 2);
+    assert_eq!(env.store_text(), before);
+    env.refused("good_legacy_key_000001", "invalid_api_key");
+}
+
+#[test]
+fn check_names_the_field_of_a_hand_broken_store() {
+    let env = Env::init();
+    let (_, key) = env.create(&[]);
+    env.create(&["--plan", "pro"]);
+    assert_eq!(
+        env.ok(&["check"]).trim(),
+        "ok: 2 keys (2 active, 0 suspended, 0 revoked, 0 expired)"
+    );
+    let checked = env.json(&["check"]);
+    assert_eq!(
+        (&checked["ok"], &checked["active"]),
+        (&true.into(), &2.into())
+    );
+
+    env.edit_store(|doc| doc["keys"][0]["hash"] = "sha256:ABC".into());
+    let broken = env.store_text();
+    let err = env.fail(&["check"], 1);
+    assert_eq!(
+        err,
+        "keygate: invalid configuration: keys[0].hash: expected \"sha256:\" followed by 64 \
+         lowercase hex digits (printf %s \"$KEY\" | sha256sum), got \"sha256:ABC\""
+    );
+    // Nothing is rendered, verified or written from a store the filter would refuse.
+    for args in [
+        &["render"][..],
+        &["apply"],
+        &["create", "--name", "n", "--role", "client"],
+    ] {
+        let e = env.fail(args, 1);
+        assert!(
+            e.starts_with("keygate: invalid configuration: keys[0].hash:"),
+            "{e}"
+        );
+    }
+    let out = env.run(&["verify"], &key);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(env.store_text(), broken);
+    assert!(!env.dir.path().join("ecds").exists());
+
+    env.edit_store(|doc| {
+        doc["keys"][0]["hash"] = keys::hash_string(key.as_bytes()).into();
+        doc["keys"][1]["plan"] = "gold".into();
+    });
+    let err = env.fail(&["check"], 1);
+    assert!(
+        err.starts_with("keygate: invalid configuration: keys[1].plan: unknown plan \"gold\""),
+        "{err}"
+    );
+    // Store-only fields and the JSON itself are checked too.
+    env.edit_store(|doc| {
+        doc["keys"][1]["plan"] = "pro".into();
+        doc["keys"][1]["colour"] = "blue".into();
+    });
+    let err = env.fail(&["check"], 1);
+    assert!(err.contains("keys[1]") && err.contains("colour"), "{err}");
+    fs::write(&env.store, "{\"version\": 1,").unwrap();
+    env.fail(&["list"], 1);
+}
+
+#[test]
+fn check_file_still_validates_a_plugin_configuration() {
+    let env = Env::new();
+    let file = env.dir.path().join("config.json");
+    let hash = keys::hash_string(b"test_client_key_16_chars");
+    fs::write(
+        &file,
+        format!(r#"{{"keys": [{{"id": "c", "hash": "{hash}", "role": "client"}}]}}"#),
+    )
+    .unwrap();
+    let out = env.ok(&["check", file.to_str().unwrap()]);
+    assert!(out.contains("valid (1 keys, 0 routes)"), "{out}");
+    fs::write(
+        &file,
+        r#"{"keys": [{"id": "c", "hash": "sha256:x", "role": "client"}]}"#,
+    )
+    .unwrap();
+    let err = env.fail(&["check", file.to_str().unwrap()], 1);
+    assert!(
+        err.starts_with("keygate: invalid configuration: keys[0].hash:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn render_gives_the_plugin_json_and_the_ecds_resource() {
+    let env = Env::init();
+    let (id, key) = env.create(&["--plan", "pro", "--tenant", "t1"]);
+    let (revoked_id, _) = env.create(&[]);
+    env.ok(&["revoke", &revoked_id]);
+
+    let plugin = json(&env.ok(&["render"]));
+    assert_eq!(
+        plugin,
+        json(&env.ok(&["render", "--format", "plugin-json"]))
+    );
+    assert_eq!(plugin["default_plan"], "free");
+    assert_eq!(plugin["key_format"]["prefix"], "kg");
+    let keys_out = plugin["keys"].as_array().unwrap();
+    assert_eq!(keys_out.len(), 2);
+    assert_eq!(keys_out[0]["id"], id.as_str());
+    assert_eq!(
+        keys_out[0]["hash"],
+        keys::hash_string(key.as_bytes()).as_str()
+    );
+    assert_eq!(
+        (&keys_out[0]["plan"], &keys_out[0]["tenant"]),
+        (&"pro".into(), &"t1".into())
+    );
+    // Only what the filter knows: no names, prefixes or timestamps.
+    assert!(keys_out[0].get("name").is_none() && keys_out[0].get("created_at").is_none());
+    assert_eq!(keys_out[1]["status"], "revoked");
+    Config::from_json(plugin.to_string().as_bytes()).unwrap();
+
+    let ecds = json(&env.ok(&["render", "--format", "envoy-ecds"]));
+    let resource = &ecds["resources"][0];
+    assert_eq!(
+        resource["@type"],
+        "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+    );
+    assert_eq!(resource["name"], "keygate");
+    let typed = &resource["typed_config"];
+    assert_eq!(
+        typed["@type"],
+        "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+    );
+    let config = &typed["config"];
+    assert_eq!(
+        (&config["name"], &config["root_id"]),
+        (&"keygate".into(), &"keygate".into())
+    );
+    assert_eq!(config["fail_open"], false);
+    assert_eq!(config["vm_config"]["vm_id"], "keygate");
+    assert_eq!(config["vm_config"]["runtime"], "envoy.wasm.runtime.v8");
+    assert_eq!(
+        config["vm_config"]["code"]["local"]["filename"],
+        "/opt/keygate.wasm"
+    );
+    let configuration = &config["configuration"];
+    assert_eq!(
+        configuration["@type"],
+        "type.googleapis.com/google.protobuf.StringValue"
+    );
+    let value = configuration["value"].as_str().unwrap();
+    assert!(!value.contains('\n'), "compact");
+    let compiled = Config::from_json(value.as_bytes()).unwrap();
+    assert_eq!(compiled.keys.len(), 2);
+    assert_eq!(compiled.index.find(key.as_bytes()), Some(0));
+    assert_eq!(json(value), plugin);
+
+    env.fail(&["render", "--format", "yaml"], 2);
+    // A fresh store has no keys: the filter would refuse it, so nothing renders.
+    let empty = Env::init();
+    let err = empty.fail(&["render"], 1);
+    assert!(
+        err.starts_with("keygate: invalid configuration: keys: no keys configured"),
+        "{err}"
+    );
+    empty.fail(&["check"], 1);
+}
+
+#[test]
+fn apply_replaces_the_ecds_file_atomically() {
+    let env = Env::init();
+    let (id, key) = env.create(&["--apply"]);
+    let ecds_path = env.dir.path().join("ecds/keygate.yaml");
+    let first = json(&fs::read_to_string(&ecds_path).unwrap());
+    assert_eq!(first, json(&env.ok(&["render", "--format", "envoy-ecds"])));
+    assert_eq!(env.files(Path::new("ecds")), ["keygate.yaml"]);
+
+    let out = env.json(&["revoke", &id, "--apply"]);
+    assert_eq!(out["applied"], ecds_path.to_str().unwrap());
+    let value = json(&fs::read_to_string(&ecds_path).unwrap())["resources"][0]["typed_config"]
+        ["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = Config::from_json(value.as_bytes()).unwrap();
+    let found = config.index.find(key.as_bytes()).unwrap();
+    assert_eq!(
+        config.keys[found].status,
+        keygate::config::KeyStatus::Revoked
+    );
+
+    let out = env.ok(&["apply"]);
+    assert_eq!(
+        out.trim(),
+        format!("wrote {} (1 keys)", ecds_path.display())
+    );
+    // Temp files live beside their targets and never outlive a command.
+    assert_eq!(env.files(Path::new("ecds")), ["keygate.yaml"]);
+    assert_eq!(
+        env.files(Path::new(".")),
+        ["ecds", "keygate.json", "keygate.json.lock"]
+    );
+}
+
+#[test]
+fn apply_without_an_ecds_file_says_how_to_set_one() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let (id, _) = env.create(&[]);
+    let before = env.store_text();
+    for args in [
+        &["apply"][..],
+        &["revoke", &id, "--apply"],
+        &["create", "--name", "n", "--role", "client", "--apply"],
+    ] {
+        let err = env.fail(args, 1);
+        assert!(err.contains("keygate init --ecds"), "{err}");
+    }
+    assert_eq!(
+        env.store_text(),
+        before,
+        "a change that cannot be applied is not made"
+    );
+}
+
+#[test]
+fn concurrent_creates_lose_no_key() {
+    let env = Env::init();
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let store = env.store.clone();
+            std::thread::spawn(move || {
+                (0..5)
+                    .map(|i| {
+                        let name = format!("worker {w} key {i}");
+                        let out = Command::new(BIN)
+                            .args(["--json", "--store"])
+                            .arg(&store)
+                            .args(["create", "--role", "client", "--name", &name])
+                            .output()
+                            .unwrap();
+                        assert!(
+                            out.status.success(),
+                            "{}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                        str_of(&json(&String::from_utf8(out.stdout).unwrap())["key"])
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let created: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert_eq!(created.len(), 40);
+
+    let stored = env.store_json();
+    let stored = stored["keys"].as_array().unwrap();
+    assert_eq!(stored.len(), 40);
+    let mut ids: Vec<&str> = stored.iter().map(|k| k["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 40);
+    for key in &created {
+        let hash = keys::hash_string(key.as_bytes());
+        assert!(
+            stored.iter().any(|k| k["hash"] == hash.as_str()),
+            "lost {}",
+            &key[..8]
+        );
+    }
+    assert_eq!(
+        env.ok(&["check"]).trim(),
+        "ok: 40 keys (40 active, 0 suspended, 0 revoked, 0 expired)"
+    );
+    assert_eq!(
+        env.files(Path::new(".")),
+        ["keygate.json", "keygate.json.lock"]
+    );
+}
+
+/// Not a test of its own: `lock_holder_killed_mid_change_leaves_the_store_usable` runs
+/// this test binary again with KEYGATE_TEST_HOLD_LOCK set, to get a separate process
+/// that holds the store lock the way a keygate writer does, and can be killed.
+#[test]
+fn lock_holder_helper() {
+    let Some(path) = std::env::var_os("KEYGATE_TEST_HOLD_LOCK") else {
+        return;
+    };
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    lock.lock().unwrap();
+    println!("locked");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+fn wait_with_deadline(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+// What is simulated, and what is not. keygate replaces the store only by renaming a
+// fully written, fsynced temp file over it, under an flock that the kernel drops when
+// its holder dies. A writer that crashes between writing its temp file and the rename
+// leaves exactly two traces: a temp file (possibly partial) and, until the kernel
+// reaps it, a held lock. The two tests below reproduce those traces (a partial temp
+// file planted by hand; a separate process holding the lock, killed with SIGKILL) and
+// check that the store is intact and the next command works. They do not crash keygate
+// itself at that instant (it has no test hook for that), and do not simulate power loss,
+// where the fsyncs of the file and of the directory are what keep the rename durable.
+
+#[test]
+fn stray_temp_file_of_a_crashed_writer_leaves_the_store_intact() {
+    let env = Env::init();
+    let (_, key) = env.create(&[]);
+    let before = env.store_text();
+    let stray = env.dir.path().join(".keygate.json.tmp.4242.deadbeef");
+    fs::write(&stray, &before[..before.len() / 2]).unwrap();
+
+    assert_eq!(env.store_text(), before);
+    assert!(env.ok(&["check"]).starts_with("ok: 1 keys"));
+    env.accepted(&key);
+    let (_, second) = env.create(&[]);
+    env.accepted(&key);
+    env.accepted(&second);
+    assert!(
+        !stray.exists(),
+        "the next writer removes what a crashed one left"
+    );
+    assert_eq!(
+        env.files(Path::new(".")),
+        ["keygate.json", "keygate.json.lock"]
+    );
+}
+
+#[test]
+fn lock_holder_killed_mid_change_leaves_the_store_usable() {
+    let env = Env::init();
+    let (_, first) = env.create(&[]);
+    let before = env.store_text();
+
+    let mut holder = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "lock_holder_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            "KEYGATE_TEST_HOLD_LOCK",
+            env.dir.path().join("keygate.json.lock"),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l.ends_with("locked"))),
+        "the helper did not take the lock"
+    );
+
+    let mut writer = env
+        .command(&["--json", "create", "--name", "waiting", "--role", "client"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The writer waits for the lock rather than racing the holder.
+    assert!(wait_with_deadline(&mut writer, Duration::from_millis(500)).is_none());
+    assert_eq!(env.store_text(), before);
+    // Readers never need the lock.
+    env.accepted(&first);
+
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let status = wait_with_deadline(&mut writer, Duration::from_secs(20));
+    if status.is_none() {
+        writer.kill().unwrap();
+    }
+    let out = writer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = str_of(&json(&String::from_utf8(out.stdout).unwrap())["key"]);
+    env.accepted(&first);
+    env.accepted(&second);
+    assert_eq!(env.store_json()["keys"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn hash_store_variable_and_usage_errors() {
+    let env = Env::init();
+    assert_eq!(
+        env.ok_in(&["hash"], "test_client_key_16_chars\n").trim(),
+        "sha256:3fdb536b7aa2eccdaec0c7162262f499b2c6af7b95096edae688f064006df729"
+    );
+    assert_eq!(
+        json(&env.ok_in(&["--json", "hash"], "test_client_key_16_chars"))["hash"],
+        "sha256:3fdb536b7aa2eccdaec0c7162262f499b2c6af7b95096edae688f064006df729"
+    );
+    env.fail_in(&["hash"], "short\n", 1);
+
+    // KEYGATE_STORE names the store when --store does not.
+    env.create(&[]);
+    let out = Command::new(BIN)
+        .args(["--json", "list"])
+        .env("KEYGATE_STORE", &env.store)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        json(&String::from_utf8(out.stdout).unwrap())
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let err = env.fail(&["frobnicate"], 2);
+    assert!(err.contains("frobnicate"), "{err}");
+    env.fail(&["show"], 2);
+    env.fail(&["list", "--bogus"], 2);
+    let bare = Command::new(BIN).output().unwrap();
+    assert_eq!(bare.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bare.stderr).contains("Commands:"));
+    for args in [
+        &["--help"][..],
+        &["create", "--help"],
+        &["import", "--help"],
+        &["rotate", "--help"],
+    ] {
+        let help = env.ok(args);
+        assert!(help.contains("Usage: keygate"), "{help}");
+    }
+}

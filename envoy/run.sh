@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
 # `make run`: Envoy with keygate on 127.0.0.1:10000 in front of the sample coordinator.
-# A fresh demo key is made on every start; only its hash goes into the configuration.
+#
+# The key store lives in .run/keygate.json (kept between runs, so keys you create stay);
+# Envoy reads the filter's configuration from .run/ecds/keygate.yaml (ECDS) and reloads it
+# when `keygate ... --apply` replaces that file. Each start issues a fresh demo key and
+# revokes the previous run's one; only hashes are stored.
+#
+# Settings for running several stacks side by side (the integration tests do):
+#   KEYGATE_RUN_DIR (.run), KEYGATE_PORT (10000), KEYGATE_ADMIN_PORT (9901),
+#   KEYGATE_UPSTREAM_PORT (8081).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ENVOY=.venv/bin/envoy
 KEYGATE=target/release/keygate
 ECHO=target/release/keygate-echo
-PLACEHOLDER=sha256:0f276ec700df7954d9acc7556c190041248adad5c917636cd407dec90830fbea
-LISTEN=127.0.0.1:10000 ADMIN=127.0.0.1:9901 UPSTREAM=127.0.0.1:8081
+RUN=${KEYGATE_RUN_DIR:-.run}
+PORT=${KEYGATE_PORT:-10000} ADMIN_PORT=${KEYGATE_ADMIN_PORT:-9901} UPSTREAM_PORT=${KEYGATE_UPSTREAM_PORT:-8081}
+LISTEN=127.0.0.1:$PORT ADMIN=127.0.0.1:$ADMIN_PORT UPSTREAM=127.0.0.1:$UPSTREAM_PORT
+export KEYGATE_STORE=$RUN/keygate.json
 
 for addr in $LISTEN $ADMIN $UPSTREAM; do
   if (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null; then
@@ -17,10 +27,26 @@ for addr in $LISTEN $ADMIN $UPSTREAM; do
   fi
 done
 
-mkdir -p .run
-key="kg_demo_$(head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
-hash=$(printf %s "$key" | "$KEYGATE" hash)
-sed "s/$PLACEHOLDER/$hash/" envoy/envoy.yaml > .run/envoy.yaml
+mkdir -p "$RUN"
+if [ ! -f "$KEYGATE_STORE" ]; then
+  # The ECDS path is relative to the store's directory; the .wasm path to Envoy's.
+  "$KEYGATE" init --ecds ecds/keygate.yaml --wasm target/wasm32-wasip1/release/keygate.wasm \
+    --policy envoy/policy.json >/dev/null
+fi
+if [ -f "$RUN/demo-key-id" ]; then
+  "$KEYGATE" revoke "$(cat "$RUN/demo-key-id")" >/dev/null 2>&1 || true
+fi
+created=$("$KEYGATE" --json create --name demo --role client --client demo --tenant demo-tenant \
+  --scope jobs:read --scope jobs:write --plan free --expires-in 30d --apply)
+read -r key_id key < <(python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["id"], d["key"])' <<<"$created")
+echo "$key_id" > "$RUN/demo-key-id"
+
+# This Envoy's copy of envoy/envoy.yaml: its ports, and the ECDS directory under $RUN.
+sed -e "s#envoy/ecds#$RUN/ecds#g" \
+    -e "s/port_value: 10000/port_value: $PORT/" \
+    -e "s/port_value: 9901/port_value: $ADMIN_PORT/" \
+    -e "s/port_value: 8081/port_value: $UPSTREAM_PORT/" \
+    envoy/envoy.yaml > "$RUN/envoy.yaml"
 
 pids=()
 cleanup() {
@@ -35,12 +61,13 @@ trap 'exit 0' INT TERM
 
 "$ECHO" --listen "$UPSTREAM" >/dev/null &
 pids+=($!)
-# Envoy's own chatter at warning; keygate's lines (one per denial) at info.
-"$ENVOY" -c .run/envoy.yaml --concurrency 2 -l warning --component-log-level wasm:info \
-  --log-format '[%Y-%m-%d %T.%e][%l] %v' &
+# Envoy's own chatter at warning; keygate's lines (one per denial) at info. No hot
+# restart: this Envoy shares no shared memory with another one started on the machine.
+"$ENVOY" -c "$RUN/envoy.yaml" --concurrency 2 --disable-hot-restart -l warning \
+  --component-log-level wasm:info --log-format '[%Y-%m-%d %T.%e][%l] %v' &
 pids+=($!)
 
-for _ in $(seq 1 100); do
+for _ in $(seq 1 150); do
   if curl -fs "http://$ADMIN/ready" >/dev/null 2>&1; then break; fi
   if ! kill -0 "${pids[1]}" 2>/dev/null; then echo "make run: Envoy exited; see the lines above." >&2; exit 1; fi
   sleep 0.2
@@ -51,7 +78,7 @@ cat <<TXT
 
 keygate is running: Envoy on http://$LISTEN (admin http://$ADMIN), coordinator on $UPSTREAM.
 
-Demo key (client "demo", tenant demo-tenant, role client, scopes jobs:read jobs:write):
+Demo key $key_id (client "demo", tenant demo-tenant, role client, scopes jobs:read jobs:write, plan free):
   $key
 
 200, the coordinator echoes what it received (identity headers, no key):
@@ -62,6 +89,11 @@ Demo key (client "demo", tenant demo-tenant, role client, scopes jobs:read jobs:
   curl -si -H 'Authorization: Bearer $key' http://$LISTEN/v1/admin/users
 Counters:
   curl -s http://$ADMIN/stats/prometheus | grep '^keygate_'
+Manage keys while it runs (changes reach Envoy within about a second):
+  export KEYGATE_STORE=$KEYGATE_STORE
+  $KEYGATE list
+  $KEYGATE create --name me --role admin --apply
+  $KEYGATE revoke $key_id --apply
 
 Ctrl-C stops Envoy and the coordinator.
 TXT

@@ -10,17 +10,20 @@ WASM          := target/wasm32-wasip1/release/keygate.wasm
 VENV          := .venv
 PYTHON        := $(VENV)/bin/python
 ENVOY         := $(VENV)/bin/envoy
-DEBIAN_TOOLS  := curl nghttp2-client
+DEBIAN_TOOLS  := curl nghttp2-client python3-venv
 # The Debian route to a wasm32-wasip1 standard library, for machines whose rustup cannot
 # download the target: a current rustc with its exact std source, and WASI's libc.
 DEBIAN_WASM   := rustc-web cargo-web rust-web-src wasi-libc
 
-.PHONY: help setup build run test test-unit test-envoy lint fmt clean
+.PHONY: help setup build run test test-unit test-envoy bench bench-quick compose-up compose-down compose-test lint fmt clean
 
 help:
 	@echo "make run     build the filter and start Envoy with it on 127.0.0.1:10000"
 	@echo "make test    unit tests, then integration tests against a real Envoy"
 	@echo "make build   build $(WASM) and the native tools"
+	@echo "make bench   keygate against Envoy's native filters (about 10 minutes; bench-quick: 1)"
+	@echo "make compose-test  the docker-compose stack on local images, end to end"
+	@echo "make compose-up / compose-down  the docker-compose stack (envoy/docker-compose.yaml)"
 	@echo "make lint    rustfmt and clippy, native and wasm32"
 	@echo "make setup   install what the other targets need (idempotent)"
 
@@ -91,6 +94,50 @@ test-unit: setup
 
 test-envoy: build
 	$(PYTHON) -m pytest -q tests/integration
+
+# ---------------------------------------------------------------- bench
+
+# Envoy CPU per request: baseline, native filters, keygate, an empty wasm filter; writes
+# bench/results.md and bench/results.png. bench-quick (one round, small counts) checks the
+# harness; its figures go to bench/out/quick/.
+bench: build .make/bench-tools
+	$(PYTHON) bench/run.py
+
+bench-quick: build .make/bench-tools
+	$(PYTHON) bench/run.py --quick
+
+# h2load comes with nghttp2-client (setup); matplotlib draws the chart.
+.make/bench-tools: $(ENVOY)
+	$(VENV)/bin/pip install -q --disable-pip-version-check matplotlib
+	@touch $@
+
+# ---------------------------------------------------------------- docker-compose
+
+COMPOSE_STORE := envoy/keygate.json
+
+# With ENVOY_IMAGE unset, builds local images offline (no registry needed; set ENVOY_IMAGE
+# to use the official one). Creates a store and a first key in envoy/ when there is none,
+# starts the stack, and waits for Envoy's admin /ready.
+compose-up: build
+	@if [ -z "$${ENVOY_IMAGE:-}" ]; then eval "$$(envoy/docker/build-images.sh)"; export ENVOY_IMAGE COORDINATOR_IMAGE; fi; \
+	if [ ! -f $(COMPOSE_STORE) ]; then \
+	  mkdir -p -m 755 envoy/ecds; \
+	  target/release/keygate --store $(COMPOSE_STORE) init --ecds ecds/keygate.yaml \
+	    --wasm /etc/keygate/keygate.wasm --policy envoy/docker/policy.json >/dev/null; \
+	  echo "compose-up: first key (shown once; the store is $(COMPOSE_STORE)):"; \
+	  target/release/keygate --store $(COMPOSE_STORE) create --name first --role client \
+	    --scope jobs:read --scope jobs:write --apply; \
+	fi; \
+	cd envoy && docker-compose up -d; \
+	for i in $$(seq 1 60); do curl -fs http://127.0.0.1:$${KEYGATE_ADMIN_PORT:-9901}/ready >/dev/null && break; sleep 0.5; done; \
+	curl -fs http://127.0.0.1:$${KEYGATE_ADMIN_PORT:-9901}/ready >/dev/null || { echo "compose-up: Envoy is not ready; see: cd envoy && docker-compose logs envoy" >&2; exit 1; }
+	@echo "compose-up: Envoy on http://127.0.0.1:$${KEYGATE_PORT:-10000}; manage keys with target/release/keygate --store $(COMPOSE_STORE) ... --apply"
+
+compose-down:
+	cd envoy && docker-compose down --remove-orphans
+
+compose-test: build
+	bash envoy/docker/compose-test.sh
 
 # ---------------------------------------------------------------- hygiene
 

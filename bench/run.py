@@ -29,6 +29,7 @@ Standard library only, plus matplotlib for the chart (skipped with a warning wit
 from __future__ import annotations
 
 import argparse
+import base64
 import glob
 import hashlib
 import http.client
@@ -260,12 +261,21 @@ def config_native(keys: KeySet, size: int) -> dict:
     return bootstrap([rbac, auth, ratelimit], limited_route_config=limited)
 
 
+# Above this many keys keygate gets them as a key set (packed digests), the form its
+# README recommends for large key sets; up to it, as one `keys` entry each.
+KEY_SET_ABOVE = 10_000
+
+
 def keygate_plugin_config(keys: KeySet, size: int) -> str:
     limited = keys.limited_index(size)
     entries = []
+    packed = bytearray()
     for i in range(size):
-        digest = hashlib.sha256(keys.plain[i].encode()).hexdigest()
-        entry = {"id": KeySet.key_id(i), "hash": f"sha256:{digest}", "role": "client"}
+        digest = hashlib.sha256(keys.plain[i].encode()).digest()
+        if size > KEY_SET_ABOVE and i != limited:
+            packed += digest
+            continue
+        entry = {"id": KeySet.key_id(i), "hash": f"sha256:{digest.hex()}", "role": "client"}
         if i == limited:
             entry["plan"] = "limited"
         entries.append(entry)
@@ -275,6 +285,9 @@ def keygate_plugin_config(keys: KeySet, size: int) -> str:
         "plans": {"bench": BENCH_PLAN, "limited": LIMITED_PLAN},
         "default_plan": "bench",
     }
+    if packed:
+        plugin["key_sets"] = [{"name": "bench", "role": "client",
+                               "digests": base64.b64encode(bytes(packed)).decode()}]
     return json.dumps(plugin, separators=(",", ":"))
 
 
@@ -1401,8 +1414,11 @@ def write_report(report: dict, args) -> list[str]:
       "`{\"keys\": [...sha256 digests...], \"ip_rules\": {\"allow\": [\"127.0.0.0/8\"]}, "
       "\"plans\": {\"bench\": {\"requests\": 1000000000, \"per\": \"second\"}, "
       "\"limited\": {\"requests\": 1, \"per\": \"day\", \"burst\": 1}}, \"default_plan\": \"bench\"}`; "
-      "every key has role `client`, one key has plan `limited`. keygate keeps its default key "
-      "sources (x-api-key, then Authorization: Bearer).")
+      "every key has role `client`, one key has plan `limited`. Above 10,000 keys, all keys but "
+      "the `limited` one are given as one key set (`\"key_sets\": [{\"name\": \"bench\", "
+      "\"role\": \"client\", \"digests\": \"<base64 of the packed digests>\"}]`, the form the "
+      "README recommends for large key sets), so the allowed request there is a key-set member. "
+      "keygate keeps its default key sources (x-api-key, then Authorization: Bearer).")
     w("")
     w("Scenarios (one key for every request of a measurement):")
     w("")

@@ -9,6 +9,7 @@ use crate::keys::{self, Digest, KeyIndex};
 use crate::ratelimit::Rate;
 use crate::time;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -25,6 +26,9 @@ pub struct PluginConfig {
     /// The accepted keys, by digest.
     #[serde(default)]
     pub keys: Vec<KeySpec>,
+    /// Large groups of keys that share one identity, as packed digests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_sets: Vec<KeySetSpec>,
     /// Path rules, first matching prefix wins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteSpec>,
@@ -163,6 +167,104 @@ pub struct KeySpec {
     pub allowed_ips: Vec<String>,
 }
 
+/// Many keys with one identity, known only by their digests: the compact form for large
+/// key sets (a million `keys` entries cost hundreds of megabytes of JSON per Wasm VM; a
+/// million digests here cost 43 MB of base64, decoded into 32 MB).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySetSpec {
+    /// Name; a member's id is `<name>:<first 16 hex digits of its digest>`.
+    pub name: String,
+    /// Base64 (standard alphabet, padded) of the members' SHA-256 digests, 32 bytes each,
+    /// concatenated.
+    #[serde(with = "packed_digests")]
+    pub digests: Vec<Digest>,
+    /// Client (customer) the keys belong to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// Tenant the keys are bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Role of every member.
+    pub role: String,
+    /// Scopes granted to every member.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// RFC 3339 instant after which every member is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Rate-limit plan (one bucket per member); `default_plan` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    /// Client addresses the members may be used from; any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_ips: Vec<String>,
+}
+
+/// serde for [`KeySetSpec::digests`]: one base64 string, decoded straight into digests
+/// (no intermediate byte buffer, so a large set is held once).
+mod packed_digests {
+    use super::Digest;
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+    use std::fmt;
+
+    pub fn serialize<S: Serializer>(digests: &[Digest], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(digests.concat()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Digest>, D::Error> {
+        d.deserialize_str(Packed)
+    }
+
+    struct Packed;
+
+    impl Visitor<'_> for Packed {
+        type Value = Vec<Digest>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a base64 string of concatenated 32-byte SHA-256 digests")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Vec<Digest>, E> {
+            decode(text).map_err(E::custom)
+        }
+    }
+
+    /// 128 base64 characters are exactly 96 bytes, three digests: decode chunk by chunk.
+    pub(super) fn decode(text: &str) -> Result<Vec<Digest>, String> {
+        const CHUNK: usize = 128;
+        let mut out: Vec<Digest> = Vec::with_capacity(text.len() / 44 + 1);
+        let mut buf = [0u8; 96];
+        let mut total = 0usize;
+        for (n, chunk) in text.as_bytes().chunks(CHUNK).enumerate() {
+            let len = STANDARD.decode_slice(chunk, &mut buf).map_err(|e| {
+                format!(
+                    "not valid base64 (standard alphabet, padded) near character {}: {e}",
+                    n * CHUNK
+                )
+            })?;
+            total += len;
+            if !len.is_multiple_of(32) {
+                break;
+            }
+            for digest in buf[..len].chunks_exact(32) {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(digest);
+                out.push(d);
+            }
+        }
+        if !total.is_multiple_of(32) {
+            return Err(format!(
+                "decodes to {total} bytes, not a whole number of 32-byte SHA-256 digests"
+            ));
+        }
+        Ok(out)
+    }
+}
+
 /// Lifecycle state of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -257,6 +359,50 @@ pub struct Key {
     pub bucket: String,
 }
 
+/// A key set, compiled: the identity its members share, and their sorted digests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySet {
+    /// The members' identity; its `id` is the set's name and its `bucket` is unused.
+    pub identity: Key,
+    /// Sorted, distinct.
+    pub digests: Vec<Digest>,
+}
+
+impl KeySet {
+    /// Whether the set holds this digest.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.digests.binary_search(digest).is_ok()
+    }
+
+    /// A member's id: the set's name and the first 16 hex digits of its digest.
+    pub fn member_id(&self, digest: &Digest) -> String {
+        let mut id = String::with_capacity(self.identity.id.len() + 17);
+        id.push_str(&self.identity.id);
+        id.push(':');
+        for b in &digest[..MEMBER_ID_BYTES] {
+            id.push(char::from(HEX[usize::from(b >> 4)]));
+            id.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        id
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Digest bytes in a key-set member's id (64 bits: no two members of a set may share them).
+const MEMBER_ID_BYTES: usize = 8;
+
+/// A key found by its digest: a configured key, or a key-set member whose id and bucket
+/// are made from its digest when it is found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRef<'c> {
+    /// Key id, forwarded as `x-keygate-key-id`.
+    pub id: Cow<'c, str>,
+    /// Shared-data name of the key's bucket.
+    pub bucket: Cow<'c, str>,
+    /// Identity and state: role, client, tenant, scopes, status, expiry, plan, addresses.
+    pub key: &'c Key,
+}
+
 /// A plan applied to a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limit {
@@ -307,6 +453,8 @@ pub struct Config {
     pub keys: Vec<Key>,
     /// Digest → position in `keys`.
     pub index: KeyIndex,
+    /// Key sets, each with its members' digests sorted.
+    pub key_sets: Vec<KeySet>,
     /// Routes in order.
     pub routes: Vec<Route>,
     /// Remove the credential headers before forwarding.
@@ -368,13 +516,26 @@ pub fn default_key_sources() -> Vec<KeySourceSpec> {
 }
 
 impl Config {
-    /// Parses and validates the JSON plugin configuration.
+    /// Parses and validates the JSON plugin configuration. Key-set digests move into the
+    /// result rather than being copied, so a large set is held once.
     pub fn from_json(json: &[u8]) -> Result<Config, ConfigError> {
-        Config::compile(&PluginConfig::from_json(json)?)
+        let mut doc = PluginConfig::from_json(json)?;
+        let digests = doc
+            .key_sets
+            .iter_mut()
+            .map(|set| std::mem::take(&mut set.digests))
+            .collect();
+        Config::build(&doc, digests)
     }
 
     /// Validates a parsed configuration and builds the lookup structures.
     pub fn compile(doc: &PluginConfig) -> Result<Config, ConfigError> {
+        let digests = doc.key_sets.iter().map(|set| set.digests.clone()).collect();
+        Config::build(doc, digests)
+    }
+
+    /// `compile`, with each key set's digests passed separately (in set order).
+    fn build(doc: &PluginConfig, set_digests: Vec<Vec<Digest>>) -> Result<Config, ConfigError> {
         let realm = doc.realm.clone().unwrap_or_else(|| DEFAULT_REALM.into());
         if realm.is_empty()
             || !realm
@@ -462,9 +623,20 @@ impl Config {
             }
             keys.push(key);
         }
+        let mut key_sets: Vec<KeySet> = Vec::with_capacity(doc.key_sets.len());
+        for (i, (spec, digests)) in doc.key_sets.iter().zip(set_digests).enumerate() {
+            let mut set = compile_key_set(i, spec, digests, &index, &ids, &key_sets)?;
+            set.identity.limit = match &spec.plan {
+                Some(name) => Some(plan_named(format!("key_sets[{i}].plan"), name)?),
+                None => default_limit.clone(),
+            };
+            set.identity.allowed_ips =
+                cidrs(&format!("key_sets[{i}].allowed_ips"), &spec.allowed_ips)?;
+            key_sets.push(set);
+        }
         let everything_public =
             routes.iter().all(|r| r.public) && routes.iter().any(|r| r.prefix == "/");
-        if keys.is_empty() && !everything_public {
+        if keys.is_empty() && key_sets.is_empty() && !everything_public {
             return Err(ConfigError::new(
                 "keys",
                 "no keys configured, so every request that needs a key would be refused; add at least one key",
@@ -494,7 +666,8 @@ impl Config {
         let needs_client_ip = !allow_ips.is_empty()
             || !deny_ips.is_empty()
             || failed_auth_limit.is_some()
-            || keys.iter().any(|k| !k.allowed_ips.is_empty());
+            || keys.iter().any(|k| !k.allowed_ips.is_empty())
+            || key_sets.iter().any(|s| !s.identity.allowed_ips.is_empty());
         Ok(Config {
             deny_ips,
             allow_ips,
@@ -508,10 +681,34 @@ impl Config {
             key_sources,
             keys,
             index,
+            key_sets,
             routes,
             strip_credentials: doc.strip_credentials.unwrap_or(true),
             allow_cors_preflight: doc.allow_cors_preflight.unwrap_or(false),
         })
+    }
+
+    /// The key with this digest, if it is configured (explicitly or in a key set).
+    pub fn find_key(&self, digest: &Digest) -> Option<KeyRef<'_>> {
+        if let Some(key) = self.index.get(digest).and_then(|i| self.keys.get(i)) {
+            return Some(KeyRef {
+                id: Cow::Borrowed(&key.id),
+                bucket: Cow::Borrowed(&key.bucket),
+                key,
+            });
+        }
+        let set = self.key_sets.iter().find(|s| s.contains(digest))?;
+        let id = set.member_id(digest);
+        Some(KeyRef {
+            bucket: Cow::Owned(format!("{BUCKET_PREFIX}{id}")),
+            id: Cow::Owned(id),
+            key: &set.identity,
+        })
+    }
+
+    /// Number of keys, key-set members included.
+    pub fn key_count(&self) -> usize {
+        self.keys.len() + self.key_sets.iter().map(|s| s.digests.len()).sum::<usize>()
     }
 
     /// The first route whose prefix matches the path (query string ignored).
@@ -621,37 +818,170 @@ fn compile_key(i: usize, spec: &KeySpec) -> Result<(Key, Digest), ConfigError> {
     }
     let digest =
         keys::parse_hash(&spec.hash).map_err(|reason| ConfigError::new(field("hash"), reason))?;
-    for (name, value) in [("client", &spec.client), ("tenant", &spec.tenant)] {
+    let key = compile_identity(
+        &format!("keys[{i}]"),
+        &spec.id,
+        Identity {
+            client: &spec.client,
+            tenant: &spec.tenant,
+            role: &spec.role,
+            scopes: &spec.scopes,
+            expires_at: &spec.expires_at,
+        },
+        spec.status.unwrap_or(KeyStatus::Active),
+    )?;
+    Ok((key, digest))
+}
+
+/// The identity fields a key and a key set have in common.
+struct Identity<'a> {
+    client: &'a Option<String>,
+    tenant: &'a Option<String>,
+    role: &'a str,
+    scopes: &'a [String],
+    expires_at: &'a Option<String>,
+}
+
+fn compile_identity(
+    at: &str,
+    id: &str,
+    identity: Identity<'_>,
+    status: KeyStatus,
+) -> Result<Key, ConfigError> {
+    let field = |name: &str| format!("{at}.{name}");
+    for (name, value) in [("client", identity.client), ("tenant", identity.tenant)] {
         if let Some(v) = value {
             check_label(v).map_err(|reason| ConfigError::new(field(name), reason))?;
         }
     }
-    check_word(&spec.role).map_err(|reason| ConfigError::new(field("role"), reason))?;
-    for (j, scope) in spec.scopes.iter().enumerate() {
+    check_word(identity.role).map_err(|reason| ConfigError::new(field("role"), reason))?;
+    for (j, scope) in identity.scopes.iter().enumerate() {
         check_word(scope)
-            .map_err(|reason| ConfigError::new(format!("keys[{i}].scopes[{j}]"), reason))?;
+            .map_err(|reason| ConfigError::new(format!("{at}.scopes[{j}]"), reason))?;
     }
-    let expires_at = match &spec.expires_at {
+    let expires_at = match identity.expires_at {
         Some(s) => Some(
             time::parse_rfc3339(s)
                 .map_err(|reason| ConfigError::new(field("expires_at"), reason))?,
         ),
         None => None,
     };
-    let key = Key {
-        id: spec.id.clone(),
-        client: spec.client.clone(),
-        tenant: spec.tenant.clone(),
-        role: spec.role.clone(),
-        scopes: spec.scopes.clone(),
-        scopes_header: spec.scopes.join(","),
-        status: spec.status.unwrap_or(KeyStatus::Active),
+    Ok(Key {
+        id: id.to_string(),
+        client: identity.client.clone(),
+        tenant: identity.tenant.clone(),
+        role: identity.role.to_string(),
+        scopes: identity.scopes.to_vec(),
+        scopes_header: identity.scopes.join(","),
+        status,
         expires_at,
         limit: None,
         allowed_ips: CidrSet::default(),
-        bucket: format!("{BUCKET_PREFIX}{}", spec.id),
-    };
-    Ok((key, digest))
+        bucket: format!("{BUCKET_PREFIX}{id}"),
+    })
+}
+
+/// Checks a key set and sorts its digests; `earlier` are the sets compiled before it.
+fn compile_key_set(
+    i: usize,
+    spec: &KeySetSpec,
+    mut digests: Vec<Digest>,
+    index: &KeyIndex,
+    ids: &std::collections::HashMap<String, usize>,
+    earlier: &[KeySet],
+) -> Result<KeySet, ConfigError> {
+    let at = format!("key_sets[{i}]");
+    let name = &spec.name;
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b))
+    {
+        return Err(ConfigError::new(
+            format!("{at}.name"),
+            format!("{name:?} is not a valid key set name: use 1 to 64 letters, digits or . _ @ -"),
+        ));
+    }
+    if let Some(j) = earlier.iter().position(|s| &s.identity.id == name) {
+        return Err(ConfigError::new(
+            format!("{at}.name"),
+            format!("duplicate key set name {name:?} (also key_sets[{j}].name)"),
+        ));
+    }
+    let member_prefix = format!("{name}:");
+    if let Some((id, j)) = ids.iter().find(|(id, _)| id.starts_with(&member_prefix)) {
+        return Err(ConfigError::new(
+            format!("{at}.name"),
+            format!("keys[{j}].id {id:?} has the form of this set's member ids ({name}:<hex>); rename one of them"),
+        ));
+    }
+    let mut identity = compile_identity(
+        &at,
+        name,
+        Identity {
+            client: &spec.client,
+            tenant: &spec.tenant,
+            role: &spec.role,
+            scopes: &spec.scopes,
+            expires_at: &spec.expires_at,
+        },
+        KeyStatus::Active,
+    )?;
+    identity.bucket = String::new();
+    let field = format!("{at}.digests");
+    if digests.is_empty() {
+        return Err(ConfigError::new(
+            field,
+            "no digests: a key set needs at least one (or remove the set)",
+        ));
+    }
+    digests.sort_unstable();
+    for pair in digests.windows(2) {
+        if pair[0] == pair[1] {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "the digest {} appears twice; each key must be configured once",
+                    hex_digest(&pair[0])
+                ),
+            ));
+        }
+        if pair[0][..MEMBER_ID_BYTES] == pair[1][..MEMBER_ID_BYTES] {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "two digests begin with the same {MEMBER_ID_BYTES} bytes ({}...), so their member ids would collide; move one of them to keys",
+                    &hex_digest(&pair[0])[..2 * MEMBER_ID_BYTES]
+                ),
+            ));
+        }
+    }
+    for d in &digests {
+        if let Some(j) = index.get(d) {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "the digest {} is also keys[{j}].hash; each key must be configured once",
+                    hex_digest(d)
+                ),
+            ));
+        }
+        if let Some(j) = earlier.iter().position(|s| s.contains(d)) {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "the digest {} is also in key_sets[{j}]; each key must be configured once",
+                    hex_digest(d)
+                ),
+            ));
+        }
+    }
+    Ok(KeySet { identity, digests })
+}
+
+fn hex_digest(d: &Digest) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn compile_rate(path: &str, spec: &RateSpec) -> Result<Rate, ConfigError> {

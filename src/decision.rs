@@ -5,11 +5,12 @@
 //! and last the key's rate limit (429). A request without a valid key never sees a 403
 //! about its key, and a refused request never takes from the key's quota.
 
-use crate::config::{Config, Key, KeyStatus, Route};
+use crate::config::{Config, Key, KeyRef, KeyStatus, Route};
 use crate::credentials::{self, Credential, Header};
 use crate::ip;
 use crate::keys;
 use crate::ratelimit::{self, LimitError, Store, Verdict};
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 /// The facts of a request the decision needs.
@@ -116,7 +117,7 @@ pub enum Subject<'c> {
     /// No key was sent.
     Nobody,
     /// A configured key, by id.
-    Key(&'c str),
+    Key(Cow<'c, str>),
     /// An unknown or malformed key: its first 8 characters, sanitised.
     Unknown(String),
 }
@@ -164,7 +165,7 @@ pub struct Denial<'c> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admission<'c> {
     /// The verified key, if one was sent (none on public routes or preflights without one).
-    pub key: Option<&'c Key>,
+    pub key: Option<KeyRef<'c>>,
     /// Request headers to remove: client-sent `x-keygate-*`, and the key's carriers
     /// when `strip_credentials` is on.
     pub remove: Vec<String>,
@@ -175,11 +176,12 @@ pub struct Admission<'c> {
 impl Admission<'_> {
     /// Identity headers to set upstream, after the removals.
     pub fn identity_headers(&self) -> Vec<(&'static str, &str)> {
-        let Some(key) = self.key else {
+        let Some(found) = &self.key else {
             return Vec::new();
         };
+        let key = found.key;
         let mut out = vec![
-            ("x-keygate-key-id", key.id.as_str()),
+            ("x-keygate-key-id", found.id.as_ref()),
             ("x-keygate-role", key.role.as_str()),
         ];
         if let Some(client) = &key.client {
@@ -306,29 +308,29 @@ pub fn decide<'c, S: Store + ?Sized>(
         }
     };
 
-    let who = Subject::Key(entry.id.as_str());
-    if entry.status == KeyStatus::Suspended {
-        return Err(deny(Reason::KeySuspended, who, client_ip));
+    let key = entry.key;
+    let who = || Subject::Key(entry.id.clone());
+    if key.status == KeyStatus::Suspended {
+        return Err(deny(Reason::KeySuspended, who(), client_ip));
     }
-    if !entry.allowed_ips.is_empty() && !client_ip.is_some_and(|ip| entry.allowed_ips.contains(ip))
-    {
-        return Err(deny(Reason::IpNotAllowed, who, client_ip));
+    if !key.allowed_ips.is_empty() && !client_ip.is_some_and(|ip| key.allowed_ips.contains(ip)) {
+        return Err(deny(Reason::IpNotAllowed, who(), client_ip));
     }
-    if !tenant_matches(entry, req.headers) {
-        return Err(deny(Reason::TenantMismatch, who, client_ip));
+    if !tenant_matches(key, req.headers) {
+        return Err(deny(Reason::TenantMismatch, who(), client_ip));
     }
     if let Some(route) = route {
-        if !permitted(route, entry, req.method) {
-            return Err(deny(Reason::InsufficientPermissions, who, client_ip));
+        if !permitted(route, key, req.method) {
+            return Err(deny(Reason::InsufficientPermissions, who(), client_ip));
         }
     }
 
     let mut quota = None;
-    if let Some(limit) = &entry.limit {
+    if let Some(limit) = &key.limit {
         match ratelimit::take(store, &entry.bucket, &limit.rate, now_ns, 1) {
             Ok(v) if v.admitted => quota = Some(Quota::of(limit.rate.requests, &v)),
             Ok(v) => {
-                let mut d = deny(Reason::RateLimited, who, client_ip);
+                let mut d = deny(Reason::RateLimited, who(), client_ip);
                 d.retry_after_s = Some(v.retry_after_s);
                 d.quota = config
                     .rate_limit_headers
@@ -336,7 +338,7 @@ pub fn decide<'c, S: Store + ?Sized>(
                 return Err(d);
             }
             Err(e) => {
-                let mut d = deny(Reason::RateLimited, who, client_ip);
+                let mut d = deny(Reason::RateLimited, who(), client_ip);
                 d.retry_after_s = Some(1);
                 d.limiter_failure = Some(e);
                 return Err(d);
@@ -361,13 +363,13 @@ pub fn decide<'c, S: Store + ?Sized>(
 
 /// Offline check of one key (for `keygate verify`): the key it is, or why it would be
 /// refused regardless of route, address or quota.
-pub fn identify<'c>(config: &'c Config, key: &[u8], now_s: i64) -> Result<&'c Key, Reason> {
+pub fn identify<'c>(config: &'c Config, key: &[u8], now_s: i64) -> Result<KeyRef<'c>, Reason> {
     let credential = Credential::Found {
         key,
         carriers: Vec::new(),
     };
     match authenticate(config, credential, now_s) {
-        Ok((entry, _)) if entry.status == KeyStatus::Suspended => Err(Reason::KeySuspended),
+        Ok((entry, _)) if entry.key.status == KeyStatus::Suspended => Err(Reason::KeySuspended),
         Ok((entry, _)) => Ok(entry),
         Err((reason, _)) => Err(reason),
     }
@@ -379,7 +381,7 @@ fn authenticate<'c, 'h>(
     config: &'c Config,
     credential: Credential<'h>,
     now_s: i64,
-) -> Result<(&'c Key, Vec<&'h str>), (Reason, Subject<'c>)> {
+) -> Result<(KeyRef<'c>, Vec<&'h str>), (Reason, Subject<'c>)> {
     let (key, carriers) = match credential {
         Credential::Missing => return Err((Reason::MissingApiKey, Subject::Nobody)),
         Credential::Conflicting { first } => {
@@ -395,20 +397,19 @@ fn authenticate<'c, 'h>(
         .as_deref()
         .is_some_and(|prefix| keys::checksum_holds(prefix, key) == Some(false));
     let entry = (keys::well_formed(key) && !checksum_fails)
-        .then(|| config.index.find(key))
-        .flatten()
-        .and_then(|i| config.keys.get(i));
+        .then(|| config.find_key(&keys::digest(key)))
+        .flatten();
     let Some(entry) = entry else {
         return Err((
             Reason::InvalidApiKey,
             Subject::Unknown(keys::log_prefix(key)),
         ));
     };
-    if entry.status == KeyStatus::Revoked {
-        return Err((Reason::KeyRevoked, Subject::Key(&entry.id)));
+    if entry.key.status == KeyStatus::Revoked {
+        return Err((Reason::KeyRevoked, Subject::Key(entry.id)));
     }
-    if entry.expires_at.is_some_and(|t| now_s >= t) {
-        return Err((Reason::KeyExpired, Subject::Key(&entry.id)));
+    if entry.key.expires_at.is_some_and(|t| now_s >= t) {
+        return Err((Reason::KeyExpired, Subject::Key(entry.id)));
     }
     Ok((entry, carriers))
 }

@@ -170,7 +170,12 @@ impl KeyIndex {
 
     /// Looks up a presented key by its digest; the plaintext is never compared.
     pub fn find(&self, key: &[u8]) -> Option<usize> {
-        self.by_digest.get(&digest(key)).copied()
+        self.get(&digest(key))
+    }
+
+    /// The index holding this digest.
+    pub fn get(&self, digest: &Digest) -> Option<usize> {
+        self.by_digest.get(digest).copied()
     }
 
     /// Number of keys in the index.

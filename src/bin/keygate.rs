@@ -669,17 +669,18 @@ fn verify(cli: &Cli, now: i64) -> Result<ExitCode, Error> {
     let config = &rendered.config;
     let prefix = keys::log_prefix(&key);
     match decision::identify(config, &key, now) {
-        Ok(k) => {
+        Ok(found) => {
+            let k = found.key;
             let plan = k.limit.as_ref().map(|l| l.plan.as_str());
             let expires = k.expires_at.map(time::format_rfc3339);
             let out = json!({
-                "accepted": true, "prefix": prefix, "id": k.id, "role": k.role,
+                "accepted": true, "prefix": prefix, "id": found.id, "role": k.role,
                 "client": k.client, "tenant": k.tenant, "scopes": k.scopes, "plan": plan,
                 "expires_at": expires,
             });
             let text = format!(
                 "accepted: {prefix}... is key {} (role {}, client {}, tenant {}, scopes {}, plan {}, expires {})",
-                k.id,
+                found.id,
                 k.role,
                 k.client.as_deref().unwrap_or("-"),
                 k.tenant.as_deref().unwrap_or("-"),
@@ -692,11 +693,7 @@ fn verify(cli: &Cli, now: i64) -> Result<ExitCode, Error> {
         }
         Err(reason) => {
             // Name the key when it is a known one (revoked, expired, suspended).
-            let id = config
-                .index
-                .find(&key)
-                .and_then(|i| config.keys.get(i))
-                .map(|k| k.id.as_str());
+            let id = config.find_key(&keys::digest(&key)).map(|k| k.id);
             let out = json!({
                 "accepted": false, "prefix": prefix, "error": reason.code(),
                 "message": reason.message(), "id": id,

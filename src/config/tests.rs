@@ -298,3 +298,164 @@ fn serializes_back_to_the_same_document() {
     let doc = PluginConfig::from_json(json.as_bytes()).unwrap();
     assert_eq!(serde_json::to_string(&doc).unwrap(), json);
 }
+
+fn packed(keys: &[&str]) -> String {
+    use base64::Engine as _;
+    let bytes: Vec<u8> = keys
+        .iter()
+        .flat_map(|k| keys::digest(k.as_bytes()))
+        .collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn with_set(set_fields: &str) -> String {
+    format!(
+        r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "client"}}], "key_sets": [{{{set_fields}}}]}}"#
+    )
+}
+
+#[test]
+fn key_sets_decode_packed_digests_and_find_members() {
+    // 7 members: the base64 spans more than one 128-character decoding chunk and ends
+    // with padding.
+    let members: Vec<String> = (0..7)
+        .map(|i| format!("legacy-member-key-{i:04}"))
+        .collect();
+    let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    let c = parse(&with_set(&format!(
+        r#""name": "legacy", "role": "miner", "client": "old", "scopes": ["jobs:read"], "plan": "pro", "digests": "{}""#,
+        packed(&refs)
+    )))
+    .unwrap();
+    assert_eq!(c.key_count(), 8);
+    assert_eq!(c.key_sets[0].digests.len(), 7);
+    for m in &members {
+        let d = keys::digest(m.as_bytes());
+        let found = c.find_key(&d).unwrap();
+        let hex: String = d[..8].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(found.id, format!("legacy:{hex}"));
+        assert_eq!(found.bucket, format!("{BUCKET_PREFIX}legacy:{hex}"));
+        assert_eq!(found.key.role, "miner");
+        assert_eq!(found.key.scopes_header, "jobs:read");
+        assert_eq!(found.key.limit.as_ref().unwrap().plan, "pro");
+    }
+    // Explicit keys are found as before; unknown digests are not found.
+    let k1 = c
+        .find_key(&keys::digest(b"test_client_key_16_chars"))
+        .unwrap();
+    assert_eq!(
+        (k1.id.as_ref(), k1.bucket.as_ref()),
+        ("k1", "keygate:bucket:k1")
+    );
+    assert!(c
+        .find_key(&keys::digest(b"legacy-member-key-9999"))
+        .is_none());
+
+    // The packed form survives a round trip through serde (what the keygate tool writes).
+    let doc = PluginConfig::from_json(
+        with_set(&format!(
+            r#""name": "legacy", "role": "miner", "digests": "{}""#,
+            packed(&refs)
+        ))
+        .as_bytes(),
+    )
+    .unwrap();
+    let again = PluginConfig::from_json(serde_json::to_string(&doc).unwrap().as_bytes()).unwrap();
+    assert_eq!(doc, again);
+}
+
+#[test]
+fn key_set_errors_name_the_field() {
+    let one = packed(&["legacy-member-key-0000"]);
+    let cases = [
+        (
+            with_set(r#""name": "s", "role": "client", "digests": "not base64!""#),
+            "key_sets[0].digests: not valid base64",
+        ),
+        (
+            with_set(r#""name": "s", "role": "client", "digests": "AAAA""#),
+            "key_sets[0].digests: decodes to 3 bytes, not a whole number of 32-byte SHA-256 digests",
+        ),
+        (
+            with_set(r#""name": "s", "role": "client", "digests": """#),
+            "key_sets[0].digests: no digests",
+        ),
+        (
+            with_set(&format!(r#""name": "bad name", "role": "client", "digests": "{one}""#)),
+            "key_sets[0].name: \"bad name\" is not a valid key set name",
+        ),
+        (
+            with_set(&format!(r#""name": "s", "role": "client", "plan": "gold", "digests": "{one}""#)),
+            "key_sets[0].plan: unknown plan \"gold\"",
+        ),
+        (
+            with_set(&format!(r#""name": "s", "role": "client", "allowed_ips": ["10.0.0.0/33"], "digests": "{one}""#)),
+            "key_sets[0].allowed_ips[0]:",
+        ),
+        (
+            with_set(&format!(r#""name": "s", "role": "client", "expires_at": "soon", "digests": "{one}""#)),
+            "key_sets[0].expires_at:",
+        ),
+        (
+            with_set(&format!(r#""name": "s", "role": "client", "status": "revoked", "digests": "{one}""#)),
+            "key_sets[0].status: unknown field `status`",
+        ),
+        (
+            with_set(&format!(
+                r#""name": "s", "role": "client", "digests": "{}""#,
+                packed(&["legacy-member-key-0000", "legacy-member-key-0000"])
+            )),
+            "appears twice",
+        ),
+        (
+            with_set(&format!(
+                r#""name": "s", "role": "client", "digests": "{}""#,
+                packed(&["test_client_key_16_chars"])
+            )),
+            "key_sets[0].digests: the digest 3fdb536b7aa2eccdaec0c7162262f499b2c6af7b95096edae688f064006df729 is also keys[0].hash",
+        ),
+        (
+            format!(
+                r#"{{"keys": [{{"id": "s:0011223344556677", "hash": "{HASH_A}", "role": "client"}}], "key_sets": [{{"name": "s", "role": "client", "digests": "{one}"}}]}}"#
+            ),
+            "key_sets[0].name: keys[0].id \"s:0011223344556677\" has the form of this set's member ids",
+        ),
+        (
+            format!(
+                r#"{{"key_sets": [{{"name": "s", "role": "client", "digests": "{one}"}}, {{"name": "s", "role": "client", "digests": "{}"}}]}}"#,
+                packed(&["legacy-member-key-0001"])
+            ),
+            "key_sets[1].name: duplicate key set name \"s\" (also key_sets[0].name)",
+        ),
+        (
+            format!(
+                r#"{{"key_sets": [{{"name": "a", "role": "client", "digests": "{one}"}}, {{"name": "b", "role": "client", "digests": "{one}"}}]}}"#
+            ),
+            "is also in key_sets[0]",
+        ),
+    ];
+    for (json, expect) in cases {
+        let e = err(&json);
+        assert!(e.contains(expect), "{json}\n  got: {e}\n  want: {expect}");
+    }
+    // Digests are bytes: two that share their first 8 bytes would give one member id.
+    let mut twins = vec![0x11u8; 64];
+    twins[63] = 0x12;
+    use base64::Engine as _;
+    let e = err(&with_set(&format!(
+        r#""name": "s", "role": "client", "digests": "{}""#,
+        base64::engine::general_purpose::STANDARD.encode(&twins)
+    )));
+    assert!(
+        e.starts_with(
+            "key_sets[0].digests: two digests begin with the same 8 bytes (1111111111111111...)"
+        ),
+        "{e}"
+    );
+    // A configuration with only key sets is complete.
+    let only = parse(&format!(
+        r#"{{"key_sets": [{{"name": "s", "role": "client", "digests": "{one}"}}]}}"#
+    ))
+    .unwrap();
+    assert_eq!((only.keys.len(), only.key_count()), (0, 1));
+}

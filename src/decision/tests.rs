@@ -87,7 +87,10 @@ fn reason(d: &Decision<'_>) -> Option<Reason> {
 }
 
 fn admitted_id<'a>(d: &'a Decision<'_>) -> Option<&'a str> {
-    d.as_ref().ok().and_then(|a| a.key).map(|k| k.id.as_str())
+    d.as_ref()
+        .ok()
+        .and_then(|a| a.key.as_ref())
+        .map(|k| k.id.as_ref())
 }
 
 #[test]
@@ -326,7 +329,7 @@ fn denials_name_the_key_id_or_a_prefix_never_the_key() {
     );
     assert_eq!(d.unwrap_err().subject, Subject::Unknown("unknown-".into()));
     let d = run(&c, "GET", "/v1/admin", &[("x-api-key", CLIENT_KEY)], NOW);
-    assert_eq!(d.unwrap_err().subject, Subject::Key("client-1"));
+    assert_eq!(d.unwrap_err().subject, Subject::Key("client-1".into()));
     let d = run(&c, "GET", "/v1/open", &[], NOW);
     assert_eq!(d.unwrap_err().subject, Subject::Nobody);
 }
@@ -495,7 +498,7 @@ fn key_format_checksum_refuses_typos_before_lookup() {
     let unchecked = Config::from_json(json("").as_bytes()).unwrap();
     fn get(c: &Config, k: &str) -> Result<Option<String>, Reason> {
         run(c, "GET", "/x", &[("x-api-key", k)], NOW)
-            .map(|a| a.key.map(|k| k.id.clone()))
+            .map(|a| a.key.map(|k| k.id.into_owned()))
             .map_err(|d| d.reason)
     }
     assert_eq!(get(&checked, &good), Ok(Some("gen".into())));
@@ -508,5 +511,66 @@ fn key_format_checksum_refuses_typos_before_lookup() {
         e.to_string()
             .starts_with("key_format.prefix: \"KG!\" must be 1 to 16 lowercase"),
         "{e}"
+    );
+}
+
+#[test]
+fn key_set_members_are_authenticated_limited_and_forwarded_each_with_their_own_id() {
+    use base64::Engine as _;
+    let members = ["set-member-key-0001", "set-member-key-0002"];
+    let packed: Vec<u8> = members
+        .iter()
+        .flat_map(|k| crate::keys::digest(k.as_bytes()))
+        .collect();
+    let json = format!(
+        r#"{{"key_sets": [{{"name": "legacy", "role": "client", "tenant": "t9", "scopes": ["jobs:write"],
+             "plan": "two", "digests": "{}"}}],
+            "plans": {{"two": {{"requests": 2, "per": "hour"}}}},
+            "routes": [{{"prefix": "/v1/admin", "roles": ["admin"]}}]}}"#,
+        base64::engine::general_purpose::STANDARD.encode(packed)
+    );
+    let c = Config::from_json(json.as_bytes()).unwrap();
+    let store = MemoryStore::default();
+    let get = |key: &str, path: &str| {
+        run_from(
+            &c,
+            &store,
+            "127.0.0.1",
+            "GET",
+            path,
+            &[("x-api-key", key)],
+            ns(NOW),
+        )
+    };
+    let a = get(members[0], "/v1/jobs").unwrap();
+    let id_a = a.key.as_ref().unwrap().id.to_string();
+    assert!(
+        id_a.starts_with("legacy:") && id_a.len() == "legacy:".len() + 16,
+        "{id_a}"
+    );
+    let ids: Vec<(&str, &str)> = a.identity_headers();
+    assert!(ids.contains(&("x-keygate-key-id", id_a.as_str())));
+    assert!(ids.contains(&("x-tenant-id", "t9")));
+    assert!(ids.contains(&("x-keygate-scopes", "jobs:write")));
+    // Each member has a bucket of its own: a's second request and b's first both pass,
+    // a's third is refused, naming a's id.
+    assert!(get(members[0], "/v1/jobs").is_ok());
+    let b = get(members[1], "/v1/jobs").unwrap();
+    assert_ne!(b.key.as_ref().unwrap().id, id_a);
+    let limited = get(members[0], "/v1/jobs").unwrap_err();
+    assert_eq!(limited.reason, Reason::RateLimited);
+    assert_eq!(limited.subject, Subject::Key(id_a.clone().into()));
+    // Permissions come from the set's identity.
+    let forbidden = get(members[1], "/v1/admin/x").unwrap_err();
+    assert_eq!(forbidden.reason, Reason::InsufficientPermissions);
+    // A key that is not a member is unknown.
+    assert_eq!(
+        get("set-member-key-0003", "/v1/jobs").unwrap_err().reason,
+        Reason::InvalidApiKey
+    );
+    // identify (keygate verify) reports the member's id.
+    assert_eq!(
+        identify(&c, members[1].as_bytes(), NOW).unwrap().key.role,
+        "client"
     );
 }

@@ -73,7 +73,7 @@ impl RootContext for Root {
             Ok(config) => {
                 log::info!(
                     "keygate: configured {} keys, {} routes",
-                    config.keys.len(),
+                    config.key_count(),
                     config.routes.len()
                 );
                 self.config = Some(Rc::new(config));

@@ -175,8 +175,8 @@ pub struct KeySpec {
 pub struct KeySetSpec {
     /// Name; a member's id is `<name>:<first 16 hex digits of its digest>`.
     pub name: String,
-    /// Base64 (standard alphabet, padded) of the members' SHA-256 digests, 32 bytes each,
-    /// concatenated.
+    /// The members' SHA-256 digests, 32 bytes each, concatenated and base64-encoded
+    /// (standard alphabet, padded), as a list of strings that each hold whole digests.
     #[serde(with = "packed_digests")]
     pub digests: Vec<Digest>,
     /// Client (customer) the keys belong to.
@@ -201,44 +201,96 @@ pub struct KeySetSpec {
     pub allowed_ips: Vec<String>,
 }
 
-/// serde for [`KeySetSpec::digests`]: one base64 string, decoded straight into digests
-/// (no intermediate byte buffer, so a large set is held once).
+/// serde for [`KeySetSpec::digests`]: a list of base64 strings, each decoded straight into
+/// digests as it is read (a parser reading from the host in chunks then never holds more
+/// than one string of the list).
 mod packed_digests {
     use super::Digest;
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine as _;
-    use serde::de::{self, Visitor};
+    use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+    use serde::ser::SerializeSeq;
     use serde::{Deserializer, Serializer};
+    use std::cell::Cell;
     use std::fmt;
 
+    /// Digests per string when writing: 32 KiB of digests, 43,692 characters.
+    const PER_STRING: usize = 1024;
+
     pub fn serialize<S: Serializer>(digests: &[Digest], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(digests.concat()))
+        let mut seq = s.serialize_seq(Some(digests.len().div_ceil(PER_STRING)))?;
+        for chunk in digests.chunks(PER_STRING) {
+            seq.serialize_element(&STANDARD.encode(chunk.concat()))?;
+        }
+        seq.end()
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Digest>, D::Error> {
-        d.deserialize_str(Packed)
+        d.deserialize_seq(List)
     }
 
-    struct Packed;
+    std::thread_local! {
+        /// Most digests the document being read can hold (from its size), or 0.
+        static ROOM: Cell<usize> = const { Cell::new(0) };
+    }
 
-    impl Visitor<'_> for Packed {
+    /// Runs `parse` on a document of `size` bytes, letting each key set reserve room for
+    /// as many digests as the document can hold before it decodes the first one. Reserved
+    /// and never touched, that room costs address space, not memory; growing by doubling
+    /// instead would copy the array and, in Wasm (whose memory never shrinks), keep both.
+    pub(super) fn with_room<T>(size: usize, parse: impl FnOnce() -> T) -> T {
+        // Base64 takes at least 128 characters for every 3 digests.
+        ROOM.with(|room| room.set(size.saturating_mul(3) / 128 + 1));
+        let out = parse();
+        ROOM.with(|room| room.set(0));
+        out
+    }
+
+    struct List;
+
+    impl<'de> Visitor<'de> for List {
         type Value = Vec<Digest>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of base64 strings of concatenated 32-byte SHA-256 digests")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Digest>, A::Error> {
+            let mut out = Vec::with_capacity(ROOM.with(Cell::get));
+            while seq.next_element_seed(Append(&mut out))?.is_some() {}
+            Ok(out)
+        }
+    }
+
+    /// Decodes one string of the list onto the end of the digests read so far.
+    struct Append<'a>(&'a mut Vec<Digest>);
+
+    impl<'de> DeserializeSeed<'de> for Append<'_> {
+        type Value = ();
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl Visitor<'_> for Append<'_> {
+        type Value = ();
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a base64 string of concatenated 32-byte SHA-256 digests")
         }
 
-        fn visit_str<E: de::Error>(self, text: &str) -> Result<Vec<Digest>, E> {
-            decode(text).map_err(E::custom)
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<(), E> {
+            decode_into(text, self.0).map_err(E::custom)
         }
     }
 
     /// 128 base64 characters are exactly 96 bytes, three digests: decode chunk by chunk.
-    pub(super) fn decode(text: &str) -> Result<Vec<Digest>, String> {
+    pub(super) fn decode_into(text: &str, out: &mut Vec<Digest>) -> Result<(), String> {
         const CHUNK: usize = 128;
-        let mut out: Vec<Digest> = Vec::with_capacity(text.len() / 44 + 1);
         let mut buf = [0u8; 96];
         let mut total = 0usize;
+        out.reserve(text.len() / 44);
         for (n, chunk) in text.as_bytes().chunks(CHUNK).enumerate() {
             let len = STANDARD.decode_slice(chunk, &mut buf).map_err(|e| {
                 format!(
@@ -261,7 +313,7 @@ mod packed_digests {
                 "decodes to {total} bytes, not a whole number of 32-byte SHA-256 digests"
             ));
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -519,7 +571,15 @@ impl Config {
     /// Parses and validates the JSON plugin configuration. Key-set digests move into the
     /// result rather than being copied, so a large set is held once.
     pub fn from_json(json: &[u8]) -> Result<Config, ConfigError> {
-        let mut doc = PluginConfig::from_json(json)?;
+        Config::build_owned(PluginConfig::from_json(json)?)
+    }
+
+    /// [`Config::from_json`] from a reader; see [`PluginConfig::from_reader`].
+    pub fn from_reader(reader: impl std::io::Read, size: usize) -> Result<Config, ConfigError> {
+        Config::build_owned(PluginConfig::from_reader(reader, size)?)
+    }
+
+    fn build_owned(mut doc: PluginConfig) -> Result<Config, ConfigError> {
         let digests = doc
             .key_sets
             .iter_mut()
@@ -718,30 +778,51 @@ impl Config {
     }
 }
 
+const EMPTY_CONFIGURATION: &str =
+    "the plugin configuration is empty; it must be a JSON object with at least \"keys\"";
+
 impl PluginConfig {
     /// Reads the JSON document; errors name the offending field.
     pub fn from_json(json: &[u8]) -> Result<PluginConfig, ConfigError> {
         if json.iter().all(u8::is_ascii_whitespace) {
-            return Err(ConfigError::new(
-                "configuration",
-                "the plugin configuration is empty; it must be a JSON object with at least \"keys\"",
-            ));
+            return Err(ConfigError::new("configuration", EMPTY_CONFIGURATION));
         }
-        let mut de = serde_json::Deserializer::from_slice(json);
-        let doc: PluginConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            // "." is the document itself; "?" a position serde could not name (e.g. early EOF).
-            let path = if path == "." || path == "?" {
-                "configuration".to_string()
-            } else {
-                path
-            };
-            ConfigError::new(path, e.into_inner().to_string())
-        })?;
-        de.end()
-            .map_err(|e| ConfigError::new("configuration", e.to_string()))?;
-        Ok(doc)
+        parse(serde_json::Deserializer::from_slice(json))
     }
+
+    /// Reads the JSON document from `reader` (`size` bytes) without holding it whole:
+    /// the filter reads its configuration from the host in chunks this way, so a large key
+    /// set is never in memory twice.
+    pub fn from_reader(
+        reader: impl std::io::Read,
+        size: usize,
+    ) -> Result<PluginConfig, ConfigError> {
+        if size == 0 {
+            return Err(ConfigError::new("configuration", EMPTY_CONFIGURATION));
+        }
+        let reader = std::io::BufReader::with_capacity(64 * 1024, reader);
+        packed_digests::with_room(size, || {
+            parse(serde_json::Deserializer::from_reader(reader))
+        })
+    }
+}
+
+fn parse<'de, R: serde_json::de::Read<'de>>(
+    mut de: serde_json::Deserializer<R>,
+) -> Result<PluginConfig, ConfigError> {
+    let doc: PluginConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        // "." is the document itself; "?" a position serde could not name (e.g. early EOF).
+        let path = if path == "." || path == "?" {
+            "configuration".to_string()
+        } else {
+            path
+        };
+        ConfigError::new(path, e.into_inner().to_string())
+    })?;
+    de.end()
+        .map_err(|e| ConfigError::new("configuration", e.to_string()))?;
+    Ok(doc)
 }
 
 fn compile_key_sources(specs: Option<&[KeySourceSpec]>) -> Result<Vec<KeySource>, ConfigError> {

@@ -323,7 +323,7 @@ fn key_sets_decode_packed_digests_and_find_members() {
         .collect();
     let refs: Vec<&str> = members.iter().map(String::as_str).collect();
     let c = parse(&with_set(&format!(
-        r#""name": "legacy", "role": "miner", "client": "old", "scopes": ["jobs:read"], "plan": "pro", "digests": "{}""#,
+        r#""name": "legacy", "role": "miner", "client": "old", "scopes": ["jobs:read"], "plan": "pro", "digests": ["{}"]"#,
         packed(&refs)
     )))
     .unwrap();
@@ -354,7 +354,7 @@ fn key_sets_decode_packed_digests_and_find_members() {
     // The packed form survives a round trip through serde (what the keygate tool writes).
     let doc = PluginConfig::from_json(
         with_set(&format!(
-            r#""name": "legacy", "role": "miner", "digests": "{}""#,
+            r#""name": "legacy", "role": "miner", "digests": ["{}"]"#,
             packed(&refs)
         ))
         .as_bytes(),
@@ -369,67 +369,71 @@ fn key_set_errors_name_the_field() {
     let one = packed(&["legacy-member-key-0000"]);
     let cases = [
         (
-            with_set(r#""name": "s", "role": "client", "digests": "not base64!""#),
-            "key_sets[0].digests: not valid base64",
+            with_set(r#""name": "s", "role": "client", "digests": ["not base64!"]"#),
+            "key_sets[0].digests[0]: not valid base64",
         ),
         (
-            with_set(r#""name": "s", "role": "client", "digests": "AAAA""#),
-            "key_sets[0].digests: decodes to 3 bytes, not a whole number of 32-byte SHA-256 digests",
+            with_set(r#""name": "s", "role": "client", "digests": ["AAAA"]"#),
+            "key_sets[0].digests[0]: decodes to 3 bytes, not a whole number of 32-byte SHA-256 digests",
         ),
         (
-            with_set(r#""name": "s", "role": "client", "digests": """#),
+            with_set(r#""name": "s", "role": "client", "digests": "one string""#),
+            "key_sets[0].digests: invalid type: string \"one string\", expected a list of base64 strings",
+        ),
+        (
+            with_set(r#""name": "s", "role": "client", "digests": []"#),
             "key_sets[0].digests: no digests",
         ),
         (
-            with_set(&format!(r#""name": "bad name", "role": "client", "digests": "{one}""#)),
+            with_set(&format!(r#""name": "bad name", "role": "client", "digests": ["{one}"]"#)),
             "key_sets[0].name: \"bad name\" is not a valid key set name",
         ),
         (
-            with_set(&format!(r#""name": "s", "role": "client", "plan": "gold", "digests": "{one}""#)),
+            with_set(&format!(r#""name": "s", "role": "client", "plan": "gold", "digests": ["{one}"]"#)),
             "key_sets[0].plan: unknown plan \"gold\"",
         ),
         (
-            with_set(&format!(r#""name": "s", "role": "client", "allowed_ips": ["10.0.0.0/33"], "digests": "{one}""#)),
+            with_set(&format!(r#""name": "s", "role": "client", "allowed_ips": ["10.0.0.0/33"], "digests": ["{one}"]"#)),
             "key_sets[0].allowed_ips[0]:",
         ),
         (
-            with_set(&format!(r#""name": "s", "role": "client", "expires_at": "soon", "digests": "{one}""#)),
+            with_set(&format!(r#""name": "s", "role": "client", "expires_at": "soon", "digests": ["{one}"]"#)),
             "key_sets[0].expires_at:",
         ),
         (
-            with_set(&format!(r#""name": "s", "role": "client", "status": "revoked", "digests": "{one}""#)),
+            with_set(&format!(r#""name": "s", "role": "client", "status": "revoked", "digests": ["{one}"]"#)),
             "key_sets[0].status: unknown field `status`",
         ),
         (
             with_set(&format!(
-                r#""name": "s", "role": "client", "digests": "{}""#,
+                r#""name": "s", "role": "client", "digests": ["{}"]"#,
                 packed(&["legacy-member-key-0000", "legacy-member-key-0000"])
             )),
             "appears twice",
         ),
         (
             with_set(&format!(
-                r#""name": "s", "role": "client", "digests": "{}""#,
+                r#""name": "s", "role": "client", "digests": ["{}"]"#,
                 packed(&["test_client_key_16_chars"])
             )),
             "key_sets[0].digests: the digest 3fdb536b7aa2eccdaec0c7162262f499b2c6af7b95096edae688f064006df729 is also keys[0].hash",
         ),
         (
             format!(
-                r#"{{"keys": [{{"id": "s:0011223344556677", "hash": "{HASH_A}", "role": "client"}}], "key_sets": [{{"name": "s", "role": "client", "digests": "{one}"}}]}}"#
+                r#"{{"keys": [{{"id": "s:0011223344556677", "hash": "{HASH_A}", "role": "client"}}], "key_sets": [{{"name": "s", "role": "client", "digests": ["{one}"]}}]}}"#
             ),
             "key_sets[0].name: keys[0].id \"s:0011223344556677\" has the form of this set's member ids",
         ),
         (
             format!(
-                r#"{{"key_sets": [{{"name": "s", "role": "client", "digests": "{one}"}}, {{"name": "s", "role": "client", "digests": "{}"}}]}}"#,
+                r#"{{"key_sets": [{{"name": "s", "role": "client", "digests": ["{one}"]}}, {{"name": "s", "role": "client", "digests": ["{}"]}}]}}"#,
                 packed(&["legacy-member-key-0001"])
             ),
             "key_sets[1].name: duplicate key set name \"s\" (also key_sets[0].name)",
         ),
         (
             format!(
-                r#"{{"key_sets": [{{"name": "a", "role": "client", "digests": "{one}"}}, {{"name": "b", "role": "client", "digests": "{one}"}}]}}"#
+                r#"{{"key_sets": [{{"name": "a", "role": "client", "digests": ["{one}"]}}, {{"name": "b", "role": "client", "digests": ["{one}"]}}]}}"#
             ),
             "is also in key_sets[0]",
         ),
@@ -443,7 +447,7 @@ fn key_set_errors_name_the_field() {
     twins[63] = 0x12;
     use base64::Engine as _;
     let e = err(&with_set(&format!(
-        r#""name": "s", "role": "client", "digests": "{}""#,
+        r#""name": "s", "role": "client", "digests": ["{}"]"#,
         base64::engine::general_purpose::STANDARD.encode(&twins)
     )));
     assert!(
@@ -454,8 +458,82 @@ fn key_set_errors_name_the_field() {
     );
     // A configuration with only key sets is complete.
     let only = parse(&format!(
-        r#"{{"key_sets": [{{"name": "s", "role": "client", "digests": "{one}"}}]}}"#
+        r#"{{"key_sets": [{{"name": "s", "role": "client", "digests": ["{one}"]}}]}}"#
     ))
     .unwrap();
     assert_eq!((only.keys.len(), only.key_count()), (0, 1));
+}
+
+/// Hands out at most `step` bytes per read, as the host does with a chunked buffer.
+struct Trickle<'a> {
+    data: &'a [u8],
+    step: usize,
+}
+
+impl std::io::Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.step.min(buf.len()).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn reading_in_chunks_gives_the_same_configuration_and_errors() {
+    let members: Vec<String> = (0..2500)
+        .map(|i| format!("chunked-member-key-{i:05}"))
+        .collect();
+    let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    // Three strings of different lengths (whole digests each): 1000 + 1 + 1499 members.
+    let json = format!(
+        r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "client"}}],
+            "key_sets": [{{"name": "big", "role": "client", "digests": ["{}", "{}", "{}"]}}],
+            "routes": [{{"prefix": "/healthz", "public": true}}]}}"#,
+        packed(&refs[..1000]),
+        packed(&refs[1000..1001]),
+        packed(&refs[1001..])
+    );
+    let whole = parse(&json).unwrap();
+    for step in [1, 7, 4096] {
+        let read = Config::from_reader(
+            Trickle {
+                data: json.as_bytes(),
+                step,
+            },
+            json.len(),
+        )
+        .unwrap();
+        assert_eq!(read.key_count(), 2501);
+        assert_eq!(read.key_sets, whole.key_sets);
+        assert_eq!(read.routes, whole.routes);
+    }
+    let d = keys::digest(b"chunked-member-key-02499");
+    assert!(whole.find_key(&d).is_some());
+
+    // Written back, a large set becomes several strings of whole digests, and reads back the same.
+    let doc = PluginConfig::from_json(json.as_bytes()).unwrap();
+    let text = serde_json::to_string(&doc).unwrap();
+    let strings = serde_json::from_str::<serde_json::Value>(&text).unwrap()["key_sets"][0]
+        ["digests"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(strings, 3); // 2500 digests, 1024 per string
+    assert_eq!(PluginConfig::from_json(text.as_bytes()).unwrap(), doc);
+
+    // Errors read the same in chunks, and an empty configuration is refused by size.
+    let bad = with_set(r#""name": "s", "role": "client", "digests": ["AAAA"]"#);
+    let e = Config::from_reader(
+        Trickle {
+            data: bad.as_bytes(),
+            step: 5,
+        },
+        bad.len(),
+    )
+    .unwrap_err();
+    assert_eq!(e.to_string(), err(&bad));
+    let e = Config::from_reader(Trickle { data: b"", step: 5 }, 0).unwrap_err();
+    assert_eq!(e.path, "configuration");
+    assert!(e.reason.contains("empty"), "{e}");
 }

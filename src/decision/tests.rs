@@ -524,7 +524,7 @@ fn key_set_members_are_authenticated_limited_and_forwarded_each_with_their_own_i
         .collect();
     let json = format!(
         r#"{{"key_sets": [{{"name": "legacy", "role": "client", "tenant": "t9", "scopes": ["jobs:write"],
-             "plan": "two", "digests": "{}"}}],
+             "plan": "two", "digests": ["{}"]}}],
             "plans": {{"two": {{"requests": 2, "per": "hour"}}}},
             "routes": [{{"prefix": "/v1/admin", "roles": ["admin"]}}]}}"#,
         base64::engine::general_purpose::STANDARD.encode(packed)

@@ -122,22 +122,50 @@ pub fn now_nanos() -> Result<u64, HostError> {
     Ok(t)
 }
 
-/// The plugin configuration bytes (empty when none is set).
-pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
-    let mut data = null_mut();
-    let mut size = 0usize;
-    match unsafe {
-        proxy_get_buffer_bytes(
-            BUFFER_PLUGIN_CONFIGURATION,
-            0,
-            usize::MAX,
-            &mut data,
-            &mut size,
-        )
-    } {
-        OK => Ok(unsafe { take_host_buffer(data, size) }),
-        NOT_FOUND => Ok(Vec::new()),
-        status => Err(HostError(status)),
+/// Reads the plugin configuration from the host a chunk at a time, so that a large one
+/// is never copied into the VM whole. `size` is what `on_configure` was told; reads never
+/// start past it (hosts differ in how they treat a start beyond the end).
+pub struct PluginConfiguration {
+    offset: usize,
+    size: usize,
+}
+
+impl PluginConfiguration {
+    pub fn new(size: usize) -> Self {
+        PluginConfiguration { offset: 0, size }
+    }
+}
+
+impl std::io::Read for PluginConfiguration {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = buf.len().min(self.size.saturating_sub(self.offset));
+        if want == 0 {
+            return Ok(0);
+        }
+        let mut data = null_mut();
+        let mut size = 0usize;
+        let status = unsafe {
+            proxy_get_buffer_bytes(
+                BUFFER_PLUGIN_CONFIGURATION,
+                self.offset,
+                want,
+                &mut data,
+                &mut size,
+            )
+        };
+        let chunk = match status {
+            OK => unsafe { take_host_buffer(data, size) },
+            NOT_FOUND => Vec::new(),
+            status => {
+                return Err(std::io::Error::other(format!(
+                    "the host refused to hand over the configuration (status {status})"
+                )))
+            }
+        };
+        let n = chunk.len().min(want);
+        buf[..n].copy_from_slice(&chunk[..n]);
+        self.offset += n;
+        Ok(n)
     }
 }
 

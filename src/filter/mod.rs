@@ -58,18 +58,11 @@ struct Root {
 impl Context for Root {}
 
 impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
+    fn on_configure(&mut self, size: usize) -> bool {
         if self.config.is_none() {
             self.counters = Counters::define();
         }
-        let bytes = match host::plugin_configuration() {
-            Ok(b) => b,
-            Err(e) => {
-                log::error!("keygate: invalid configuration: configuration: cannot be read from the host (status {})", e.0);
-                return false;
-            }
-        };
-        match Config::from_json(&bytes) {
+        match Config::from_reader(host::PluginConfiguration::new(size), size) {
             Ok(config) => {
                 log::info!(
                     "keygate: configured {} keys, {} routes",

@@ -9,8 +9,11 @@ from catalog import assert_allowed, assert_denied
 MEMBERS = [f"bulk-member-key-{i:04d}" for i in range(200)]
 
 
-def packed(keys):
-    return base64.b64encode(b"".join(hashlib.sha256(k.encode()).digest() for k in keys)).decode()
+def packed(keys, per_string=64):
+    """Base64 strings of whole digests, `per_string` digests each."""
+    digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+    return [base64.b64encode(b"".join(digests[i:i + per_string])).decode()
+            for i in range(0, len(digests), per_string)]
 
 
 def member_id(key):

@@ -259,6 +259,38 @@ fn init_with_a_policy_file_takes_its_routes_and_refuses_a_bad_one() {
 }
 
 #[test]
+fn key_sets_in_the_policy_pass_through_to_render_and_verify() {
+    let env = Env::new();
+    let members = ["bulk-key-000001-abcdefgh", "bulk-key-000002-abcdefgh"];
+    let packed: Vec<u8> = members.iter().flat_map(|k| keys::digest(k.as_bytes())).collect();
+    let policy = env.dir.path().join("policy.json");
+    fs::write(
+        &policy,
+        serde_json::json!({
+            "key_sets": [{"name": "bulk", "role": "miner", "digests": [base64_of(&packed)]}]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    env.ok(&["init", "--policy", policy.to_str().unwrap()]);
+    let hex: String = keys::digest(members[1].as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let out = env.accepted(members[1]);
+    assert_eq!((str_of(&out["id"]), str_of(&out["role"])), (format!("bulk:{hex}"), "miner".to_string()));
+    let rendered = env.json(&["render"]);
+    assert_eq!(rendered["key_sets"][0]["name"], "bulk");
+    assert!(Config::from_json(rendered.to_string().as_bytes()).is_ok());
+    env.refused("bulk-key-000003-abcdefgh", "invalid_api_key");
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[test]
 fn commands_without_a_store_say_how_to_make_one() {
     let env = Env::new();
     for args in [

@@ -169,7 +169,7 @@ pub struct KeySpec {
 
 /// Many keys with one identity, known only by their digests: the compact form for large
 /// key sets (a million `keys` entries cost hundreds of megabytes of JSON per Wasm VM; a
-/// million digests here cost 43 MB of base64, decoded into 32 MB).
+/// million digests here cost 43 MB of base64, held by the filter as 16 MB of prefixes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeySetSpec {
@@ -178,7 +178,7 @@ pub struct KeySetSpec {
     /// The members' SHA-256 digests, 32 bytes each, concatenated and base64-encoded
     /// (standard alphabet, padded), as a list of strings that each hold whole digests.
     #[serde(with = "packed_digests")]
-    pub digests: Vec<Digest>,
+    pub digests: PackedDigests,
     /// Client (customer) the keys belong to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
@@ -201,11 +201,67 @@ pub struct KeySetSpec {
     pub allowed_ips: Vec<String>,
 }
 
+/// The first 16 bytes (128 bits) of a SHA-256 digest: what the filter keeps of a key-set
+/// member. Finding a key that matches a member's prefix but is not the member takes about
+/// 2^128 / members guesses (2^108 for a million members), so the other 16 bytes add nothing
+/// but memory, and the filter holds the set once per Wasm VM (one per worker thread, plus
+/// two on Envoy's main thread).
+pub type DigestPrefix = [u8; 16];
+
+/// Bytes of a digest kept per key-set member.
+pub const PREFIX_BYTES: usize = 16;
+
+/// A key set's digests as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PackedDigests {
+    /// Whole digests: what the keygate tool reads, so that it can write them back.
+    Whole(Vec<Digest>),
+    /// Their first [`PREFIX_BYTES`] bytes: what the filter reads
+    /// ([`PluginConfig::from_reader`]), so a VM never holds the rest.
+    Prefixes(Vec<DigestPrefix>),
+}
+
+impl Default for PackedDigests {
+    fn default() -> Self {
+        PackedDigests::Whole(Vec::new())
+    }
+}
+
+impl PackedDigests {
+    /// Number of digests.
+    pub fn len(&self) -> usize {
+        match self {
+            PackedDigests::Whole(d) => d.len(),
+            PackedDigests::Prefixes(p) => p.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The prefixes, moved when that is what was read.
+    pub fn into_prefixes(self) -> Vec<DigestPrefix> {
+        match self {
+            PackedDigests::Whole(d) => d.iter().map(prefix_of).collect(),
+            PackedDigests::Prefixes(p) => p,
+        }
+    }
+}
+
+/// The first [`PREFIX_BYTES`] bytes of a digest.
+pub fn prefix_of(digest: &Digest) -> DigestPrefix {
+    let mut p = [0u8; PREFIX_BYTES];
+    p.copy_from_slice(&digest[..PREFIX_BYTES]);
+    p
+}
+
 /// serde for [`KeySetSpec::digests`]: a list of base64 strings, each decoded straight into
-/// digests as it is read (a parser reading from the host in chunks then never holds more
-/// than one string of the list).
+/// digests (or their prefixes) as it is read (a parser reading from the host in chunks then
+/// never holds more than one string of the list).
 mod packed_digests {
-    use super::Digest;
+    use super::{Digest, DigestPrefix, PackedDigests, PREFIX_BYTES};
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine as _;
     use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
@@ -217,7 +273,12 @@ mod packed_digests {
     /// Digests per string when writing: 32 KiB of digests, 43,692 characters.
     const PER_STRING: usize = 1024;
 
-    pub fn serialize<S: Serializer>(digests: &[Digest], s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(digests: &PackedDigests, s: S) -> Result<S::Ok, S::Error> {
+        let PackedDigests::Whole(digests) = digests else {
+            return Err(serde::ser::Error::custom(
+                "key-set digests read as prefixes (by the filter) cannot be written back",
+            ));
+        };
         let mut seq = s.serialize_seq(Some(digests.len().div_ceil(PER_STRING)))?;
         for chunk in digests.chunks(PER_STRING) {
             seq.serialize_element(&STANDARD.encode(chunk.concat()))?;
@@ -225,47 +286,89 @@ mod packed_digests {
         seq.end()
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Digest>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PackedDigests, D::Error> {
         d.deserialize_seq(List)
     }
 
     std::thread_local! {
-        /// Most digests the document being read can hold (from its size), or 0.
-        static ROOM: Cell<usize> = const { Cell::new(0) };
+        /// While the filter reads its configuration: the most digests the document can
+        /// hold (from its size). `None` otherwise (whole digests, no reservation).
+        static FILTER_ROOM: Cell<Option<usize>> = const { Cell::new(None) };
     }
 
-    /// Runs `parse` on a document of `size` bytes, letting each key set reserve room for
-    /// as many digests as the document can hold before it decodes the first one. Reserved
-    /// and never touched, that room costs address space, not memory; growing by doubling
-    /// instead would copy the array and, in Wasm (whose memory never shrinks), keep both.
-    pub(super) fn with_room<T>(size: usize, parse: impl FnOnce() -> T) -> T {
+    /// Runs `parse` on a document of `size` bytes the way the filter reads it: key sets
+    /// keep digest prefixes, and each reserves room for as many as the document can hold
+    /// before it decodes the first one. Reserved and never touched, that room costs
+    /// address space, not memory; growing by doubling instead would copy the array and, in
+    /// Wasm (whose memory never shrinks), keep both.
+    pub(super) fn as_filter<T>(size: usize, parse: impl FnOnce() -> T) -> T {
         // Base64 takes at least 128 characters for every 3 digests.
-        ROOM.with(|room| room.set(size.saturating_mul(3) / 128 + 1));
+        FILTER_ROOM.with(|room| room.set(Some(size.saturating_mul(3) / 128 + 1)));
         let out = parse();
-        ROOM.with(|room| room.set(0));
+        FILTER_ROOM.with(|room| room.set(None));
         out
     }
 
     struct List;
 
     impl<'de> Visitor<'de> for List {
-        type Value = Vec<Digest>;
+        type Value = PackedDigests;
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a list of base64 strings of concatenated 32-byte SHA-256 digests")
         }
 
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Digest>, A::Error> {
-            let mut out = Vec::with_capacity(ROOM.with(Cell::get));
-            while seq.next_element_seed(Append(&mut out))?.is_some() {}
-            Ok(out)
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PackedDigests, A::Error> {
+            match FILTER_ROOM.with(Cell::get) {
+                Some(room) => {
+                    let mut out: Vec<DigestPrefix> = Vec::with_capacity(room);
+                    while seq.next_element_seed(Append(&mut out))?.is_some() {}
+                    Ok(PackedDigests::Prefixes(out))
+                }
+                None => {
+                    let mut out: Vec<Digest> = Vec::new();
+                    while seq.next_element_seed(Append(&mut out))?.is_some() {}
+                    Ok(PackedDigests::Whole(out))
+                }
+            }
+        }
+    }
+
+    /// Where decoded digests go: whole, or their prefixes.
+    pub(super) trait Sink {
+        fn push_digest(&mut self, digest: &[u8]);
+        fn reserve_digests(&mut self, n: usize);
+    }
+
+    impl Sink for Vec<Digest> {
+        fn push_digest(&mut self, digest: &[u8]) {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(digest);
+            self.push(d);
+        }
+        fn reserve_digests(&mut self, n: usize) {
+            self.reserve(n);
+        }
+    }
+
+    impl Sink for Vec<DigestPrefix> {
+        fn push_digest(&mut self, digest: &[u8]) {
+            let mut p = [0u8; PREFIX_BYTES];
+            p.copy_from_slice(&digest[..PREFIX_BYTES]);
+            self.push(p);
+        }
+        fn reserve_digests(&mut self, n: usize) {
+            // Room was reserved for the whole document up front; growing now would copy.
+            if self.capacity() - self.len() < n {
+                self.reserve(n);
+            }
         }
     }
 
     /// Decodes one string of the list onto the end of the digests read so far.
-    struct Append<'a>(&'a mut Vec<Digest>);
+    struct Append<'a, T>(&'a mut T);
 
-    impl<'de> DeserializeSeed<'de> for Append<'_> {
+    impl<'de, T: Sink> DeserializeSeed<'de> for Append<'_, T> {
         type Value = ();
 
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -273,7 +376,7 @@ mod packed_digests {
         }
     }
 
-    impl Visitor<'_> for Append<'_> {
+    impl<T: Sink> Visitor<'_> for Append<'_, T> {
         type Value = ();
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -286,11 +389,11 @@ mod packed_digests {
     }
 
     /// 128 base64 characters are exactly 96 bytes, three digests: decode chunk by chunk.
-    pub(super) fn decode_into(text: &str, out: &mut Vec<Digest>) -> Result<(), String> {
+    pub(super) fn decode_into(text: &str, out: &mut impl Sink) -> Result<(), String> {
         const CHUNK: usize = 128;
         let mut buf = [0u8; 96];
         let mut total = 0usize;
-        out.reserve(text.len() / 44);
+        out.reserve_digests(text.len() / 44);
         for (n, chunk) in text.as_bytes().chunks(CHUNK).enumerate() {
             let len = STANDARD.decode_slice(chunk, &mut buf).map_err(|e| {
                 format!(
@@ -303,9 +406,7 @@ mod packed_digests {
                 break;
             }
             for digest in buf[..len].chunks_exact(32) {
-                let mut d = [0u8; 32];
-                d.copy_from_slice(digest);
-                out.push(d);
+                out.push_digest(digest);
             }
         }
         if !total.is_multiple_of(32) {
@@ -411,23 +512,27 @@ pub struct Key {
     pub bucket: String,
 }
 
-/// A key set, compiled: the identity its members share, and their sorted digests.
+/// A key set, compiled: the identity its members share, and their sorted digest prefixes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySet {
     /// The members' identity; its `id` is the set's name and its `bucket` is unused.
     pub identity: Key,
     /// Sorted, distinct.
-    pub digests: Vec<Digest>,
+    pub digests: Vec<DigestPrefix>,
 }
 
 impl KeySet {
     /// Whether the set holds this digest.
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.digests.binary_search(digest).is_ok()
+        self.holds(&prefix_of(digest))
+    }
+
+    fn holds(&self, prefix: &DigestPrefix) -> bool {
+        self.digests.binary_search(prefix).is_ok()
     }
 
     /// A member's id: the set's name and the first 16 hex digits of its digest.
-    pub fn member_id(&self, digest: &Digest) -> String {
+    pub fn member_id(&self, digest: &[u8]) -> String {
         let mut id = String::with_capacity(self.identity.id.len() + 17);
         id.push_str(&self.identity.id);
         id.push(':');
@@ -595,7 +700,7 @@ impl Config {
     }
 
     /// `compile`, with each key set's digests passed separately (in set order).
-    fn build(doc: &PluginConfig, set_digests: Vec<Vec<Digest>>) -> Result<Config, ConfigError> {
+    fn build(doc: &PluginConfig, set_digests: Vec<PackedDigests>) -> Result<Config, ConfigError> {
         let realm = doc.realm.clone().unwrap_or_else(|| DEFAULT_REALM.into());
         if realm.is_empty()
             || !realm
@@ -684,8 +789,30 @@ impl Config {
             keys.push(key);
         }
         let mut key_sets: Vec<KeySet> = Vec::with_capacity(doc.key_sets.len());
+        // Key-set members are held by prefix: a key's digest must not share one with them.
+        let key_prefixes: std::collections::HashMap<DigestPrefix, usize> =
+            if doc.key_sets.is_empty() {
+                std::collections::HashMap::new()
+            } else {
+                doc.keys
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, spec)| {
+                        keys::parse_hash(&spec.hash)
+                            .ok()
+                            .map(|d| (prefix_of(&d), i))
+                    })
+                    .collect()
+            };
         for (i, (spec, digests)) in doc.key_sets.iter().zip(set_digests).enumerate() {
-            let mut set = compile_key_set(i, spec, digests, &index, &ids, &key_sets)?;
+            let mut set = compile_key_set(
+                i,
+                spec,
+                digests.into_prefixes(),
+                &key_prefixes,
+                &ids,
+                &key_sets,
+            )?;
             set.identity.limit = match &spec.plan {
                 Some(name) => Some(plan_named(format!("key_sets[{i}].plan"), name)?),
                 None => default_limit.clone(),
@@ -801,7 +928,7 @@ impl PluginConfig {
             return Err(ConfigError::new("configuration", EMPTY_CONFIGURATION));
         }
         let reader = std::io::BufReader::with_capacity(64 * 1024, reader);
-        packed_digests::with_room(size, || {
+        packed_digests::as_filter(size, || {
             parse(serde_json::Deserializer::from_reader(reader))
         })
     }
@@ -966,8 +1093,8 @@ fn compile_identity(
 fn compile_key_set(
     i: usize,
     spec: &KeySetSpec,
-    mut digests: Vec<Digest>,
-    index: &KeyIndex,
+    mut digests: Vec<DigestPrefix>,
+    key_prefixes: &std::collections::HashMap<DigestPrefix, usize>,
     ids: &std::collections::HashMap<String, usize>,
     earlier: &[KeySet],
 ) -> Result<KeySet, ConfigError> {
@@ -1023,7 +1150,7 @@ fn compile_key_set(
             return Err(ConfigError::new(
                 field,
                 format!(
-                    "the digest {} appears twice; each key must be configured once",
+                    "the digest {}... appears twice (members are told apart by their first {PREFIX_BYTES} bytes); each key must be configured once",
                     hex_digest(&pair[0])
                 ),
             ));
@@ -1039,20 +1166,20 @@ fn compile_key_set(
         }
     }
     for d in &digests {
-        if let Some(j) = index.get(d) {
+        if let Some(j) = key_prefixes.get(d) {
             return Err(ConfigError::new(
                 field,
                 format!(
-                    "the digest {} is also keys[{j}].hash; each key must be configured once",
+                    "the digest {}... is also keys[{j}].hash (members are told apart by their first {PREFIX_BYTES} bytes); each key must be configured once",
                     hex_digest(d)
                 ),
             ));
         }
-        if let Some(j) = earlier.iter().position(|s| s.contains(d)) {
+        if let Some(j) = earlier.iter().position(|s| s.holds(d)) {
             return Err(ConfigError::new(
                 field,
                 format!(
-                    "the digest {} is also in key_sets[{j}]; each key must be configured once",
+                    "the digest {}... is also in key_sets[{j}]; each key must be configured once",
                     hex_digest(d)
                 ),
             ));
@@ -1061,7 +1188,7 @@ fn compile_key_set(
     Ok(KeySet { identity, digests })
 }
 
-fn hex_digest(d: &Digest) -> String {
+fn hex_digest(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 

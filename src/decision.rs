@@ -9,7 +9,7 @@ use crate::config::{Config, Key, KeyRef, KeyStatus, Route};
 use crate::credentials::{self, Credential, Header};
 use crate::ip;
 use crate::keys;
-use crate::ratelimit::{self, LimitError, Store, Verdict};
+use crate::ratelimit::{self, Leases, LimitError, Store, Verdict};
 use std::borrow::Cow;
 use std::net::IpAddr;
 
@@ -212,12 +212,14 @@ pub const FAILED_AUTH_SLOTS: u64 = 4096;
 pub const FAILED_AUTH_PREFIX: &str = "keygate:failed:";
 
 /// Decides a request at `now_ns` (host time, nanoseconds since the Unix epoch), taking
-/// from the key's bucket in `store` when the request is admitted.
+/// from the key's bucket in `store` (through this worker's `leases`) when the request is
+/// admitted.
 pub fn decide<'c, S: Store + ?Sized>(
     config: &'c Config,
     req: &Request<'_>,
     now_ns: u64,
     store: &S,
+    leases: &mut Leases,
 ) -> Decision<'c> {
     let now_s = i64::try_from(now_ns / 1_000_000_000).unwrap_or(i64::MAX);
     let mut remove: Vec<String> = req
@@ -327,7 +329,7 @@ pub fn decide<'c, S: Store + ?Sized>(
 
     let mut quota = None;
     if let Some(limit) = &key.limit {
-        match ratelimit::take(store, &entry.bucket, &limit.rate, now_ns, 1) {
+        match ratelimit::take_leased(store, leases, &entry.bucket, &limit.rate, now_ns) {
             Ok(v) if v.admitted => quota = Some(Quota::of(limit.rate.requests, &v)),
             Ok(v) => {
                 let mut d = deny(Reason::RateLimited, who(), client_ip);

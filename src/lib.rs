@@ -12,6 +12,7 @@ pub mod credentials;
 pub mod decision;
 pub mod ip;
 pub mod keys;
+pub mod logbudget;
 pub mod ratelimit;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod store;

@@ -3,6 +3,13 @@
 //!
 //! Tokens are counted in nano-tokens and refill is rounded down, so rounding can only
 //! ever admit less than the configured rate, never more.
+//!
+//! Busy keys on large plans do not pay a shared-data round trip per request: a worker
+//! takes several tokens at once (a lease, see [`take_leased`]) and spends them locally.
+//! Every token still comes out of the one shared bucket, so all workers together never
+//! admit more than the plan allows.
+
+use std::collections::HashMap;
 
 const NANOS_PER_TOKEN: u128 = 1_000_000_000;
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -77,6 +84,16 @@ impl Bucket {
             b.nanotokens -= u64::try_from(cost_nt).unwrap_or(b.nanotokens);
         }
         (b, b.verdict(rate, admitted))
+    }
+
+    /// Takes as many whole tokens as the bucket holds, up to `most` (at least 1); returns
+    /// the new state, the verdict and the number taken (0 when refused).
+    pub fn take_up_to(self, rate: &Rate, now_ns: u64, most: u64) -> (Bucket, Verdict, u64) {
+        let mut b = self.refilled(rate, now_ns);
+        let per_token = NANOS_PER_TOKEN as u64;
+        let taken = (b.nanotokens / per_token).min(most.max(1));
+        b.nanotokens -= taken * per_token;
+        (b, b.verdict(rate, taken > 0), taken)
     }
 
     /// The verdict for the current state without taking anything.
@@ -174,12 +191,28 @@ pub fn take<S: Store + ?Sized>(
     now_ns: u64,
     cost: u64,
 ) -> Result<Verdict, LimitError> {
+    update(store, key, rate, now_ns, |bucket| {
+        let (next, verdict) = bucket.take(rate, now_ns, cost);
+        (next, verdict, 0)
+    })
+    .map(|(verdict, _)| verdict)
+}
+
+/// Applies `step` to the bucket under `key` exactly once across all workers: read,
+/// compute, write back only if nobody wrote in between; else retry.
+fn update<S: Store + ?Sized>(
+    store: &S,
+    key: &str,
+    rate: &Rate,
+    now_ns: u64,
+    step: impl Fn(Bucket) -> (Bucket, Verdict, u64),
+) -> Result<(Verdict, u64), LimitError> {
     for _ in 0..MAX_ATTEMPTS {
         let (bucket, version) = current(store, key, rate, now_ns)?;
-        let (next, verdict) = bucket.take(rate, now_ns, cost);
+        let (next, verdict, taken) = step(bucket);
         if next == bucket && version != 0 {
             // Nothing changed (refused, no refill): no write needed.
-            return Ok(verdict);
+            return Ok((verdict, taken));
         }
         // A bucket seen absent is created with a version no live entry is expected to
         // hold: the host then creates it if it is still absent, and reports a conflict
@@ -190,12 +223,143 @@ pub fn take<S: Store + ?Sized>(
             version
         };
         match store.set(key, &next.encode(), version) {
-            Ok(()) => return Ok(verdict),
+            Ok(()) => return Ok((verdict, taken)),
             Err(StoreError::Conflict) => continue,
             Err(StoreError::Host(s)) => return Err(LimitError::Store(s)),
         }
     }
     Err(LimitError::Contended)
+}
+
+/// How long a worker may hold tokens it took ahead; unused ones are then dropped (they
+/// were taken from the shared bucket, so dropping them can only admit less).
+pub const LEASE_TTL_NS: u64 = NANOS_PER_SECOND;
+
+/// Most tokens a worker takes ahead at once.
+pub const MAX_LEASE: u64 = 256;
+
+/// A lease is at most this fraction of the bucket, so the tokens workers hold ahead stay
+/// a small part of it: plans with a burst under 128 are always taken from one at a time.
+pub const BURST_PER_LEASE: u64 = 64;
+
+/// Buckets one worker holds leases on at most; beyond that, tokens are taken singly.
+pub const MAX_LEASES: usize = 4096;
+
+/// Tokens one worker has taken ahead from a shared bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lease {
+    /// Taken and not yet spent.
+    tokens: u64,
+    /// Taken the last time.
+    size: u64,
+    /// When they were taken.
+    taken_ns: u64,
+    /// The shared bucket's whole tokens and seconds to full just after they were taken.
+    shared_remaining: u64,
+    reset_s: u64,
+}
+
+impl Lease {
+    fn fresh(&self, now_ns: u64) -> bool {
+        now_ns >= self.taken_ns && now_ns - self.taken_ns < LEASE_TTL_NS
+    }
+}
+
+/// One worker's leases, by bucket name (one per Wasm VM; never shared).
+#[derive(Debug, Default)]
+pub struct Leases {
+    held: HashMap<String, Lease>,
+}
+
+impl Leases {
+    /// Drops every lease (on a new configuration: plans may have changed).
+    pub fn clear(&mut self) {
+        self.held.clear();
+    }
+
+    /// Number of buckets with a lease.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether no lease is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
+/// The largest lease for a rate; below 2, tokens are taken one request at a time.
+pub fn max_lease(rate: &Rate) -> u64 {
+    (rate.burst / BURST_PER_LEASE).min(MAX_LEASE)
+}
+
+/// Takes one token for a request, from this worker's lease on the bucket when it holds
+/// one, else from the shared bucket under `key`. A worker whose lease ran out while fresh
+/// takes twice as many the next time (up to [`max_lease`]); one whose lease expired with
+/// tokens left takes half as many: a key used now and then takes one token at a time,
+/// exactly as [`take`] does. `remaining` in the verdict counts the worker's unspent tokens
+/// as still in the bucket.
+pub fn take_leased<S: Store + ?Sized>(
+    store: &S,
+    leases: &mut Leases,
+    key: &str,
+    rate: &Rate,
+    now_ns: u64,
+) -> Result<Verdict, LimitError> {
+    let most = max_lease(rate);
+    if most < 2 {
+        return take(store, key, rate, now_ns, 1);
+    }
+    let size = match leases.held.get_mut(key) {
+        Some(lease) => {
+            let fresh = lease.fresh(now_ns);
+            if fresh && lease.tokens > 0 {
+                lease.tokens -= 1;
+                return Ok(Verdict {
+                    admitted: true,
+                    remaining: lease.shared_remaining.saturating_add(lease.tokens),
+                    retry_after_s: 0,
+                    reset_s: lease.reset_s,
+                });
+            }
+            let next = if fresh {
+                lease.size.saturating_mul(2)
+            } else if lease.tokens > 0 {
+                lease.size / 2
+            } else {
+                lease.size
+            };
+            next.clamp(1, most)
+        }
+        None => {
+            if leases.held.len() >= MAX_LEASES {
+                leases.held.retain(|_, l| l.fresh(now_ns));
+            }
+            if leases.held.len() >= MAX_LEASES {
+                return take(store, key, rate, now_ns, 1);
+            }
+            1
+        }
+    };
+    let (verdict, taken) = update(store, key, rate, now_ns, |bucket| {
+        bucket.take_up_to(rate, now_ns, size)
+    })?;
+    if !verdict.admitted {
+        leases.held.remove(key);
+        return Ok(verdict);
+    }
+    let lease = Lease {
+        tokens: taken - 1,
+        size,
+        taken_ns: now_ns,
+        shared_remaining: verdict.remaining,
+        reset_s: verdict.reset_s,
+    };
+    leases.held.insert(key.to_string(), lease);
+    Ok(Verdict {
+        remaining: verdict.remaining.saturating_add(lease.tokens),
+        ..verdict
+    })
 }
 
 /// The verdict for the bucket under `key` without taking a token.

@@ -262,7 +262,10 @@ fn init_with_a_policy_file_takes_its_routes_and_refuses_a_bad_one() {
 fn key_sets_in_the_policy_pass_through_to_render_and_verify() {
     let env = Env::new();
     let members = ["bulk-key-000001-abcdefgh", "bulk-key-000002-abcdefgh"];
-    let packed: Vec<u8> = members.iter().flat_map(|k| keys::digest(k.as_bytes())).collect();
+    let packed: Vec<u8> = members
+        .iter()
+        .flat_map(|k| keys::digest(k.as_bytes()))
+        .collect();
     let policy = env.dir.path().join("policy.json");
     fs::write(
         &policy,
@@ -278,7 +281,10 @@ fn key_sets_in_the_policy_pass_through_to_render_and_verify() {
         .map(|b| format!("{b:02x}"))
         .collect();
     let out = env.accepted(members[1]);
-    assert_eq!((str_of(&out["id"]), str_of(&out["role"])), (format!("bulk:{hex}"), "miner".to_string()));
+    assert_eq!(
+        (str_of(&out["id"]), str_of(&out["role"])),
+        (format!("bulk:{hex}"), "miner".to_string())
+    );
     let rendered = env.json(&["render"]);
     assert_eq!(rendered["key_sets"][0]["name"], "bulk");
     assert!(Config::from_json(rendered.to_string().as_bytes()).is_ok());

@@ -1,7 +1,7 @@
 use super::*;
 use crate::config::Config;
 use crate::keys::hash_string;
-use crate::ratelimit::MemoryStore;
+use crate::ratelimit::{Leases, MemoryStore};
 
 const CLIENT_KEY: &str = "client-key-0123456789";
 const ADMIN_KEY: &str = "admin-key-0123456789";
@@ -79,7 +79,8 @@ fn run_from<'c>(
         peer: Some(peer.parse().unwrap()),
     };
     // The decision borrows only the configuration, never the request.
-    decide(c, &req, now_ns, store)
+    // A worker with no leases yet: every call takes from the shared bucket.
+    decide(c, &req, now_ns, store, &mut Leases::default())
 }
 
 fn reason(d: &Decision<'_>) -> Option<Reason> {

@@ -196,6 +196,19 @@ pub fn remove_request_header(name: &str) -> Result<(), HostError> {
     check(unsafe { proxy_remove_header_map_value(MAP_REQUEST_HEADERS, name.as_ptr(), name.len()) })
 }
 
+/// Adds a request header value (keeping any already there).
+pub fn add_request_header(name: &str, value: &str) -> Result<(), HostError> {
+    check(unsafe {
+        proxy_add_header_map_value(
+            MAP_REQUEST_HEADERS,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
 /// Adds a response header (for headers on upstream responses).
 pub fn add_response_header(name: &str, value: &str) -> Result<(), HostError> {
     check(unsafe {

@@ -5,10 +5,17 @@ mod host;
 use crate::config::Config;
 use crate::decision::{self, Admission, Denial, Quota, Reason, Request, Subject};
 use crate::ip;
+use crate::logbudget::LogBudget;
+use crate::ratelimit::Leases;
 use crate::wire;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
+use std::cell::RefCell;
 use std::rc::Rc;
+
+/// Denial lines written per second per worker at most (the rest are counted, see
+/// `LogBudget`): a flood of refused requests must not become a flood of log writes.
+const DENIAL_LINES_PER_SECOND: u32 = 100;
 
 proxy_wasm::main! {{
     host::install_logger();
@@ -49,10 +56,28 @@ impl Counters {
     }
 }
 
+/// What one worker's VM keeps between requests.
+struct Worker {
+    /// Tokens taken ahead from shared buckets.
+    leases: Leases,
+    /// Denial log lines left this second.
+    denial_log: LogBudget,
+}
+
+impl Default for Worker {
+    fn default() -> Self {
+        Worker {
+            leases: Leases::default(),
+            denial_log: LogBudget::new(DENIAL_LINES_PER_SECOND),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Root {
     config: Option<Rc<Config>>,
     counters: Counters,
+    worker: Rc<RefCell<Worker>>,
 }
 
 impl Context for Root {}
@@ -70,6 +95,8 @@ impl RootContext for Root {
                     config.routes.len()
                 );
                 self.config = Some(Rc::new(config));
+                // Plans may have changed: tokens held for the old ones are dropped.
+                self.worker.borrow_mut().leases.clear();
                 true
             }
             Err(e) => {
@@ -83,6 +110,7 @@ impl RootContext for Root {
         Some(Box::new(Stream {
             config: self.config.clone(),
             counters: self.counters,
+            worker: Rc::clone(&self.worker),
             quota: None,
         }))
     }
@@ -95,6 +123,7 @@ impl RootContext for Root {
 struct Stream {
     config: Option<Rc<Config>>,
     counters: Counters,
+    worker: Rc<RefCell<Worker>>,
     /// Quota to report on the upstream's response.
     quota: Option<Quota>,
 }
@@ -144,9 +173,26 @@ impl HttpContext for Stream {
                 return self.internal_error(&format!("cannot read the clock (status {})", e.0))
             }
         };
-        match decision::decide(&config, &request, now, &host::SharedData) {
+        // Callbacks of one VM never nest, so the borrow cannot fail; if it ever did,
+        // refusing beats a panic.
+        let Ok(mut worker) = self.worker.try_borrow_mut() else {
+            return self.internal_error("worker state is in use");
+        };
+        let decision = decision::decide(
+            &config,
+            &request,
+            now,
+            &host::SharedData,
+            &mut worker.leases,
+        );
+        let log_line = match &decision {
+            Err(_) => worker.denial_log.admit(now),
+            Ok(_) => None,
+        };
+        drop(worker);
+        match decision {
             Ok(admission) => self.forward(&admission),
-            Err(denial) => self.deny(&config, &denial),
+            Err(denial) => self.deny(&config, &denial, log_line),
         }
     }
 
@@ -183,7 +229,13 @@ impl Stream {
             ok &= host::remove_request_header(name).is_ok();
         }
         for (name, value) in admission.identity_headers() {
-            ok &= host::set_request_header(name, value).is_ok();
+            // Every client-sent x-keygate-* header was removed above, so those are added
+            // (one host operation); others (x-tenant-id) may be client-sent: replaced.
+            ok &= if name.starts_with(decision::IDENTITY_PREFIX) {
+                host::add_request_header(name, value).is_ok()
+            } else {
+                host::set_request_header(name, value).is_ok()
+            };
         }
         if !ok {
             // Forwarding without the identity (or with a spoofed one) is not an option.
@@ -194,22 +246,34 @@ impl Stream {
         Action::Continue
     }
 
-    fn deny(&self, config: &Config, denial: &Denial<'_>) -> Action {
+    /// Refuses the request. `log_line` is `Some(skipped)` when this denial may be logged,
+    /// with the number of denials left unlogged since the last line.
+    fn deny(&self, config: &Config, denial: &Denial<'_>, log_line: Option<u64>) -> Action {
         let reason = denial.reason;
         let status = reason.status();
-        let who = match &denial.subject {
-            Subject::Nobody => String::new(),
-            Subject::Key(id) => format!(" key_id={id}"),
-            Subject::Unknown(prefix) => format!(" key_prefix={prefix:?}"),
-        };
-        log::info!(
-            "keygate: denied {status} {}{who}{}",
-            reason.code(),
-            client(denial)
-        );
+        if let Some(skipped) = log_line {
+            let who = match &denial.subject {
+                Subject::Nobody => String::new(),
+                Subject::Key(id) => format!(" key_id={id}"),
+                Subject::Unknown(prefix) => format!(" key_prefix={prefix:?}"),
+            };
+            let skipped = match skipped {
+                0 => String::new(),
+                n => format!(
+                    " ({n} earlier denials not logged: over {DENIAL_LINES_PER_SECOND} a second)"
+                ),
+            };
+            log::info!(
+                "keygate: denied {status} {}{who}{}{skipped}",
+                reason.code(),
+                client(denial)
+            );
+        }
         if let Some(failure) = denial.limiter_failure {
             host::increment(self.counters.limiter_failures);
-            log::warn!("keygate: rate limiter unavailable ({failure:?}); request refused to stay within the limit");
+            if log_line.is_some() {
+                log::warn!("keygate: rate limiter unavailable ({failure:?}); request refused to stay within the limit");
+            }
         }
         let retry_after = denial.retry_after_s.map(|s| s.to_string());
         let quota = denial.quota.as_ref().map(quota_headers);

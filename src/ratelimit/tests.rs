@@ -258,3 +258,194 @@ proptest! {
         }
     }
 }
+
+/// Counts the writes that reach the shared store.
+#[derive(Default)]
+struct Counting {
+    inner: MemoryStore,
+    writes: std::cell::Cell<u64>,
+}
+
+impl Store for Counting {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        self.inner.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], version: u32) -> Result<(), StoreError> {
+        self.writes.set(self.writes.get() + 1);
+        self.inner.set(key, value, version)
+    }
+}
+
+#[test]
+fn small_buckets_are_never_leased() {
+    // Burst 100 < 128: every request goes to the shared bucket, so two workers between
+    // them admit exactly the burst, as with `take`.
+    let rate = per_minute(1, 100);
+    assert_eq!(max_lease(&rate), 1);
+    let store = Counting::default();
+    let (mut a, mut b) = (Leases::default(), Leases::default());
+    let mut admitted = 0;
+    for i in 0..300 {
+        let leases = if i % 2 == 0 { &mut a } else { &mut b };
+        if take_leased(&store, leases, "k", &rate, T0)
+            .unwrap()
+            .admitted
+        {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 100);
+    assert_eq!(store.writes.get(), 100);
+    assert!(a.is_empty() && b.is_empty());
+}
+
+#[test]
+fn a_busy_worker_takes_tokens_ahead_and_writes_rarely() {
+    let rate = Rate {
+        requests: 1_000_000,
+        period_ns: SEC,
+        burst: 1_000_000,
+    };
+    assert_eq!(max_lease(&rate), MAX_LEASE);
+    let store = Counting::default();
+    let mut leases = Leases::default();
+    for i in 0..10_000u64 {
+        // 10,000 requests within one millisecond: refill adds at most 1,000 tokens.
+        let v = take_leased(&store, &mut leases, "k", &rate, T0 + i * 100).unwrap();
+        assert!(v.admitted);
+        // Unspent leased tokens count as remaining: never more than the bucket holds.
+        assert!(v.remaining < rate.burst && v.remaining + i + 1 >= rate.burst);
+    }
+    // Leases of 1, 2, 4 .. 256 tokens, then 256 each: about 10,000 / 256 + 9 writes.
+    assert!(store.writes.get() <= 50, "{} writes", store.writes.get());
+    assert!(
+        store.writes.get() >= 10_000 / MAX_LEASE,
+        "{} writes",
+        store.writes.get()
+    );
+    // The shared bucket has paid for every token admitted, and for those still held.
+    let (bytes, _) = store.get("k").unwrap().unwrap();
+    let shared = Bucket::decode(&bytes).unwrap();
+    let spent = rate.burst - shared.nanotokens / 1_000_000_000;
+    assert!(spent <= 10_000 + MAX_LEASE + 1_000, "{spent}");
+}
+
+#[test]
+fn an_idle_lease_expires_and_shrinks() {
+    let rate = Rate {
+        requests: 100_000,
+        period_ns: SEC,
+        burst: 100_000,
+    };
+    let store = Counting::default();
+    let mut leases = Leases::default();
+    // Ramp up: every lease used up at once, so each is twice the last.
+    for i in 0..(1 + 2 + 4 + 8) {
+        assert!(
+            take_leased(&store, &mut leases, "k", &rate, T0 + i)
+                .unwrap()
+                .admitted
+        );
+    }
+    assert_eq!(store.writes.get(), 4);
+    // One more: a lease of 16, of which 15 are left unspent when it expires.
+    assert!(
+        take_leased(&store, &mut leases, "k", &rate, T0 + 20)
+            .unwrap()
+            .admitted
+    );
+    assert_eq!(store.writes.get(), 5);
+    let writes = store.writes.get();
+    let later = T0 + 20 + LEASE_TTL_NS;
+    assert!(
+        take_leased(&store, &mut leases, "k", &rate, later)
+            .unwrap()
+            .admitted
+    );
+    assert_eq!(
+        store.writes.get(),
+        writes + 1,
+        "an expired lease is not spent"
+    );
+    // The next lease is half the size (8): 7 more requests without a write, then one.
+    for i in 1..=7 {
+        take_leased(&store, &mut leases, "k", &rate, later + i).unwrap();
+    }
+    assert_eq!(store.writes.get(), writes + 1);
+    take_leased(&store, &mut leases, "k", &rate, later + 8).unwrap();
+    assert_eq!(store.writes.get(), writes + 2);
+}
+
+#[test]
+fn an_empty_bucket_refuses_even_with_a_lease_history() {
+    // Burst 128: leases of at most 2. Two workers drain it; then both are refused until
+    // the refill (1 per minute) gives a token, which exactly one of them gets.
+    let rate = per_minute(1, 128);
+    assert_eq!(max_lease(&rate), 2);
+    let store = MemoryStore::default();
+    let (mut a, mut b) = (Leases::default(), Leases::default());
+    let mut admitted = 0;
+    for i in 0..400 {
+        let leases = if i % 3 == 0 { &mut a } else { &mut b };
+        if take_leased(&store, leases, "k", &rate, T0)
+            .unwrap()
+            .admitted
+        {
+            admitted += 1;
+        }
+    }
+    assert!((126..=128).contains(&admitted), "{admitted}");
+    let v = take_leased(&store, &mut a, "k", &rate, T0 + 2 * LEASE_TTL_NS).unwrap();
+    assert!(!v.admitted);
+    assert!((58..=59).contains(&v.retry_after_s), "{}", v.retry_after_s);
+    let t = T0 + 61 * SEC;
+    let first = take_leased(&store, &mut a, "k", &rate, t).unwrap();
+    let second = take_leased(&store, &mut b, "k", &rate, t).unwrap();
+    assert!(first.admitted && !second.admitted);
+}
+
+#[test]
+fn too_many_leases_fall_back_to_single_tokens() {
+    let rate = per_minute(60_000, 60_000);
+    let store = MemoryStore::default();
+    let mut leases = Leases::default();
+    for i in 0..MAX_LEASES {
+        take_leased(&store, &mut leases, &format!("k{i}"), &rate, T0).unwrap();
+    }
+    assert_eq!(leases.len(), MAX_LEASES);
+    assert!(
+        take_leased(&store, &mut leases, "one-more", &rate, T0)
+            .unwrap()
+            .admitted
+    );
+    assert_eq!(leases.len(), MAX_LEASES);
+    // Once the old ones expire they make room again.
+    take_leased(&store, &mut leases, "one-more", &rate, T0 + LEASE_TTL_NS).unwrap();
+    assert_eq!(leases.len(), 1);
+}
+
+proptest! {
+    /// However requests interleave across workers, and whatever the lease sizes, the
+    /// workers together admit no more than burst + rate x elapsed.
+    #[test]
+    fn leases_never_admit_more_than_the_bucket(
+        requests in 1u64..100_000,
+        burst in 128u64..20_000,
+        steps in prop::collection::vec((0usize..3, 0u64..SEC / 50), 1..3000),
+    ) {
+        let rate = Rate { requests, period_ns: SEC, burst };
+        let store = MemoryStore::default();
+        let mut workers = [Leases::default(), Leases::default(), Leases::default()];
+        let mut now = T0;
+        let mut admitted: u128 = 0;
+        for (worker, gap) in steps {
+            now += gap;
+            if take_leased(&store, &mut workers[worker], "k", &rate, now).unwrap().admitted {
+                admitted += 1;
+            }
+            let bound = u128::from(burst) + u128::from(now - T0) * u128::from(requests) / u128::from(SEC);
+            prop_assert!(admitted <= bound, "admitted {} > bound {}", admitted, bound);
+        }
+    }
+}

@@ -135,6 +135,27 @@ def test_burst_is_exact_across_workers_http2(start_envoy):
     assert 1 <= int(r.header("retry-after")) <= 2
 
 
+def test_large_plans_lease_tokens_and_still_hold_across_workers(start_envoy):
+    """A burst of 2,000 lets each worker take up to 31 tokens at a time from the shared
+    bucket (src/ratelimit.rs, leases): all workers together still admit the burst, no more,
+    and no fewer than the burst minus what a worker may still hold when the test stops."""
+    big = {"requests": 2000, "per": "day", "burst": 2000}
+    envoy = start_envoy(limits_config(plans={"slow": SLOW, "tiny": {"requests": 3, "per": "hour"}, "big": big},
+                                      keys=[{"id": "big-1", "hash": key_hash(GOOD), "role": "client",
+                                             "plan": "big"}]),
+                        concurrency=2)
+    results = hammer(envoy.port, GOOD, total=3000, connections=30)
+    statuses = [s for s, _ in results]
+    admitted = statuses.count(200)
+    print(f"concurrency 2, burst 2000: {admitted} of 3000 admitted")
+    assert 2000 - 2 * 31 <= admitted <= 2001, admitted
+    assert statuses.count(429) == 3000 - admitted
+    assert admitted_count(envoy) == admitted
+    remaining = [int(h["x-ratelimit-remaining"]) for s, h in results if s == 200]
+    assert all(0 <= r < 2000 for r in remaining), remaining[:20]
+    assert min(remaining) <= 31
+
+
 def test_plans_are_independent_and_refusals_cost_nothing(start_envoy, http2):
     envoy = start_envoy(limits_config())
     # 403 (admin route) and a suspended-free path: none of these consume quota.

@@ -169,16 +169,17 @@ pub struct KeySpec {
 
 /// Many keys with one identity, known only by their digests: the compact form for large
 /// key sets (a million `keys` entries cost hundreds of megabytes of JSON per Wasm VM; a
-/// million digests here cost 43 MB of base64, held by the filter as 16 MB of prefixes).
+/// million members here cost 21 MB of base64, held as 16 MB).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeySetSpec {
     /// Name; a member's id is `<name>:<first 16 hex digits of its digest>`.
     pub name: String,
-    /// The members' SHA-256 digests, 32 bytes each, concatenated and base64-encoded
-    /// (standard alphabet, padded), as a list of strings that each hold whole digests.
+    /// The first 16 bytes of each member's SHA-256 digest, concatenated and
+    /// base64-encoded (standard alphabet, padded), as a list of strings that each hold
+    /// whole prefixes.
     #[serde(with = "packed_digests")]
-    pub digests: PackedDigests,
+    pub digests: Vec<DigestPrefix>,
     /// Client (customer) the keys belong to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
@@ -201,54 +202,15 @@ pub struct KeySetSpec {
     pub allowed_ips: Vec<String>,
 }
 
-/// The first 16 bytes (128 bits) of a SHA-256 digest: what the filter keeps of a key-set
-/// member. Finding a key that matches a member's prefix but is not the member takes about
-/// 2^128 / members guesses (2^108 for a million members), so the other 16 bytes add nothing
-/// but memory, and the filter holds the set once per Wasm VM (one per worker thread, plus
-/// two on Envoy's main thread).
-pub type DigestPrefix = [u8; 16];
+/// The first 16 bytes (128 bits) of a SHA-256 digest: how a key-set member is given and
+/// held. Finding a key that matches a member's prefix without being the member takes
+/// about 2^128 / members guesses (2^108 for a million members), so the other 16 bytes
+/// would add nothing but size, to the configuration Envoy keeps copies of and to each
+/// Wasm VM (one per worker thread, plus two on Envoy's main thread).
+pub type DigestPrefix = [u8; PREFIX_BYTES];
 
-/// Bytes of a digest kept per key-set member.
+/// Bytes of a digest that identify a key-set member.
 pub const PREFIX_BYTES: usize = 16;
-
-/// A key set's digests as read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PackedDigests {
-    /// Whole digests: what the keygate tool reads, so that it can write them back.
-    Whole(Vec<Digest>),
-    /// Their first [`PREFIX_BYTES`] bytes: what the filter reads
-    /// ([`PluginConfig::from_reader`]), so a VM never holds the rest.
-    Prefixes(Vec<DigestPrefix>),
-}
-
-impl Default for PackedDigests {
-    fn default() -> Self {
-        PackedDigests::Whole(Vec::new())
-    }
-}
-
-impl PackedDigests {
-    /// Number of digests.
-    pub fn len(&self) -> usize {
-        match self {
-            PackedDigests::Whole(d) => d.len(),
-            PackedDigests::Prefixes(p) => p.len(),
-        }
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The prefixes, moved when that is what was read.
-    pub fn into_prefixes(self) -> Vec<DigestPrefix> {
-        match self {
-            PackedDigests::Whole(d) => d.iter().map(prefix_of).collect(),
-            PackedDigests::Prefixes(p) => p,
-        }
-    }
-}
 
 /// The first [`PREFIX_BYTES`] bytes of a digest.
 pub fn prefix_of(digest: &Digest) -> DigestPrefix {
@@ -258,10 +220,10 @@ pub fn prefix_of(digest: &Digest) -> DigestPrefix {
 }
 
 /// serde for [`KeySetSpec::digests`]: a list of base64 strings, each decoded straight into
-/// digests (or their prefixes) as it is read (a parser reading from the host in chunks then
-/// never holds more than one string of the list).
+/// prefixes as it is read (a parser reading from the host in chunks then never holds more
+/// than one string of the list).
 mod packed_digests {
-    use super::{Digest, DigestPrefix, PackedDigests, PREFIX_BYTES};
+    use super::{DigestPrefix, PREFIX_BYTES};
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine as _;
     use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
@@ -270,105 +232,59 @@ mod packed_digests {
     use std::cell::Cell;
     use std::fmt;
 
-    /// Digests per string when writing: 32 KiB of digests, 43,692 characters.
+    /// Prefixes per string when writing: 16 KiB, 21,848 characters.
     const PER_STRING: usize = 1024;
 
-    pub fn serialize<S: Serializer>(digests: &PackedDigests, s: S) -> Result<S::Ok, S::Error> {
-        let PackedDigests::Whole(digests) = digests else {
-            return Err(serde::ser::Error::custom(
-                "key-set digests read as prefixes (by the filter) cannot be written back",
-            ));
-        };
-        let mut seq = s.serialize_seq(Some(digests.len().div_ceil(PER_STRING)))?;
-        for chunk in digests.chunks(PER_STRING) {
+    pub fn serialize<S: Serializer>(prefixes: &[DigestPrefix], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(prefixes.len().div_ceil(PER_STRING)))?;
+        for chunk in prefixes.chunks(PER_STRING) {
             seq.serialize_element(&STANDARD.encode(chunk.concat()))?;
         }
         seq.end()
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PackedDigests, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DigestPrefix>, D::Error> {
         d.deserialize_seq(List)
     }
 
     std::thread_local! {
-        /// While the filter reads its configuration: the most digests the document can
-        /// hold (from its size). `None` otherwise (whole digests, no reservation).
-        static FILTER_ROOM: Cell<Option<usize>> = const { Cell::new(None) };
+        /// Most prefixes the document being read can hold (from its size), or 0.
+        static ROOM: Cell<usize> = const { Cell::new(0) };
     }
 
-    /// Runs `parse` on a document of `size` bytes the way the filter reads it: key sets
-    /// keep digest prefixes, and each reserves room for as many as the document can hold
-    /// before it decodes the first one. Reserved and never touched, that room costs
-    /// address space, not memory; growing by doubling instead would copy the array and, in
-    /// Wasm (whose memory never shrinks), keep both.
-    pub(super) fn as_filter<T>(size: usize, parse: impl FnOnce() -> T) -> T {
-        // Base64 takes at least 128 characters for every 3 digests.
-        FILTER_ROOM.with(|room| room.set(Some(size.saturating_mul(3) / 128 + 1)));
+    /// Runs `parse` on a document of `size` bytes, letting each key set reserve room for
+    /// as many prefixes as the document can hold before it decodes the first one.
+    /// Reserved and never touched, that room costs address space, not memory; growing by
+    /// doubling instead would copy the array and, in Wasm (whose memory never shrinks),
+    /// keep both.
+    pub(super) fn with_room<T>(size: usize, parse: impl FnOnce() -> T) -> T {
+        // Base64 takes at least 64 characters for every 3 prefixes.
+        ROOM.with(|room| room.set(size.saturating_mul(3) / 64 + 1));
         let out = parse();
-        FILTER_ROOM.with(|room| room.set(None));
+        ROOM.with(|room| room.set(0));
         out
     }
 
     struct List;
 
     impl<'de> Visitor<'de> for List {
-        type Value = PackedDigests;
+        type Value = Vec<DigestPrefix>;
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a list of base64 strings of concatenated 32-byte SHA-256 digests")
+            f.write_str("a list of base64 strings of concatenated 16-byte SHA-256 digest prefixes")
         }
 
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PackedDigests, A::Error> {
-            match FILTER_ROOM.with(Cell::get) {
-                Some(room) => {
-                    let mut out: Vec<DigestPrefix> = Vec::with_capacity(room);
-                    while seq.next_element_seed(Append(&mut out))?.is_some() {}
-                    Ok(PackedDigests::Prefixes(out))
-                }
-                None => {
-                    let mut out: Vec<Digest> = Vec::new();
-                    while seq.next_element_seed(Append(&mut out))?.is_some() {}
-                    Ok(PackedDigests::Whole(out))
-                }
-            }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<DigestPrefix>, A::Error> {
+            let mut out = Vec::with_capacity(ROOM.with(Cell::get));
+            while seq.next_element_seed(Append(&mut out))?.is_some() {}
+            Ok(out)
         }
     }
 
-    /// Where decoded digests go: whole, or their prefixes.
-    pub(super) trait Sink {
-        fn push_digest(&mut self, digest: &[u8]);
-        fn reserve_digests(&mut self, n: usize);
-    }
+    /// Decodes one string of the list onto the end of the prefixes read so far.
+    struct Append<'a>(&'a mut Vec<DigestPrefix>);
 
-    impl Sink for Vec<Digest> {
-        fn push_digest(&mut self, digest: &[u8]) {
-            let mut d = [0u8; 32];
-            d.copy_from_slice(digest);
-            self.push(d);
-        }
-        fn reserve_digests(&mut self, n: usize) {
-            self.reserve(n);
-        }
-    }
-
-    impl Sink for Vec<DigestPrefix> {
-        fn push_digest(&mut self, digest: &[u8]) {
-            let mut p = [0u8; PREFIX_BYTES];
-            p.copy_from_slice(&digest[..PREFIX_BYTES]);
-            self.push(p);
-        }
-        fn reserve_digests(&mut self, n: usize) {
-            // Room was reserved for the whole document up front; growing now would copy.
-            if self.capacity() - self.len() < n {
-                self.reserve(n);
-            }
-        }
-    }
-
-    /// Decodes one string of the list onto the end of the digests read so far.
-    struct Append<'a, T>(&'a mut T);
-
-    impl<'de, T: Sink> DeserializeSeed<'de> for Append<'_, T> {
+    impl<'de> DeserializeSeed<'de> for Append<'_> {
         type Value = ();
 
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -376,11 +292,11 @@ mod packed_digests {
         }
     }
 
-    impl<T: Sink> Visitor<'_> for Append<'_, T> {
+    impl Visitor<'_> for Append<'_> {
         type Value = ();
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a base64 string of concatenated 32-byte SHA-256 digests")
+            f.write_str("a base64 string of concatenated 16-byte SHA-256 digest prefixes")
         }
 
         fn visit_str<E: de::Error>(self, text: &str) -> Result<(), E> {
@@ -388,12 +304,14 @@ mod packed_digests {
         }
     }
 
-    /// 128 base64 characters are exactly 96 bytes, three digests: decode chunk by chunk.
-    pub(super) fn decode_into(text: &str, out: &mut impl Sink) -> Result<(), String> {
+    /// 128 base64 characters are exactly 96 bytes, six prefixes: decode chunk by chunk.
+    pub(super) fn decode_into(text: &str, out: &mut Vec<DigestPrefix>) -> Result<(), String> {
         const CHUNK: usize = 128;
         let mut buf = [0u8; 96];
         let mut total = 0usize;
-        out.reserve_digests(text.len() / 44);
+        if out.capacity() - out.len() < text.len() / 22 {
+            out.reserve(text.len() / 22);
+        }
         for (n, chunk) in text.as_bytes().chunks(CHUNK).enumerate() {
             let len = STANDARD.decode_slice(chunk, &mut buf).map_err(|e| {
                 format!(
@@ -402,16 +320,18 @@ mod packed_digests {
                 )
             })?;
             total += len;
-            if !len.is_multiple_of(32) {
+            if !len.is_multiple_of(PREFIX_BYTES) {
                 break;
             }
-            for digest in buf[..len].chunks_exact(32) {
-                out.push_digest(digest);
+            for prefix in buf[..len].chunks_exact(PREFIX_BYTES) {
+                let mut p = [0u8; PREFIX_BYTES];
+                p.copy_from_slice(prefix);
+                out.push(p);
             }
         }
-        if !total.is_multiple_of(32) {
+        if !total.is_multiple_of(PREFIX_BYTES) {
             return Err(format!(
-                "decodes to {total} bytes, not a whole number of 32-byte SHA-256 digests"
+                "decodes to {total} bytes, not a whole number of 16-byte digest prefixes (the first 16 bytes of each SHA-256 digest)"
             ));
         }
         Ok(())
@@ -700,7 +620,10 @@ impl Config {
     }
 
     /// `compile`, with each key set's digests passed separately (in set order).
-    fn build(doc: &PluginConfig, set_digests: Vec<PackedDigests>) -> Result<Config, ConfigError> {
+    fn build(
+        doc: &PluginConfig,
+        set_digests: Vec<Vec<DigestPrefix>>,
+    ) -> Result<Config, ConfigError> {
         let realm = doc.realm.clone().unwrap_or_else(|| DEFAULT_REALM.into());
         if realm.is_empty()
             || !realm
@@ -805,14 +728,7 @@ impl Config {
                     .collect()
             };
         for (i, (spec, digests)) in doc.key_sets.iter().zip(set_digests).enumerate() {
-            let mut set = compile_key_set(
-                i,
-                spec,
-                digests.into_prefixes(),
-                &key_prefixes,
-                &ids,
-                &key_sets,
-            )?;
+            let mut set = compile_key_set(i, spec, digests, &key_prefixes, &ids, &key_sets)?;
             set.identity.limit = match &spec.plan {
                 Some(name) => Some(plan_named(format!("key_sets[{i}].plan"), name)?),
                 None => default_limit.clone(),
@@ -928,7 +844,7 @@ impl PluginConfig {
             return Err(ConfigError::new("configuration", EMPTY_CONFIGURATION));
         }
         let reader = std::io::BufReader::with_capacity(64 * 1024, reader);
-        packed_digests::as_filter(size, || {
+        packed_digests::with_room(size, || {
             parse(serde_json::Deserializer::from_reader(reader))
         })
     }

@@ -1,6 +1,8 @@
 """Counters at the admin endpoint, and what the log says (and never says)."""
 
+import re
 import secrets
+import time
 
 import pytest
 
@@ -106,3 +108,40 @@ def test_no_plaintext_key_is_ever_logged(envoy):
     log = envoy.log()
     leaked = [k[:12] + "..." for k in ALL_PLAINTEXTS if k in log]
     assert not leaked, f"plaintext keys in the Envoy log: {leaked}"
+
+
+def test_a_flood_of_denials_is_not_a_flood_of_log_lines(start_envoy):
+    """At most 100 denial lines a second per worker: 3,000 bad keys sent as fast as
+    h2load can (a fraction of a second per thousand here) log far fewer lines, all
+    counted, and the next line written says how many were left out."""
+    import subprocess
+
+    envoy = start_envoy(MAIN_CONFIG, concurrency=2)
+    sent = 3000
+    before = envoy.counter("keygate_unauthorized")
+    proc = subprocess.run(
+        ["h2load", "--h1", "-n", str(sent), "-c", "8", "-H", "x-api-key: zz_flood_not_a_key_0000",
+         f"http://127.0.0.1:{envoy.port}/other"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert f"status codes: 0 2xx, 0 3xx, {sent} 4xx, 0 5xx" in proc.stdout, proc.stdout
+    assert envoy.counter("keygate_unauthorized") - before == sent
+    m = re.search(r"finished in ([\d.]+)(m?s)", proc.stdout)
+    seconds = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+    flood = envoy.wait_for_log(r"keygate: denied 401 invalid_api_key key_prefix=\"zz_flood\"")
+    # Two workers, 100 lines a second each, over the seconds the flood took (plus the
+    # partial seconds at either end).
+    assert len(flood) <= 200 * (int(seconds) + 2), (len(flood), seconds)
+    assert len(flood) < sent
+    # A second later, one more denial on each worker reports what was skipped.
+    time.sleep(1.1)
+    for _ in range(8):
+        envoy.request("GET", "/other", [("x-api-key", "zz_flood_not_a_key_0000")])
+    notes = envoy.wait_for_log(r"earlier denials not logged: over 100 a second")
+    assert notes, envoy.log_tail()
+    skipped = sum(int(re.search(r"\((\d+) earlier denials", line).group(1)) for line in notes)
+    logged = len(envoy.wait_for_log(r"key_prefix=\"zz_flood\""))
+    # Every denial is either a line or counted in a note (the last few may still be
+    # pending in a worker that got no request after them).
+    assert skipped + logged <= sent + 8
+    assert skipped + logged >= sent - 200, (skipped, logged)

@@ -2,21 +2,27 @@
 """keygate benchmark: Envoy CPU per request with keygate, Envoy's own filters, and no filter.
 
     python3 bench/run.py --quick     # one round, small counts, key sets 10 and 10,000 (CI)
-    python3 bench/run.py             # full: 5 rounds, key sets 10 .. 1,000,000
+    python3 bench/run.py             # full: 7 rounds, key sets 10 .. 1,000,000
 
 Every configuration runs in its own Envoy process (`--concurrency 1 --disable-hot-restart`,
 same listener and route, upstream a `direct_response` 200), so only filter cost differs:
 
-  baseline    no auth filter
-  native      envoy.filters.http.rbac + api_key_auth + local_ratelimit (plaintext keys)
-  keygate     keygate.wasm with the same keys as SHA-256 digests, IP allow rule, plans
-  wasm-floor  bench/wasm-floor: a proxy-wasm filter whose callbacks only return Continue
+  baseline          no auth filter
+  baseline-proxied  no auth filter, "/" routed to a second Envoy (direct_response 200),
+                    so that an allowed request costs what proxied traffic costs
+  native            envoy.filters.http.rbac + api_key_auth + local_ratelimit (plaintext keys,
+                    inline in the bootstrap, as that filter is configured)
+  keygate           keygate.wasm with the same keys as SHA-256 digests, IP allow rule, plans,
+                    delivered through ECDS from a file, as in envoy/envoy.yaml
+  wasm-floor        bench/wasm-floor: a proxy-wasm filter whose callbacks only return Continue
 
 For each configuration and scenario h2load sends a fixed number of requests (`--h1 -c 16
 -n N`); the figure is the Envoy process's CPU time (utime+stime, /proc/PID/stat) per
 request. Rounds alternate between configurations; medians and min-max are reported.
 Then, per key-set size and at `--concurrency 2`, keygate and native are started afresh
-for time-to-first-success, RSS and per-request CPU.
+for time-to-first-success, RSS (at the first success, settled a few seconds later, peak)
+and per-request CPU. Last, the host-call phase prices single proxy-wasm host calls:
+bench/wasm-floor configured as "OP:10" against the bare floor.
 
 Output: results.md, results.png (chart, needs matplotlib) and results.json (raw) in the
 output directory (bench/ for a full run, bench/out/quick/ for --quick); generated Envoy
@@ -69,12 +75,31 @@ PATH_LIMITED = "/limited"
 
 # (scenario, configurations, expected status)
 SCENARIOS = {
-    "allowed": (("baseline", "wasm-floor", "native", "keygate"), 200),
+    "allowed": (("baseline", "baseline-proxied", "wasm-floor", "native", "keygate"), 200),
     "401": (("native", "keygate"), 401),
     "429": (("native", "keygate"), 429),
 }
-CONFIG_ORDER = ("baseline", "wasm-floor", "native", "keygate")
+CONFIG_ORDER = ("baseline", "baseline-proxied", "wasm-floor", "native", "keygate")
 SIZE_DEPENDENT = ("native", "keygate")
+# Configurations that do not depend on the key set (recorded with size None).
+FIXED = ("baseline", "baseline-proxied", "wasm-floor")
+
+# The host-call phase: bench/wasm-floor configured as "OP:COUNT" makes host call OP COUNT
+# times per request (see bench/wasm-floor/src/lib.rs). (op, what it calls, expected status)
+HOSTCALL_OPS = (
+    ("pairs", "proxy_get_header_map_pairs: all request headers, decoded by the SDK", 200),
+    ("header", "proxy_get_header_map_value: one request header (x-api-key, present)", 200),
+    ("property", "proxy_get_property: source.address", 200),
+    ("time", "proxy_get_current_time_nanoseconds", 200),
+    ("shared_get", "proxy_get_shared_data: a key that exists (16-byte value)", 200),
+    ("shared_set", "proxy_set_shared_data: 16 bytes, no CAS", 200),
+    ("replace_header", "proxy_replace_header_map_value: x-client-id on the request", 200),
+    ("remove_header", "proxy_remove_header_map_value: x-api-key (present for the first call only)", 200),
+    ("add_response_header", "proxy_add_header_map_value: one more x-floor response header, in on_http_response_headers", 200),
+    ("counter", "proxy_increment_metric: a counter", 200),
+    ("log_filtered", "proxy_log at debug level, below Envoy's level (dropped by the host)", 200),
+    ("local_reply", "proxy_send_local_response: 401 with a 55-byte JSON body instead of continuing (once per request, count ignored)", 401),
+)
 
 LIMITED_PLAN = {"requests": 1, "per": "day", "burst": 1}
 BENCH_PLAN = {"requests": 1_000_000_000, "per": "second"}
@@ -117,8 +142,17 @@ class KeySet:
 # ------------------------------------------------------------------------------ configs
 
 
-def bootstrap(http_filters: list, limited_route_config: dict | None = None) -> dict:
-    """The same admin, listener, connection manager and routes for every configuration."""
+def bootstrap(http_filters: list, limited_route_config: dict | None = None,
+              upstream_port: int | None = None) -> dict:
+    """The same admin, listener, connection manager and routes for every configuration.
+
+    upstream_port: route "/" to an Envoy listening there instead of a direct_response.
+    """
+    open_route: dict = {"name": "open", "match": {"prefix": "/"}}
+    if upstream_port is None:
+        open_route["direct_response"] = {"status": 200}
+    else:
+        open_route["route"] = {"cluster": "upstream"}
     limited_route: dict = {
         "name": "limited",
         "match": {"prefix": PATH_LIMITED},
@@ -126,7 +160,10 @@ def bootstrap(http_filters: list, limited_route_config: dict | None = None) -> d
     }
     if limited_route_config:
         limited_route["typed_per_filter_config"] = limited_route_config
-    return {
+    cfg = {
+        # ECDS needs a node identity (Envoy refuses to start without one); every bootstrap
+        # gets the same one, so that they differ only in their filters.
+        "node": {"id": "keygate-bench", "cluster": "keygate-bench"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         # As in envoy/envoy.yaml: hand memory freed after loading a large configuration
         # back to the OS (tcmalloc keeps it otherwise), up to 64 MiB a second.
@@ -156,14 +193,7 @@ def bootstrap(http_filters: list, limited_route_config: dict | None = None) -> d
                                                 {
                                                     "name": "bench",
                                                     "domains": ["*"],
-                                                    "routes": [
-                                                        limited_route,
-                                                        {
-                                                            "name": "open",
-                                                            "match": {"prefix": "/"},
-                                                            "direct_response": {"status": 200},
-                                                        },
-                                                    ],
+                                                    "routes": [limited_route, open_route],
                                                 }
                                             ],
                                         },
@@ -183,6 +213,18 @@ def bootstrap(http_filters: list, limited_route_config: dict | None = None) -> d
             ]
         },
     }
+    if upstream_port is not None:
+        cfg["static_resources"]["clusters"] = [{
+            "name": "upstream",
+            "type": "STATIC",
+            "connect_timeout": "2s",
+            "load_assignment": {
+                "cluster_name": "upstream",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": upstream_port}}}}]}],
+            },
+        }]
+    return cfg
 
 
 def local_ratelimit(stat_prefix: str, tokens: int, fill_interval: str) -> dict:
@@ -222,8 +264,12 @@ def config_baseline() -> dict:
     return bootstrap([])
 
 
-def config_floor(floor_wasm: Path) -> dict:
-    return bootstrap([wasm_filter("wasm-floor", floor_wasm, None)])
+def config_baseline_proxied(upstream_port: int) -> dict:
+    return bootstrap([], upstream_port=upstream_port)
+
+
+def config_floor(floor_wasm: Path, configuration: str | None = None) -> dict:
+    return bootstrap([wasm_filter("wasm-floor", floor_wasm, configuration)])
 
 
 def config_native(keys: KeySet, size: int) -> dict:
@@ -276,7 +322,7 @@ def keygate_plugin_config(keys: KeySet, size: int) -> str:
     for i in range(size):
         digest = hashlib.sha256(keys.plain[i].encode()).digest()
         if size > KEY_SET_ABOVE and i != limited:
-            packed += digest
+            packed += digest[:16]  # key sets carry the first 16 bytes of each digest
             continue
         entry = {"id": KeySet.key_id(i), "hash": f"sha256:{digest.hex()}", "role": "client"}
         if i == limited:
@@ -289,26 +335,81 @@ def keygate_plugin_config(keys: KeySet, size: int) -> str:
         "default_plan": "bench",
     }
     if packed:
-        # Strings of 1024 digests each, as `keygate` writes them.
-        step = 1024 * 32
+        # Strings of 1024 prefixes each, as `keygate` writes them.
+        step = 1024 * 16
         strings = [base64.b64encode(bytes(packed[i:i + step])).decode()
                    for i in range(0, len(packed), step)]
         plugin["key_sets"] = [{"name": "bench", "role": "client", "digests": strings}]
     return json.dumps(plugin, separators=(",", ":"))
 
 
-def config_keygate(keygate_wasm: Path, keys: KeySet, size: int) -> dict:
-    return bootstrap([wasm_filter("keygate", keygate_wasm, keygate_plugin_config(keys, size))])
+TYPED_EXTENSION_CONFIG = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+
+
+def ecds_resources(filter_entry: dict) -> dict:
+    """The ECDS file for one filter: what `keygate ... --ecds` writes for envoy/envoy.yaml."""
+    return {"resources": [{"@type": TYPED_EXTENSION_CONFIG, "name": filter_entry["name"],
+                           "typed_config": filter_entry["typed_config"]}]}
+
+
+def ecds_filter(name: str, ecds_file: Path) -> dict:
+    """An HTTP filter entry that reads its configuration from ecds_file (as envoy/envoy.yaml)."""
+    return {
+        "name": name,
+        "config_discovery": {
+            "config_source": {"path_config_source": {
+                "path": str(ecds_file), "watched_directory": {"path": str(ecds_file.parent)}}},
+            "type_urls": [WASM],
+        },
+    }
+
+
+def keygate_configs(keygate_wasm: Path, keys: KeySet, size: int) -> dict[str, Path]:
+    """keygate as users run it: a bootstrap whose filter comes through ECDS from a file in a
+    directory of its own (Envoy watches that directory), plus, up to 10,000 keys, the inline
+    equivalent, because `envoy --mode validate` does not read ECDS files."""
+    entry = wasm_filter("keygate", keygate_wasm, keygate_plugin_config(keys, size))
+    ecds_file = write_json(CONFIGS / f"keygate-{size}" / "keygate.json", ecds_resources(entry))
+    out = {
+        "keygate": write_config(f"keygate-{size}", bootstrap([ecds_filter("keygate", ecds_file)])),
+        "ecds": ecds_file,
+    }
+    if size <= VALIDATE_UP_TO:
+        out["inline"] = write_config(f"keygate-{size}-inline", bootstrap([entry]))
+    return out
+
+
+# Configurations up to this many keys are checked with `envoy --mode validate` (larger
+# ones differ only in the length of the key list) and kept after the run.
+VALIDATE_UP_TO = 10_000
+# Generated files over this size are deleted after the run (unless --keep-configs).
+KEEP_BELOW = 10_000_000
+WRITTEN: list[Path] = []
+
+
+def write_json(path: Path, obj: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, separators=(",", ":"))
+    os.replace(tmp, path)
+    WRITTEN.append(path)
+    return path
 
 
 def write_config(name: str, cfg: dict) -> Path:
-    CONFIGS.mkdir(parents=True, exist_ok=True)
-    path = CONFIGS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(cfg, f, separators=(",", ":"))
-    os.replace(tmp, path)
-    return path
+    return write_json(CONFIGS / f"{name}.json", cfg)
+
+
+def delete_large_configs() -> None:
+    for p in set(WRITTEN):
+        try:
+            if p.stat().st_size > KEEP_BELOW:
+                p.unlink()
+                if p.parent != CONFIGS and not any(p.parent.iterdir()):
+                    p.parent.rmdir()
+        except OSError:
+            pass
 
 
 # ------------------------------------------------------------------------------ tools
@@ -456,6 +557,9 @@ class Envoy:
     state: str = "not started"
     rss_kb: int | None = None
     hwm_kb: int | None = None
+    # VmRSS and VmHWM --settle-s seconds after the first success, with no traffic in between.
+    settled_kb: int | None = None
+    hwm_settled_kb: int | None = None
     log_path: Path | None = None
     log_level: str | None = None  # default: --log-level
     extra: dict = field(default_factory=dict)
@@ -469,8 +573,14 @@ class Envoy:
 class Runner:
     def __init__(self, args, envoy_bin: Path):
         self.args = args
+        # Scripts that drive Runner with an args namespace of their own may lack these.
+        for name, default in (("settle_s", 0.0),):
+            if not hasattr(args, name):
+                setattr(args, name, default)
         self.envoy_bin = envoy_bin
         self.live: list[Envoy] = []
+        # Envoys whose settled RSS is still to be sampled (see poll_settled).
+        self.settling: list[Envoy] = []
         self.logs = OUT / ("quick" if args.quick else "full") / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -487,8 +597,10 @@ class Runner:
             cmd += ["--admin-address-path", str(admin_path)]
         return cmd
 
-    def start(self, e: Envoy, probe_key: str) -> Envoy:
-        """Start Envoy and wait for the first 200 (or record why not, within the timeout)."""
+    def start(self, e: Envoy, probe_key: str, expect: int = 200, settle: bool = True) -> Envoy:
+        """Start Envoy and wait for the first `expect` status (normally 200; or record why
+        not, within the timeout). With settle, its RSS is sampled again --settle-s seconds
+        later (poll_settled, wait_settled): send it no traffic before wait_settled()."""
         admin_path = self.logs / f"{e.name}.admin"
         admin_path.unlink(missing_ok=True)
         e.log_path = self.logs / f"{e.name}.log"
@@ -508,6 +620,7 @@ class Runner:
         deadline = e.started + self.args.ready_timeout
         min_avail_kb = self.args.min_mem_available_mb * 1024
         while True:
+            self.poll_settled()
             now = time.monotonic()
             if e.proc.poll() is not None:
                 e.state = f"exited with status {e.proc.returncode} before its first success"
@@ -526,8 +639,9 @@ class Runner:
                     e.admin_port = int(text.rsplit(":", 1)[-1])
             if e.admin_port and not e.port:
                 e.port = listener_port(e.admin_port)
-            if e.port and probe(e.port, probe_key) == 200:
-                e.ready_s = time.monotonic() - e.started
+            if e.port and probe(e.port, probe_key) == expect:
+                e.extra["ready_at"] = time.monotonic()
+                e.ready_s = e.extra["ready_at"] - e.started
                 e.state = "ready"
                 break
             time.sleep(0.01)
@@ -539,8 +653,33 @@ class Runner:
         else:
             log(f"{e.name}: ready in {e.ready_s:.2f} s, RSS {e.rss_kb / 1024:.0f} MiB, "
                 f"port {e.port}, pid {e.pid}")
-        e.extra["timeline"] = log_timeline(e.log_path, e.extra["started_wall"], e.pid)
+            if settle and self.args.settle_s > 0:
+                self.settling.append(e)
+        # The start-up timeline is read from the log later, by start_record (before any
+        # traffic trims the log): at 1,000,000 keys native's log holds a gigabyte of
+        # warnings, and reading it here would delay the next start and the settled samples.
         return e
+
+    def poll_settled(self) -> None:
+        """Sample RSS of every Envoy whose settling time has passed (also while another
+        Envoy is starting, so that each is sampled on time)."""
+        now = time.monotonic()
+        for e in list(self.settling):
+            if e.proc is None or e.proc.poll() is not None:
+                self.settling.remove(e)
+            elif now >= e.extra["ready_at"] + self.args.settle_s:
+                e.settled_kb = proc_status_kb(e.pid, "VmRSS")
+                e.hwm_settled_kb = proc_status_kb(e.pid, "VmHWM")
+                e.extra["settled_after_s"] = round(now - e.extra["ready_at"], 2)
+                self.settling.remove(e)
+                if e.settled_kb is not None:
+                    log(f"{e.name}: settled RSS {e.settled_kb / 1024:.0f} MiB "
+                        f"{e.extra['settled_after_s']:.1f} s after its first success")
+
+    def wait_settled(self) -> None:
+        while self.settling:
+            self.poll_settled()
+            time.sleep(0.02)
 
     def trim_log(self, e: Envoy, limit: int = 16 << 20) -> None:
         """keygate logs every refusal at info: keep Envoy logs from filling the disk."""
@@ -551,6 +690,8 @@ class Runner:
             pass
 
     def stop(self, e: Envoy) -> None:
+        if e in self.settling:
+            self.settling.remove(e)
         if e.proc is None:
             return
         if e.proc.poll() is None:
@@ -596,10 +737,17 @@ def log_timeline(path: Path, started_wall: float, pid: int) -> dict:
         "starting workers": "workers_starting",
         "starting main dispatch loop": "dispatching",
     }
-    out: dict = {"configured": []}
+    out: dict = {"configured": [], "warnings": 0}
     try:
-        with open(path, errors="replace") as f:
-            for line in f:
+        with open(path, "rb") as f:
+            for raw in f:
+                # Every milestone is an info line; skip the rest unparsed (native's
+                # api_key_auth logs two warnings per credential: millions of lines).
+                if b"][info][" not in raw[:64]:
+                    if b"][warning][" in raw[:64]:
+                        out["warnings"] += 1
+                    continue
+                line = raw.decode(errors="replace")
                 m = LOG_LINE.match(line)
                 if not m:
                     continue
@@ -617,6 +765,7 @@ def log_timeline(path: Path, started_wall: float, pid: int) -> dict:
                         out[name] = t
                 if "dispatching" in out:
                     break
+            out["log_bytes_at_dispatch"] = f.tell()
     except OSError:
         pass
     return out
@@ -857,7 +1006,7 @@ def log_cost(runner: Runner, keys: KeySet, size: int, config: Path, info: Target
     with the first, shows what that costs.
     """
     quiet = runner.start(Envoy(f"keygate-{size}-c1-warning", config, 1, log_level="warning"),
-                         keys.plain[keys.allowed_index(size)])
+                         keys.plain[keys.allowed_index(size)], settle=False)
     out: dict = {"size": size, "state": quiet.state}
     if quiet.state != "ready":
         return out
@@ -883,19 +1032,103 @@ def log_cost(runner: Runner, keys: KeySet, size: int, config: Path, info: Target
     return out
 
 
+def hostcall_phase(runner: Runner, keys: KeySet, floor_wasm: Path, records: list[dict],
+                   starts: list[dict], problems: list[str]) -> dict:
+    """Phase H: what one proxy-wasm host call costs.
+
+    One Envoy (--concurrency 1) per op, running bench/wasm-floor configured as "OP:COUNT",
+    plus one running the bare floor; rounds alternate between them. Per-call cost =
+    (median CPU us/request of OP - median of the floor) / COUNT.
+    """
+    args = runner.args
+    count, n, rounds = args.hostcall_count, args.hostcall_requests, args.hostcall_rounds
+    log(f"== host-call phase: {len(HOSTCALL_OPS)} ops x {count} per request against the "
+        f"floor, --concurrency 1, {rounds} round(s) of {human(n)} requests")
+    key = keys.plain[0]
+    targets: list[tuple[str | None, int, Envoy]] = []
+    for op, _, expect in ((None, "", 200),) + HOSTCALL_OPS:
+        name = "hostcall-floor" if op is None else f"hostcall-{op}"
+        path = write_config(name, config_floor(floor_wasm, None if op is None else f"{op}:{count}"))
+        e = runner.start(Envoy(f"{name}-c1", path, 1), key, expect=expect, settle=False)
+        rec = start_record(e, "wasm-floor" if op is None else f"hostcall:{op}", None, "H")
+        starts.append(rec)
+        if e.state == "ready":
+            targets.append((op, expect, e))
+        else:
+            problems.append(f"{e.name}: {e.state}")
+    for op, expect, e in targets:
+        res = run_h2load(runner, e, key, PATH_OPEN, args.warmup, expect, False)
+        if res.get("error"):
+            log(f"  warm-up {e.name}: {res['error']}")
+    for r in range(rounds):
+        shift = r % max(1, len(targets))
+        order = targets[shift:] + targets[:shift]
+        if r % 2 == 1:
+            order.reverse()
+        for op, expect, e in order:
+            res = run_h2load(runner, e, key, PATH_OPEN, n, expect, True)
+            records.append({"phase": "H", "round": r, "config": "wasm-floor" if op is None else "hostcall",
+                            "op": op, "count": count, "size": None, "size_group": None,
+                            "concurrency": 1, "scenario": "401" if expect == 401 else "allowed",
+                            "envoy": e.name, **res})
+            if res.get("error"):
+                log(f"  round {r + 1} {e.name:<32} ERROR {res['error']}")
+            else:
+                log(f"  round {r + 1} {e.name:<32} {res['cpu_us_per_req']:7.2f} us/req")
+    for _, _, e in targets:
+        runner.stop(e)
+    table = hostcall_table(records)
+    for row in table["ops"]:
+        log(f"  {row['op']:<20} {fmt(row['per_call_us'])} us per call")
+    return table
+
+
+def hostcall_table(records: list[dict]) -> dict:
+    """Per-call costs from the phase-H records (also used to re-render a results.json)."""
+    hs = [r for r in records if r.get("phase") == "H" and not r.get("error")]
+    floor_by_round = {r["round"]: r["cpu_us_per_req"] for r in hs if r["config"] == "wasm-floor"}
+    floor = med(list(floor_by_round.values()))
+    out: dict = {"floor_cpu_us": floor, "floor_rounds": len(floor_by_round), "ops": []}
+    for op, what, _ in HOSTCALL_OPS:
+        rs = [r for r in hs if r["config"] == "hostcall" and r.get("op") == op]
+        if not rs:
+            continue
+        # local_reply happens once per request whatever the count.
+        div = 1 if op == "local_reply" else rs[0]["count"]
+        cpu = med([r["cpu_us_per_req"] for r in rs])
+        paired = [(r["cpu_us_per_req"] - floor_by_round[r["round"]]) / div
+                  for r in rs if r["round"] in floor_by_round]
+        out["ops"].append({
+            "op": op, "what": what, "count": rs[0]["count"], "divisor": div, "rounds": len(rs),
+            "cpu_us": cpu,
+            "per_call_us": None if cpu is None or floor is None else (cpu - floor) / div,
+            "per_call_min": min(paired) if paired else None,
+            "per_call_max": max(paired) if paired else None,
+        })
+    return out
+
+
 def start_record(e: Envoy, config: str, size: int | None, phase: str) -> dict:
+    """Call after Runner.wait_settled(), so that the settled RSS is in, and before any
+    traffic (Runner.trim_log may empty the log the timeline is read from)."""
+    if "timeline" not in e.extra and e.log_path is not None:
+        e.extra["timeline"] = log_timeline(e.log_path, e.extra["started_wall"], e.pid)
     return {"phase": phase, "config": config, "size": size, "concurrency": e.concurrency,
             "envoy": e.name, "state": e.state, "ready_s": e.ready_s, "rss_kb": e.rss_kb,
-            "hwm_kb": e.hwm_kb, "log": rel(e.log_path), "timeline": e.extra.get("timeline", {})}
+            "hwm_kb": e.hwm_kb, "settled_kb": e.settled_kb, "hwm_settled_kb": e.hwm_settled_kb,
+            "settled_after_s": e.extra.get("settled_after_s"),
+            "log": rel(e.log_path), "timeline": e.extra.get("timeline", {})}
 
 
 def configs_for_size(keys: KeySet, size: int, keygate_wasm: Path) -> dict[str, Path]:
+    """{"native": bootstrap, "keygate": ECDS bootstrap, "ecds": its ECDS file,
+    "inline": keygate's inline equivalent (validation only, up to VALIDATE_UP_TO keys)}."""
     t0 = time.monotonic()
     paths = {
         "native": write_config(f"native-{size}", config_native(keys, size)),
-        "keygate": write_config(f"keygate-{size}", config_keygate(keygate_wasm, keys, size)),
+        **keygate_configs(keygate_wasm, keys, size),
     }
-    mb = sum(p.stat().st_size for p in paths.values()) / 1e6
+    mb = sum(p.stat().st_size for p in paths.values() if p is not None) / 1e6
     log(f"generated configs for {human(size)} keys ({mb:.1f} MB) in {time.monotonic() - t0:.1f} s")
     return paths
 
@@ -903,16 +1136,15 @@ def configs_for_size(keys: KeySet, size: int, keygate_wasm: Path) -> dict[str, P
 def native_check_time(size: int) -> dict | None:
     """Profile hint: keygate's own JSON parse + validation, natively (`keygate check`)."""
     tool = ROOT / "target/release/keygate"
-    cfg = CONFIGS / f"keygate-{size}.json"
+    cfg = CONFIGS / f"keygate-{size}" / "keygate.json"
     if not tool.exists() or not cfg.exists():
         return None
     with open(cfg) as f:
-        boot = json.load(f)
-    plugin = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"]["http_filters"][0]["typed_config"]["config"]["configuration"]["value"]
+        ecds = json.load(f)
+    plugin = ecds["resources"][0]["typed_config"]["config"]["configuration"]["value"]
     path = runner_tmp() / f"plugin-{size}.json"
     path.write_text(plugin)
-    del boot, plugin
+    del ecds, plugin
     t0 = time.monotonic()
     r = subprocess.run([str(tool), "check", str(path)], capture_output=True, text=True)
     dt = time.monotonic() - t0
@@ -974,7 +1206,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def fmt(v, digits=2, unit="") -> str:
     if v is None:
         return "n/a"
-    return f"{v:.{digits}f}{unit}"
+    return f"{round(v, digits) + 0.0:.{digits}f}{unit}"  # + 0.0: no "-0.00"
 
 
 def fmt_ratio(v) -> str:
@@ -1011,6 +1243,15 @@ def parse_args(argv=None):
                    help="only re-render results.md and results.png from a results.json "
                         "(into --out, default: the JSON's directory)")
     p.add_argument("--skip-scale", action="store_true", help="skip the --concurrency 2 phase")
+    p.add_argument("--settle-s", type=float, default=5.0,
+                   help="sample RSS again this many seconds after an Envoy's first success, "
+                        "with no traffic in between (default 5; 0 to skip)")
+    p.add_argument("--hostcall-rounds", type=int, help="rounds of the host-call phase (default 5; quick 1)")
+    p.add_argument("--hostcall-requests", type=int,
+                   help="requests per host-call measurement (default: --requests; quick 5000)")
+    p.add_argument("--hostcall-count", type=int, default=10,
+                   help="host calls per request in the host-call phase (default 10)")
+    p.add_argument("--skip-hostcalls", action="store_true", help="skip the host-call phase")
     p.add_argument("--keep-configs", action="store_true", help="keep generated configs over 10 MB (deleted by default)")
     a = p.parse_args(argv)
     q = a.quick
@@ -1018,6 +1259,8 @@ def parse_args(argv=None):
     a.scale_rounds = a.scale_rounds or (1 if q else 5)
     a.requests = a.requests or (10000 if q else 60000)
     a.warmup = a.warmup or (2000 if q else 5000)
+    a.hostcall_rounds = a.hostcall_rounds or (1 if q else 5)
+    a.hostcall_requests = a.hostcall_requests or (5000 if q else a.requests)
     a.sizes = [int(s.replace("_", "")) for s in (a.sizes or ("10,10000" if q else "10,10000,100000,1000000")).split(",")]
     if a.perf is None:
         a.perf = not q and perf_works()
@@ -1034,7 +1277,7 @@ def rerender(args) -> int:
     saved = report["facts"]["args"]
     # Render with the run's own settings (counts, rounds), not this command line's defaults.
     for k, v in saved.items():
-        if k not in ("out", "from_json"):
+        if k not in ("out", "out_explicit", "from_json"):
             setattr(args, k, v)
     args.out = Path(args.out_explicit) if args.out_explicit else src.parent
     args.out.mkdir(parents=True, exist_ok=True)
@@ -1086,6 +1329,9 @@ def main(argv=None) -> int:
             "wasm": rel(keygate_src),
             "wasm_sha256": sha256_file(keygate_wasm),
             "wasm_bytes": keygate_wasm.stat().st_size,
+            # How the benchmark hands keygate its configuration (results before this field:
+            # inline in the bootstrap).
+            "delivery": "ecds",
         },
         "wasm_floor": {"sha256": sha256_file(floor_wasm), "bytes": floor_wasm.stat().st_size},
         "h2load": subprocess.run(["h2load", "--version"], capture_output=True, text=True).stdout.strip(),
@@ -1108,6 +1354,7 @@ def main(argv=None) -> int:
     validations: list[dict] = []
     profile: dict = {"native_check": []}
     problems: list[str] = []
+    hostcalls: dict | None = None
 
     log(f"generating {human(max(args.sizes))} keys (seed {args.seed!r})")
     keys = KeySet(args.seed, max(args.sizes))
@@ -1121,41 +1368,79 @@ def main(argv=None) -> int:
         profile["config_bytes"] = {}
         for size in args.sizes:
             sized[size] = configs_for_size(keys, size, keygate_wasm)
-            profile["config_bytes"][str(size)] = {c: p.stat().st_size for c, p in sized[size].items()}
+            # keygate's figure is its ECDS file plus its (small) bootstrap.
+            b = {c: p.stat().st_size for c, p in sized[size].items()}
+            profile["config_bytes"][str(size)] = {
+                "native": b["native"], "keygate": b["keygate"] + b["ecds"],
+                "keygate_ecds": b["ecds"]}
 
-        # Validation: every configuration up to 10,000 keys (larger ones differ only in
-        # the length of the key list).
-        to_validate = list(fixed.items()) + [
-            (f"{c}-{s}", p) for s, ps in sized.items() if s <= 10_000 for c, p in ps.items()]
-        for name, path in to_validate:
+        def check(path: Path, what: str = "") -> None:
             t0 = time.monotonic()
             ok, tail = runner.validate(path)
             validations.append({"config": rel(path), "ok": ok, "seconds": time.monotonic() - t0,
-                                "output": tail})
-            log(f"validate {rel(path)}: {'OK' if ok else 'FAILED'}")
+                                "output": tail, "what": what})
+            log(f"validate {rel(path)}{' (' + what + ')' if what else ''}: {'OK' if ok else 'FAILED'}")
             if not ok:
                 problems.append(f"`envoy --mode validate` refused {rel(path)}: {tail}")
+
+        # Validation: every configuration up to 10,000 keys (larger ones differ only in
+        # the length of the key list). keygate's ECDS bootstrap validates without reading
+        # the ECDS file (only its existence is checked), so its inline equivalent, which
+        # makes validate load the module and run keygate's on_configure, is checked too.
+        for name, path in fixed.items():
+            check(path)
+        for size, ps in sized.items():
+            if size > VALIDATE_UP_TO:
+                continue
+            check(ps["native"])
+            check(ps["keygate"], "ECDS bootstrap: structure and ECDS file path only")
+            check(ps["inline"], "keygate's ECDS configuration inline: module and on_configure")
         if not all(v["ok"] for v in validations):
             raise RuntimeError("a configuration did not validate; see above")
 
         # ---- phase A: --concurrency 1, all configurations side by side, per key-set size
         fixed_targets = []
+        fixed_starts = []
         for name in ("baseline", "wasm-floor"):
             e = runner.start(Envoy(f"{name}-c1", fixed[name], 1), keys.plain[0])
-            starts.append(start_record(e, name, None, "A"))
+            fixed_starts.append((e, name))
             fixed_targets.append(Target(name, e, None))
+        # baseline-proxied: "/" goes to a second Envoy (direct_response 200, its CPU not
+        # counted), measured with the smallest key set only (it does not depend on it).
+        upstream = runner.start(Envoy("upstream-c1", fixed["baseline"], 1), keys.plain[0])
+        fixed_starts.append((upstream, "upstream"))
+        proxied = None
+        if upstream.state == "ready":
+            path = write_config("baseline-proxied", config_baseline_proxied(upstream.port))
+            check(path, "upstream port filled in at run time")
+            proxied = runner.start(Envoy("baseline-proxied-c1", path, 1), keys.plain[0])
+            fixed_starts.append((proxied, "baseline-proxied"))
+            if proxied.state != "ready":
+                problems.append(f"{proxied.name}: {proxied.state}")
+                proxied = None
+        else:
+            problems.append(f"{upstream.name}: {upstream.state}")
+        runner.wait_settled()
+        for e, name in fixed_starts:
+            starts.append(start_record(e, name, None, "A"))
         for size in args.sizes:
             log(f"== phase A: {human(size)} keys, --concurrency 1, {args.rounds} round(s) "
                 f"of {human(args.requests)} requests")
             targets = list(fixed_targets)
+            if proxied and size == min(args.sizes):
+                targets.insert(1, Target("baseline-proxied", proxied, None))
+            started = []
             for name in SIZE_DEPENDENT:
                 e = runner.start(Envoy(f"{name}-{size}-c1", sized[size][name], 1),
                                  keys.plain[keys.allowed_index(size)])
-                starts.append(start_record(e, name, size, "A"))
+                started.append((e, name))
                 if e.state == "ready":
                     targets.append(Target(name, e, size))
                 else:
                     problems.append(f"{e.name}: {e.state}")
+            runner.wait_settled()
+            for e, name in started:
+                starts.append(start_record(e, name, size, "A"))
             warm_up(runner, keys, targets)
             n0 = len(records)
             measure_rounds(runner, keys, targets, args.rounds, "A", tuple(SCENARIOS), records)
@@ -1169,26 +1454,34 @@ def main(argv=None) -> int:
             for t in targets:
                 if t.config in SIZE_DEPENDENT:
                     runner.stop(t.envoy)
+            if size == min(args.sizes):
+                for e in (proxied, upstream):
+                    if e:
+                        runner.stop(e)
         for t in fixed_targets:
             runner.stop(t.envoy)
 
         # ---- phase B: --concurrency 2, start-up and per-request cost per key-set size
         if not args.skip_scale:
             base2 = runner.start(Envoy("baseline-c2", fixed["baseline"], 2), keys.plain[0])
+            runner.wait_settled()
             starts.append(start_record(base2, "baseline", None, "B"))
             for size in args.sizes:
                 log(f"== phase B: {human(size)} keys, --concurrency 2")
                 targets = [Target("baseline", base2, None)]
+                started = []
                 for name in SIZE_DEPENDENT:
                     e = runner.start(Envoy(f"{name}-{size}-c2", sized[size][name], 2),
                                      keys.plain[keys.allowed_index(size)])
-                    starts.append(start_record(e, name, size, "B"))
+                    started.append((e, name))
                     if e.state == "ready":
                         targets.append(Target(name, e, size))
                     else:
                         problems.append(f"{e.name}: {e.state}")
-                warm_up_allowed = [t for t in targets]
-                for t in warm_up_allowed:
+                runner.wait_settled()
+                for e, name in started:
+                    starts.append(start_record(e, name, size, "B"))
+                for t in targets:
                     key, path = scenario_request(keys, t.size, "allowed")
                     run_h2load(runner, t.envoy, key, path, args.warmup, None, False)
                 n0 = len(records)
@@ -1205,6 +1498,10 @@ def main(argv=None) -> int:
                         runner.stop(t.envoy)
             runner.stop(base2)
 
+        # ---- host-call phase: what one proxy-wasm host call costs
+        if not args.skip_hostcalls:
+            hostcalls = hostcall_phase(runner, keys, floor_wasm, records, starts, problems)
+
         # ---- profile hint: keygate's JSON parse + validation, natively
         for size in args.sizes:
             nc = native_check_time(size)
@@ -1217,16 +1514,16 @@ def main(argv=None) -> int:
     finally:
         runner.stop_all()
         if not args.keep_configs:
-            for p in CONFIGS.glob("*.json"):
-                if p.stat().st_size > 10_000_000:
-                    p.unlink()
+            delete_large_configs()
 
     facts["machine"]["loadavg_end"] = os.getloadavg()
     facts["duration_s"] = time.monotonic() - t_begin
     for r in records:
         r.setdefault("size_group", r["size"])
     report = {"facts": facts, "records": records, "starts": starts, "validations": validations,
-              "profile": profile, "problems": problems}
+              "profile": profile, "problems": problems,
+              # A summary of the host-call phase (re-rendering recomputes it from records).
+              "hostcalls": hostcalls}
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "results.json", "w") as f:
         json.dump(report, f, indent=1)
@@ -1271,12 +1568,34 @@ def spread(v, lo, hi, digits=2) -> str:
     if v is None:
         return "n/a"
     if lo is None or hi is None or lo == hi:
-        return f"{v:.{digits}f}"
-    return f"{v:.{digits}f} ({lo:.{digits}f} to {hi:.{digits}f})"
+        return fmt(v, digits)
+    return f"{fmt(v, digits)} ({fmt(lo, digits)} to {fmt(hi, digits)})"
 
 
 def mib(kb) -> str:
     return "n/a" if kb is None else f"{kb / 1024:.0f}"
+
+
+def start_mib(s: dict | None, key: str) -> str:
+    """A start record's memory figure: '-' where the record predates the field."""
+    if s is None or key not in s:
+        return "-"
+    return mib(s[key])
+
+
+def peak_kb(s: dict) -> int | None:
+    """VmHWM is monotonic: the later of the two samples is the peak so far."""
+    vals = [v for v in (s.get("hwm_kb"), s.get("hwm_settled_kb")) if v is not None]
+    return max(vals) if vals else None
+
+
+def mb(kb) -> str:
+    """Decimal megabytes, as the targets are stated."""
+    return "n/a" if kb is None else f"{kb * 1024 / 1e6:.0f} MB"
+
+
+def verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "missed")
 
 
 class Summary:
@@ -1285,10 +1604,11 @@ class Summary:
         self.a = summarize(report["records"], "A")
         self.b = summarize(report["records"], "B")
         self.sizes = report["facts"]["args"]["sizes"]
+        self.hostcalls = hostcall_table(report["records"])
 
     def get(self, phase: str, config: str, size: int, scenario: str = "allowed") -> dict | None:
         table = self.a if phase == "A" else self.b
-        own = None if config in ("baseline", "wasm-floor") else size
+        own = None if config in FIXED else size
         return table.get((config, own, scenario, size))
 
     def val(self, phase, config, size, scenario="allowed", key="over"):
@@ -1302,19 +1622,28 @@ class Summary:
         return None
 
 
+# The issue's targets, judged in the headline.
+TARGET_READY_S = 10.0
+TARGET_SETTLED_MB = 300.0
+TARGET_CPU_GROWTH = 0.10
+TARGET_SIZE = 1_000_000
+
+
 def headline_lines(S: Summary) -> list[str]:
     lines = []
     small, large = min(S.sizes), max(S.sizes)
-    # Pooled over every key-set size (the allowed path does not depend on it): more rounds,
-    # so a steadier figure than any one size's.
+    # (a) Pooled over every key-set size (the allowed path does not depend on it): more
+    # rounds, so a steadier figure than any one size's.
     pooled = {}
     for c in ("keygate", "native", "wasm-floor"):
         vals = [v for size in S.sizes for v in (S.get("A", c, size) or {}).get("over_all", [])]
         pooled[c] = (med(vals), len(vals))
     (kg, n_kg), (nat, _), (floor, _) = pooled["keygate"], pooled["native"], pooled["wasm-floor"]
+    r_kn = ratio(kg, nat)
     lines.append(
-        f"all sizes pooled ({n_kg} rounds), allowed: keygate overhead {fmt(kg)} us vs native "
-        f"{fmt(nat)} us -> keygate/native {fmt_ratio(ratio(kg, nat))} (target <= 1.0); "
+        f"Target (a), allowed path: keygate overhead / native overhead <= 1.0: "
+        f"{fmt_ratio(r_kn)} (keygate {fmt(kg)} us vs native {fmt(nat)} us over baseline, all sizes "
+        f"pooled, {n_kg} rounds) -> {verdict(None if r_kn is None else r_kn <= 1.0)}; "
         f"keygate/wasm-floor {fmt_ratio(ratio(kg, floor))} (floor {fmt(floor)} us)")
     for size in S.sizes:
         kg, nat, floor = (S.val("A", c, size) for c in ("keygate", "native", "wasm-floor"))
@@ -1323,6 +1652,23 @@ def headline_lines(S: Summary) -> list[str]:
             f"-> keygate/native {fmt_ratio(ratio(kg, nat))} (target <= 1.0; difference "
             f"{fmt(None if kg is None or nat is None else kg - nat)} us); "
             f"keygate/wasm-floor {fmt_ratio(ratio(kg, floor))} (floor {fmt(floor)} us)")
+    # (b) A refusal against an allowed request: through a direct_response baseline (no
+    # upstream at all) and through baseline-proxied (a real upstream hop).
+    k401 = S.val("A", "keygate", small, "401", "cpu")
+    base = S.val("A", "baseline", small, key="cpu")
+    prox = S.val("A", "baseline-proxied", small, key="cpu")
+    r_base, r_prox = ratio(k401, base), ratio(k401, prox)
+
+    def cheaper(a, b):  # on the figures as printed, so that "1.00x" never reads as met
+        return None if a is None or b is None else round(a, 2) < round(b, 2)
+
+    prox_txt = ("-" if S.start("A", "baseline-proxied", None) is None and prox is None else
+                f"{fmt(prox)} us -> {fmt_ratio(r_prox)}, {verdict(cheaper(k401, prox))}")
+    lines.append(
+        f"Target (b), a rejected request costs less than an allowed one ({size_label(small)} keys, "
+        f"CPU us/request): keygate 401 {fmt(k401)} us vs an allowed request through baseline-proxied "
+        f"(routed to an upstream Envoy) {prox_txt}; vs baseline (direct_response, no upstream) "
+        f"{fmt(base)} us -> {fmt_ratio(r_base)}, {verdict(cheaper(k401, base))}")
     for size in S.sizes:
         base = S.val("A", "baseline", size, key="cpu")
         k401 = S.val("A", "keygate", size, "401", "cpu")
@@ -1333,6 +1679,38 @@ def headline_lines(S: Summary) -> list[str]:
             f"{size_label(size)} keys, refusals vs an allowed request through baseline ({fmt(base)} us): "
             f"401 keygate {fmt_ratio(ratio(k401, base))}, native {fmt_ratio(ratio(n401, base))}; "
             f"429 keygate {fmt_ratio(ratio(k429, base))}, native {fmt_ratio(ratio(n429, base))}")
+    # (c) The largest key set at --concurrency 2.
+    k1, n1 = S.start("B", "keygate", large), S.start("B", "native", large)
+    if k1:
+        judged = large == TARGET_SIZE
+        j = (lambda ok: verdict(ok)) if judged else (lambda ok: "not judged")
+        ready = k1["ready_s"] if k1["state"] == "ready" else None
+        settled = k1.get("settled_kb")
+        c0, c1 = S.val("B", "keygate", small, key="cpu"), S.val("B", "keygate", large, key="cpu")
+        growth = None if c0 is None or c1 is None or c0 <= 0 else c1 / c0 - 1
+        n_ready = n1["ready_s"] if n1 and n1["state"] == "ready" else None
+        n_settled = n1.get("settled_kb") if n1 else None
+        parts = [
+            f"ready {fmt(ready)} s (<= {TARGET_READY_S:.0f} s: "
+            f"{j(None if ready is None else ready <= TARGET_READY_S)})"
+            + ("" if k1["state"] == "ready" else f" [{k1['state']}]"),
+            f"settled RSS {mb(settled) if 'settled_kb' in k1 else '-'} (<= {TARGET_SETTLED_MB:.0f} MB: "
+            f"{j(None if settled is None else settled * 1024 / 1e6 <= TARGET_SETTLED_MB)}; "
+            f"RSS at ready {start_mib(k1, 'rss_kb')} MiB, settled {start_mib(k1, 'settled_kb')} MiB, "
+            f"peak {mib(peak_kb(k1))} MiB)",
+            f"CPU/request {fmt(c1)} us vs {fmt(c0)} us at {size_label(small)} keys "
+            f"({'n/a' if growth is None else f'{100 * growth:+.0f}%'}; within "
+            f"{100 * TARGET_CPU_GROWTH:.0f}%: {j(None if growth is None else growth <= TARGET_CPU_GROWTH)})",
+            f"vs native: ready {fmt(ready)} s vs {fmt(n_ready)} s "
+            f"({j(None if ready is None or n_ready is None else ready < n_ready)}), settled RSS "
+            f"{start_mib(k1, 'settled_kb')} MiB vs {start_mib(n1, 'settled_kb')} MiB "
+            f"({j(None if settled is None or n_settled is None else settled < n_settled)})",
+        ]
+        head = f"Target (c), {size_label(large)} keys at --concurrency 2"
+        if not judged:
+            head += (f" (the target is stated for {size_label(TARGET_SIZE)} keys; this run's "
+                     f"largest set is {human(large)}, so nothing is judged)")
+        lines.append(head + ": " + "; ".join(parts))
     if large != small:
         for config in SIZE_DEPENDENT:
             s0, s1 = S.start("B", config, small), S.start("B", config, large)
@@ -1343,9 +1721,9 @@ def headline_lines(S: Summary) -> list[str]:
             else:
                 ready = (f"ready {fmt(s1['ready_s'])} s vs {fmt(s0['ready_s'])} s "
                          f"({fmt_ratio(ratio(s1['ready_s'], s0['ready_s']))})")
-            rss = (f"RSS {mib(s1['rss_kb'])} MiB vs {mib(s0['rss_kb'])} MiB "
-                   f"({fmt_ratio(ratio(s1['rss_kb'], s0['rss_kb']))}), "
-                   f"peak {mib(s1['hwm_kb'])} MiB")
+            rss = (f"RSS at ready {mib(s1['rss_kb'])} MiB vs {mib(s0['rss_kb'])} MiB, "
+                   f"settled {start_mib(s1, 'settled_kb')} MiB vs {start_mib(s0, 'settled_kb')} MiB, "
+                   f"peak {mib(peak_kb(s1))} MiB vs {mib(peak_kb(s0))} MiB")
             c0 = S.val("B", config, small, key="cpu")
             c1 = S.val("B", config, large, key="cpu")
             o0 = S.val("B", config, small)
@@ -1354,7 +1732,24 @@ def headline_lines(S: Summary) -> list[str]:
                 f"{config} --concurrency 2, {size_label(large)} vs {size_label(small)} keys: {ready}; {rss}; "
                 f"CPU/request {fmt(c1)} vs {fmt(c0)} us ({fmt_ratio(ratio(c1, c0))}), "
                 f"overhead {fmt(o1)} vs {fmt(o0)} us ({fmt_ratio(ratio(o1, o0))})")
+    lines.append(hostcall_headline(S.hostcalls))
     return lines
+
+
+def hostcall_headline(hc: dict) -> str:
+    calls = [r for r in hc["ops"] if r["per_call_us"] is not None and r["op"] != "local_reply"]
+    if not calls:
+        return "Host calls, CPU us per call: - (no host-call phase in this run)"
+    calls.sort(key=lambda r: r["per_call_us"])
+    k = min(3, len(calls) // 2) or 1
+    cheap = ", ".join(f"{r['op']} {fmt(r['per_call_us'])}" for r in calls[:k])
+    dear = ", ".join(f"{r['op']} {fmt(r['per_call_us'])}" for r in reversed(calls[-k:]))
+    line = (f"Host calls, CPU us per call ({calls[0]['rounds']} round(s), {calls[0]['count']} calls "
+            f"per request against the floor): cheapest {cheap}; dearest {dear}")
+    lr = next((r for r in hc["ops"] if r["op"] == "local_reply" and r["per_call_us"] is not None), None)
+    if lr:
+        line += f"; a local 401 instead of continuing {lr['per_call_us']:+.2f} us per request"
+    return line
 
 
 def write_report(report: dict, args) -> list[str]:
@@ -1364,6 +1759,8 @@ def write_report(report: dict, args) -> list[str]:
     kg = f["keygate"]
     n = args.requests
     heads = headline_lines(S)
+    has_proxied = S.start("A", "baseline-proxied", None) is not None
+    settle_s = f["args"].get("settle_s")
     L: list[str] = []
     w = L.append
     w("# keygate benchmark results")
@@ -1407,6 +1804,12 @@ def write_report(report: dict, args) -> list[str]:
       f"and only the filters differ:")
     w("")
     w("- `baseline`: router only.")
+    if has_proxied:
+            w("- `baseline-proxied` (allowed scenario, smallest key set only: it does not depend on the "
+          "key set): router only, but `/` is routed to a cluster whose endpoint is a second Envoy "
+          "(`--concurrency 1`, started by the harness, answering with a `direct_response` 200; its "
+          "CPU is not counted), so that an allowed request costs what proxied traffic costs: "
+          "upstream connection, request encoding, response parsing.")
     w("- `wasm-floor`: `bench/wasm-floor`, a proxy-wasm filter whose callbacks all return Continue "
       "(V8, same Wasm filter settings as keygate).")
     w("- `native`: `envoy.filters.http.rbac` (ALLOW `direct_remote_ip` 127.0.0.0/8), "
@@ -1414,15 +1817,28 @@ def write_report(report: dict, args) -> list[str]:
       "[{header: x-api-key}]`, `forwarding: {header: x-client-id, hide_credentials: true}` since "
       "keygate also strips the key and forwards the identity) and "
       "`envoy.filters.http.local_ratelimit` (bucket of 10^9 tokens refilled every second, "
-      "`enable_x_ratelimit_headers: DRAFT_VERSION_03` since keygate sends X-RateLimit-* by default).")
-    w("- `keygate`: the Wasm filter as in `envoy/envoy.yaml` (vm_id keygate, "
-      "envoy.wasm.runtime.v8, fail_open false, configuration as a StringValue) with "
+      "`enable_x_ratelimit_headers: DRAFT_VERSION_03` since keygate sends X-RateLimit-* by default); "
+      "configured inline in the bootstrap, which is how that filter is configured.")
+    if kg.get("delivery") == "ecds":
+        kg_how = (
+          "- `keygate`: delivered through ECDS, as in `envoy/envoy.yaml`: the bootstrap's HTTP "
+          "filter entry is `{name: keygate, config_discovery: {config_source: {path_config_source: "
+          "{path: bench/configs/keygate-<keys>/keygate.json, watched_directory: {path: "
+          "bench/configs/keygate-<keys>}}}, type_urls: [...wasm.v3.Wasm]}}` (one directory per "
+          "configuration; the bootstrap carries a `node` id, which ECDS requires, and so do all the "
+          "other bootstraps, to keep them alike), and that file holds one "
+          "`TypedExtensionConfig` named keygate whose `typed_config` is the Wasm filter "
+          "(vm_id keygate, envoy.wasm.runtime.v8, fail_open false, configuration as a StringValue) with ")
+    else:
+        kg_how = ("- `keygate`: the Wasm filter inline in the bootstrap (vm_id keygate, "
+                  "envoy.wasm.runtime.v8, fail_open false, configuration as a StringValue) with ")
+    w(kg_how +
       "`{\"keys\": [...sha256 digests...], \"ip_rules\": {\"allow\": [\"127.0.0.0/8\"]}, "
       "\"plans\": {\"bench\": {\"requests\": 1000000000, \"per\": \"second\"}, "
       "\"limited\": {\"requests\": 1, \"per\": \"day\", \"burst\": 1}}, \"default_plan\": \"bench\"}`; "
       "every key has role `client`, one key has plan `limited`. Above 10,000 keys, all keys but "
       "the `limited` one are given as one key set (`\"key_sets\": [{\"name\": \"bench\", "
-      "\"role\": \"client\", \"digests\": [\"<base64 of 1024 packed digests>\", ...]}]`, the form the "
+      "\"role\": \"client\", \"digests\": [\"<base64 of 1024 packed 16-byte digest prefixes>\", ...]}]`, the form the "
       "README recommends for large key sets), so the allowed request there is a key-set member. "
       "keygate keeps its default key sources (x-api-key, then Authorization: Bearer).")
     w("")
@@ -1436,11 +1852,29 @@ def write_report(report: dict, args) -> list[str]:
       "with one token per 86400 s, emptied by the first warm-up request; the request carries a "
       "valid key, so rbac and api_key_auth run before the refusal as in keygate.")
     w("")
+    if kg.get("delivery") == "ecds":
+        validate_txt = (
+            "those up to 10,000 keys are checked with `envoy --mode validate` first. For keygate "
+            "that is done twice: validate accepts the ECDS bootstrap without reading the ECDS "
+            "file's contents (it checks only that the file exists; a wrong module path in it still "
+            "validates), so the same filter configuration is also validated inline in a bootstrap "
+            "(`bench/configs/keygate-<keys>-inline.json`), where validate loads the module and runs "
+            "keygate's on_configure")
+    else:
+        validate_txt = "those up to 10,000 keys are checked with `envoy --mode validate` first"
+    if settle_s:
+        rss_txt = (f"VmRSS at that moment, VmRSS {settle_s:g} s later with no traffic in between "
+                   f"(settled: Envoy's memory_allocator_manager hands freed memory back to the OS "
+                   f"at up to 64 MiB/s, so RSS at the first success overstates what stays) and "
+                   f"VmHWM (peak, read at the settled sample)")
+    else:
+        rss_txt = "VmRSS at that moment and VmHWM (peak)"
     w(f"Procedure: plaintext keys are derived from the seed `{args.seed}` at run time "
       f"(sha256 of seed:index); configurations are generated into `bench/configs/` "
-      f"(git-ignored; files over 10 MB are deleted after the run) and those up to 10,000 keys "
-      f"are checked with `envoy --mode validate` first. Phase A (`--concurrency 1`): for each "
-      f"key-set size, baseline, wasm-floor, native and keygate run side by side; each gets "
+      f"(git-ignored; files over 10 MB are deleted after the run) and {validate_txt}. "
+      f"Phase A (`--concurrency 1`): for each "
+      f"key-set size, baseline, {'baseline-proxied (smallest size only), ' if has_proxied else ''}"
+      f"wasm-floor, native and keygate run side by side; each gets "
       f"{human(args.warmup)} warm-up requests per scenario, then {args.rounds} round(s), each "
       f"measuring every (configuration, scenario) once in an order that changes from round to "
       f"round. A measurement is one h2load run of {human(n)} requests over "
@@ -1448,7 +1882,7 @@ def write_report(report: dict, args) -> list[str]:
       f"utime+stime difference divided by the request count. Overhead is paired with the "
       f"baseline measurement of the same round. Phase B (`--concurrency 2`): per key-set size, "
       f"native and keygate are started one after the other (a baseline runs alongside): "
-      f"time from process start to the first 200, VmRSS at that moment and VmHWM (peak); "
+      f"time from process start to the first 200, {rss_txt}; "
       f"then {args.scale_rounds} round(s) of the allowed scenario. An Envoy that has not answered "
       f"200 within {args.ready_timeout:.0f} s is recorded as not ready and stopped.")
     w("")
@@ -1478,6 +1912,9 @@ def write_report(report: dict, args) -> list[str]:
                 if config not in configs:
                     continue
                 row = S.get("A", config, size, scenario)
+                if row is None and config == "baseline-proxied" and (
+                        size != min(S.sizes) or not has_proxied):
+                    continue
                 if row is None:
                     st = S.start("A", config, size if config in SIZE_DEPENDENT else None)
                     why = st["state"] if st and st["state"] != "ready" else "no successful measurement"
@@ -1490,22 +1927,30 @@ def write_report(report: dict, args) -> list[str]:
     w("")
     w("Start-up at `--concurrency 1` (phase A):")
     w("")
-    w("| configuration | keys | state | ready s | VmRSS MiB | VmHWM MiB |")
-    w("|---|---|---|---|---|---|")
+    settled_txt = (f"settled (sampled {settle_s:g} s later, no traffic in between)" if settle_s
+                   else "settled (`-`: this run predates that sample)")
+    w(f"RSS at the first 200, {settled_txt} and peak (VmHWM)"
+      + ("; `upstream` is the Envoy behind baseline-proxied." if has_proxied else "."))
+    w("")
+    w("| configuration | keys | state | ready s | RSS at ready MiB | RSS settled MiB | peak MiB |")
+    w("|---|---|---|---|---|---|---|")
     for s in report["starts"]:
         if s["phase"] == "A":
             w(f"| {s['config']} | {size_label(s['size'])} | {s['state']} | {fmt(s['ready_s'])} | "
-              f"{mib(s['rss_kb'])} | {mib(s['hwm_kb'])} |")
+              f"{mib(s['rss_kb'])} | {start_mib(s, 'settled_kb')} | {mib(peak_kb(s))} |")
     if any(s["phase"] == "B" for s in report["starts"]):
         w("")
         w("## Phase B: scale, `--concurrency 2`")
         w("")
-        w("Ready = seconds from process start to the first 200; RSS at that moment (VmRSS), peak "
-          "(VmHWM) and RSS after the measurements; CPU per request on the allowed path, median "
-          "(min to max); overhead against a baseline Envoy at `--concurrency 2` in the same round.")
+        w("Ready = seconds from process start to the first 200; RSS (VmRSS) at that moment, "
+          + (f"settled ({settle_s:g} s later, no traffic in between; the figure the memory "
+             "target is judged on)" if settle_s else "settled (`-`: this run predates that sample)")
+          + ", peak (VmHWM) and RSS after the measurements; "
+          "CPU per request on the allowed path, median (min to max); overhead against a baseline "
+          "Envoy at `--concurrency 2` in the same round.")
         w("")
-        w("| keys | filter | state | ready s | RSS MiB | peak MiB | RSS after MiB | CPU us/request | overhead us/request | requests/s |")
-        w("|---|---|---|---|---|---|---|---|---|---|")
+        w("| keys | filter | state | ready s | RSS at ready MiB | RSS settled MiB | peak MiB | RSS after MiB | CPU us/request | overhead us/request | requests/s |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|")
         for size in S.sizes:
             for config in SIZE_DEPENDENT:
                 s = S.start("B", config, size)
@@ -1515,12 +1960,45 @@ def write_report(report: dict, args) -> list[str]:
                 cpu = spread(row["cpu"], row["cpu_min"], row["cpu_max"]) if row else "n/a"
                 over = spread(row["over"], row["over_min"], row["over_max"]) if row else "n/a"
                 w(f"| {human(size)} | {config} | {s['state']} | {fmt(s['ready_s'])} | {mib(s['rss_kb'])} | "
-                  f"{mib(s['hwm_kb'])} | {mib(s.get('rss_after_kb'))} | {cpu} | {over} | "
+                  f"{start_mib(s, 'settled_kb')} | {mib(peak_kb(s))} | {mib(s.get('rss_after_kb'))} | {cpu} | {over} | "
                   f"{fmt(row['rps'], 0) if row else 'n/a'} |")
         b = S.start("B", "baseline", None)
         if b:
             w("")
-            w(f"Baseline at `--concurrency 2`: ready in {fmt(b['ready_s'])} s, VmRSS {mib(b['rss_kb'])} MiB.")
+            w(f"Baseline at `--concurrency 2`: ready in {fmt(b['ready_s'])} s, VmRSS {mib(b['rss_kb'])} MiB"
+              f" at ready, {start_mib(b, 'settled_kb')} MiB settled.")
+    w("")
+    w("## What one host call costs")
+    w("")
+    hc = S.hostcalls
+    if not hc["ops"]:
+        w("- (no host-call phase in this run)")
+    else:
+        a = f["args"]
+        first = hc["ops"][0]
+        w(f"`bench/wasm-floor` configured as `OP:{first['count']}` makes host call OP "
+          f"{first['count']} times in each request's on_http_request_headers (add_response_header: "
+          f"in on_http_response_headers); one Envoy per op at `--concurrency 1`, plus one running "
+          f"the bare floor, {a.get('hostcall_rounds', '-')} alternating round(s) of "
+          f"{human(a['hostcall_requests']) if a.get('hostcall_requests') else '-'} requests each. "
+          f"Per call = (median CPU us/request with the op - median of the floor, "
+          f"{fmt(hc['floor_cpu_us'])} us) / {first['count']}; the spread is the same difference "
+          f"paired round by round. How to read it: multiply by the number of such calls a filter "
+          f"makes per request to get what they add to its overhead over the floor; calls that "
+          f"return data (pairs, header, property, shared_get) also pay a host-to-Wasm call to "
+          f"proxy_on_memory_allocate and the SDK's copy, which is included. local_reply is "
+          f"per request, not per call: a local 401 sent from the filter against the same request "
+          f"continuing to the router's direct_response 200. Envoy ran at --log-level "
+          f"{a.get('log_level', 'info')}, which is what makes log_filtered's debug line a dropped one.")
+        w("")
+        w("| op | host call | CPU us/request | per call us (spread) |")
+        w("|---|---|---|---|")
+        w(f"| (floor) | none | {fmt(hc['floor_cpu_us'])} | - |")
+        for r in hc["ops"]:
+            unit = "per request" if r["op"] == "local_reply" else ""
+            w(f"| {r['op']} | {r['what']} | {fmt(r['cpu_us'])} | "
+              f"{spread(r['per_call_us'], r['per_call_min'], r['per_call_max'])}"
+              f"{' ' + unit if unit else ''} |")
     w("")
     w("## Start-up timeline")
     w("")
@@ -1545,6 +2023,15 @@ def write_report(report: dict, args) -> list[str]:
       "run to run; compare configurations within one run (they ran interleaved) and look at the "
       "spread. CPU time has a resolution of one clock tick per measurement "
       f"({1e6 / f['clk_tck'] / n:.2f} us/request at {human(n)} requests).")
+    hc_n = f["args"].get("hostcall_requests")
+    if S.hostcalls["ops"] and hc_n:
+        first = S.hostcalls["ops"][0]
+        w(f"- Host-call phase: one clock tick is {1e6 / f['clk_tck'] / hc_n:.2f} us/request at "
+          f"{human(hc_n)} requests, so {1e6 / f['clk_tck'] / hc_n / first['count']:.2f} us per "
+          f"call; a per-call figure below that, or a negative one, means \"too cheap to see "
+          f"here\", and costs are per call made {first['count']} times in a row (warm caches).")
+    w("- Memory targets are stated in MB: the headline converts RSS to decimal megabytes "
+      "(10^6 bytes) to judge them; the tables are in MiB.")
     w("- All requests of a measurement use one key, so key lookups hit warm caches; a key set "
       "of 1,000,000 mostly costs memory and start-up here, not cache misses.")
     w(f"- Envoy ran at `--log-level {args.log_level}`: keygate logs one info line per refusal "
@@ -1589,6 +2076,7 @@ def profile_lines(S: Summary, report: dict) -> list[str]:
     out = []
     sizes_bytes = report["profile"].get("config_bytes", {})
     large = max(S.sizes)
+    via_ecds = report["facts"]["keygate"].get("delivery") == "ecds"
     for config in SIZE_DEPENDENT:
         s = S.start("B", config, large) or S.start("A", config, large)
         if not s:
@@ -1596,12 +2084,24 @@ def profile_lines(S: Summary, report: dict) -> list[str]:
         tl = s.get("timeline") or {}
         nbytes = sizes_bytes.get(str(large), {}).get(config)
         size_txt = f" ({nbytes / 1e6:.0f} MB of JSON)" if nbytes else ""
-        parts = [f"{config}, {human(large)} keys, --concurrency {s['concurrency']}: Envoy parsed "
-                 f"the bootstrap{size_txt} in {fmt(tl.get('bootstrap_parsed'))} s"]
+        ecds = via_ecds and config == "keygate"
+        if ecds:
+            eb = sizes_bytes.get(str(large), {}).get("keygate_ecds")
+            parts = [f"{config}, {human(large)} keys, --concurrency {s['concurrency']}: Envoy parsed "
+                     f"the bootstrap in {fmt(tl.get('bootstrap_parsed'))} s"]
+        else:
+            parts = [f"{config}, {human(large)} keys, --concurrency {s['concurrency']}: Envoy parsed "
+                     f"the bootstrap{size_txt} in {fmt(tl.get('bootstrap_parsed'))} s"]
         if "listeners_loaded" in tl and "listeners_loading" in tl:
-            parts.append(f"built the listener and its filters (for native: api_key_auth's key "
-                         f"table; for keygate: Wasm VMs on the main thread) in "
+            what = ("(the filter entry only: its configuration comes through ECDS)" if ecds else
+                    "(for native: api_key_auth's key table; for keygate: Wasm VMs on the main thread)")
+            parts.append(f"built the listener and its filters {what} in "
                          f"{tl['listeners_loaded'] - tl['listeners_loading']:.2f} s")
+        if ecds and "listeners_loaded" in tl and "workers_starting" in tl:
+            parts.append(f"read the ECDS file{f' ({eb / 1e6:.0f} MB of JSON)' if eb else ''} and "
+                         f"created and configured the Wasm VM on the main thread before starting "
+                         f"its workers, {tl['workers_starting'] - tl['listeners_loaded']:.2f} s "
+                         f"after the listener")
         if "dispatching" in tl and "workers_starting" in tl:
             parts.append(f"started its workers in {tl['dispatching'] - tl['workers_starting']:.2f} s")
         vm = vm_configure_times(tl)
@@ -1612,13 +2112,22 @@ def profile_lines(S: Summary, report: dict) -> list[str]:
                          f"creating the VM and compiling the module): " + "; ".join(
                              f"{who} thread{'s' if who == 'workers' else ''} "
                              + ", ".join(f"{d:.2f} s" for d in ds) for who, ds in vm.items()))
-        parts.append(f"first 200 at {fmt(s['ready_s'])} s ({s['state']}), peak RSS {mib(s['hwm_kb'])} MiB")
+        parts.append(f"first 200 at {fmt(s['ready_s'])} s ({s['state']}), peak RSS {mib(peak_kb(s))} MiB")
+        if tl.get("warnings", 0) >= 1000:
+            parts.append(f"it logged {human(tl['warnings'])} warning lines "
+                         f"({tl.get('log_bytes_at_dispatch', 0) / 1e6:.0f} MB of log) before "
+                         f"dispatching"
+                         + (" (api_key_auth's Credential message is marked work-in-progress and "
+                            "Envoy warns for each credential, at any --log-level up to warning), "
+                            "which is part of its ready time" if config == "native" else ""))
         out.append("; ".join(parts) + ".")
     k1, k2 = S.start("A", "keygate", large), S.start("B", "keygate", large)
-    if k1 and k2 and k1.get("rss_kb") and k2.get("rss_kb"):
-        out.append(f"Memory per keygate VM at {human(large)} keys: RSS {mib(k1['rss_kb'])} MiB at "
-                   f"--concurrency 1 vs {mib(k2['rss_kb'])} MiB at 2, so about "
-                   f"{(k2['rss_kb'] - k1['rss_kb']) / 1024:.0f} MiB per additional worker VM "
+    key = "settled_kb" if k1 and k2 and k1.get("settled_kb") and k2.get("settled_kb") else "rss_kb"
+    if k1 and k2 and k1.get(key) and k2.get(key):
+        what = "settled RSS" if key == "settled_kb" else "RSS at the first success"
+        out.append(f"Memory per keygate VM at {human(large)} keys: {what} {mib(k1[key])} MiB at "
+                   f"--concurrency 1 vs {mib(k2[key])} MiB at 2, so about "
+                   f"{(k2[key] - k1[key]) / 1024:.0f} MiB per additional worker VM "
                    f"(each VM holds its own parsed copy of the key set; Wasm memory does not shrink "
                    f"after the parse).")
     for nc in report["profile"].get("native_check", []):
@@ -1705,7 +2214,7 @@ def write_chart(report: dict, args) -> bool:
     # Row 2: start-up and per-request cost at --concurrency 2.
     for ax, (key, title, scale) in zip(axes[1], (
             ("ready_s", "time to first 200, --concurrency 2 (s)", 1),
-            ("rss_kb", "VmRSS at first 200, --concurrency 2 (MiB)", 1 / 1024),
+            ("rss_kb", "VmRSS at first 200 (solid), settled (dashed), --concurrency 2 (MiB)", 1 / 1024),
             ("cpu", "CPU us/request, allowed, --concurrency 2", 1))):
         for config in SIZE_DEPENDENT:
             xs, ys, fails = [], [], []
@@ -1721,6 +2230,13 @@ def write_chart(report: dict, args) -> bool:
                     xs.append(i)
                     ys.append(v * scale)
             ax.plot(xs, ys, marker="o", label=config, color=colors[config])
+            if key == "rss_kb":
+                pts = [(i, (S.start("B", config, size) or {}).get("settled_kb"))
+                       for i, size in enumerate(sizes)]
+                pts = [(i, v / 1024) for i, v in pts if v is not None]
+                if pts:
+                    ax.plot([i for i, _ in pts], [v for _, v in pts], marker="o", linestyle="--",
+                            color=colors[config], label=f"{config} settled")
             for i in fails:
                 y = args.ready_timeout if key == "ready_s" else 0
                 ax.plot([i], [y], marker="x", markersize=12, color=colors[config])

@@ -89,6 +89,7 @@ extern "C" {
     ) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
 fn check(status: u32) -> Result<(), HostError> {
@@ -302,10 +303,15 @@ pub fn define_counter(name: &str) -> Result<u32, HostError> {
     Ok(id)
 }
 
-/// Adds one to a counter.
-pub fn increment(id: u32) {
-    // A lost count must not fail the request.
-    let _ = unsafe { proxy_increment_metric(id, 1) };
+/// Adds `n` to a counter.
+pub fn add_to_counter(id: u32, n: u64) {
+    // A lost count must not fail anything.
+    let _ = unsafe { proxy_increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX)) };
+}
+
+/// Asks the host to call the root context's `on_tick` every `ms` milliseconds.
+pub fn set_tick_period_ms(ms: u32) -> Result<(), HostError> {
+    check(unsafe { proxy_set_tick_period_milliseconds(ms) })
 }
 
 /// Routes the `log` crate's macros to Envoy's log.

@@ -22,36 +22,64 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-/// Counter ids, defined once per VM.
-#[derive(Debug, Default, Clone, Copy)]
-struct Counters {
-    allowed: u32,
-    unauthorized: u32,
-    forbidden: u32,
-    rate_limited: u32,
-    limiter_failures: u32,
-    internal_errors: u32,
+/// How often each VM hands its counts to Envoy's counters. Counting in the VM and
+/// adding the sum each period spares every request a host call (about 2 us, the first
+/// `proxy_increment_metric` of a request being the dear one); the counters at the admin
+/// endpoint lag by at most this much.
+const COUNTER_FLUSH_MS: u32 = 250;
+
+/// keygate's counters.
+#[derive(Debug, Clone, Copy)]
+enum Counter {
+    Allowed,
+    Unauthorized,
+    Forbidden,
+    RateLimited,
+    LimiterFailures,
+    InternalErrors,
 }
 
-impl Counters {
-    fn define() -> Counters {
-        let id = |name| host::define_counter(name).unwrap_or(u32::MAX);
-        Counters {
-            allowed: id("keygate_allowed"),
-            unauthorized: id("keygate_unauthorized"),
-            forbidden: id("keygate_forbidden"),
-            rate_limited: id("keygate_rate_limited"),
-            limiter_failures: id("keygate_limiter_failures"),
-            internal_errors: id("keygate_internal_errors"),
+const COUNTER_NAMES: [&str; 6] = [
+    "keygate_allowed",
+    "keygate_unauthorized",
+    "keygate_forbidden",
+    "keygate_rate_limited",
+    "keygate_limiter_failures",
+    "keygate_internal_errors",
+];
+
+impl Counter {
+    fn for_status(status: u32) -> Counter {
+        match status {
+            401 => Counter::Unauthorized,
+            403 => Counter::Forbidden,
+            429 => Counter::RateLimited,
+            _ => Counter::InternalErrors,
         }
     }
+}
 
-    fn for_status(&self, status: u32) -> u32 {
-        match status {
-            401 => self.unauthorized,
-            403 => self.forbidden,
-            429 => self.rate_limited,
-            _ => self.internal_errors,
+/// Counts not yet added to Envoy's counters, and the counters' ids (defined once per VM).
+#[derive(Debug, Default)]
+struct Counts {
+    ids: Option<[u32; 6]>,
+    pending: [u64; 6],
+}
+
+impl Counts {
+    fn add(&mut self, counter: Counter) {
+        let n = &mut self.pending[counter as usize];
+        *n = n.saturating_add(1);
+    }
+
+    /// Adds the pending counts to Envoy's counters.
+    fn flush(&mut self) {
+        let Some(ids) = self.ids else { return };
+        for (id, n) in ids.iter().zip(self.pending.iter_mut()) {
+            if *n > 0 {
+                host::add_to_counter(*id, *n);
+                *n = 0;
+            }
         }
     }
 }
@@ -62,6 +90,8 @@ struct Worker {
     leases: Leases,
     /// Denial log lines left this second.
     denial_log: LogBudget,
+    /// Outcomes counted since the last flush.
+    counts: Counts,
 }
 
 impl Default for Worker {
@@ -69,6 +99,7 @@ impl Default for Worker {
         Worker {
             leases: Leases::default(),
             denial_log: LogBudget::new(DENIAL_LINES_PER_SECOND),
+            counts: Counts::default(),
         }
     }
 }
@@ -76,16 +107,32 @@ impl Default for Worker {
 #[derive(Default)]
 struct Root {
     config: Option<Rc<Config>>,
-    counters: Counters,
     worker: Rc<RefCell<Worker>>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        // The VM is going away (shutdown, or a configuration replaced it): count the rest.
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            worker.counts.flush();
+        }
+        true
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
         if self.config.is_none() {
-            self.counters = Counters::define();
+            if let Ok(mut worker) = self.worker.try_borrow_mut() {
+                worker.counts.ids =
+                    Some(COUNTER_NAMES.map(|name| host::define_counter(name).unwrap_or(u32::MAX)));
+            }
+            if let Err(e) = host::set_tick_period_ms(COUNTER_FLUSH_MS) {
+                log::warn!(
+                    "keygate: no timer (status {}): counters are added only when the VM stops",
+                    e.0
+                );
+            }
         }
         match Config::from_reader(host::PluginConfiguration::new(size), size) {
             Ok(config) => {
@@ -106,10 +153,15 @@ impl RootContext for Root {
         }
     }
 
+    fn on_tick(&mut self) {
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            worker.counts.flush();
+        }
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Stream {
             config: self.config.clone(),
-            counters: self.counters,
             worker: Rc::clone(&self.worker),
             quota: None,
         }))
@@ -122,7 +174,6 @@ impl RootContext for Root {
 
 struct Stream {
     config: Option<Rc<Config>>,
-    counters: Counters,
     worker: Rc<RefCell<Worker>>,
     /// Quota to report on the upstream's response.
     quota: Option<Quota>,
@@ -223,6 +274,12 @@ fn quota_headers(q: &Quota) -> [(&'static str, String); 3] {
 }
 
 impl Stream {
+    fn count(&self, counter: Counter) {
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            worker.counts.add(counter);
+        }
+    }
+
     fn forward(&mut self, admission: &Admission<'_>) -> Action {
         let mut ok = true;
         for name in &admission.remove {
@@ -241,7 +298,7 @@ impl Stream {
             // Forwarding without the identity (or with a spoofed one) is not an option.
             return self.internal_error("cannot rewrite request headers");
         }
-        host::increment(self.counters.allowed);
+        self.count(Counter::Allowed);
         self.quota = admission.quota;
         Action::Continue
     }
@@ -270,7 +327,7 @@ impl Stream {
             );
         }
         if let Some(failure) = denial.limiter_failure {
-            host::increment(self.counters.limiter_failures);
+            self.count(Counter::LimiterFailures);
             if log_line.is_some() {
                 log::warn!("keygate: rate limiter unavailable ({failure:?}); request refused to stay within the limit");
             }
@@ -291,7 +348,7 @@ impl Stream {
     }
 
     fn respond(&self, status: u32, reason: Reason, headers: &[(&str, &str)]) -> Action {
-        host::increment(self.counters.for_status(status));
+        self.count(Counter::for_status(status));
         let details = format!("keygate_{}", reason.code());
         if host::send_response(status, &details, headers, reason.body().as_bytes()).is_err() {
             log::error!("keygate: cannot send the {status} response");
@@ -301,7 +358,7 @@ impl Stream {
 
     fn internal_error(&self, what: &str) -> Action {
         log::error!("keygate: internal error: {what}; request refused with 500");
-        host::increment(self.counters.internal_errors);
+        self.count(Counter::InternalErrors);
         let body =
             br#"{"error":"internal_error","message":"The gateway could not process this request"}"#;
         let _ = host::send_response(

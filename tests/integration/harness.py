@@ -546,7 +546,12 @@ class Envoy:
         Envoy gives proxy-wasm custom metrics (`wasmcustom.keygate_allowed`, ...)."""
         return self.counters([name])[name]
 
+    # Each worker adds its counts to Envoy's counters every 250 ms (src/filter/mod.rs,
+    # COUNTER_FLUSH_MS): reading them sooner than that after a request can miss it.
+    COUNTER_LAG_S = 0.4
+
     def counters(self, names: Iterable[str]) -> dict[str, int]:
+        time.sleep(self.COUNTER_LAG_S)
         stats = self.keygate_stats()
         out = {}
         for name in names:

@@ -1034,29 +1034,34 @@ def log_cost(runner: Runner, keys: KeySet, size: int, config: Path, info: Target
 
 def hostcall_phase(runner: Runner, keys: KeySet, floor_wasm: Path, records: list[dict],
                    starts: list[dict], problems: list[str]) -> dict:
-    """Phase H: what one proxy-wasm host call costs.
+    """Phase H: what proxy-wasm host calls cost.
 
-    One Envoy (--concurrency 1) per op, running bench/wasm-floor configured as "OP:COUNT",
-    plus one running the bare floor; rounds alternate between them. Per-call cost =
-    (median CPU us/request of OP - median of the floor) / COUNT.
+    One Envoy (--concurrency 1) per op and count, running bench/wasm-floor configured as
+    "OP:1" and "OP:N", plus one running the bare floor; rounds alternate between them.
+    The first call of a kind in a request = (OP:1 - floor); each further one =
+    (OP:N - OP:1) / (N - 1). They differ a lot: the first call pays for Envoy code and
+    data that the request has not touched yet.
     """
     args = runner.args
-    count, n, rounds = args.hostcall_count, args.hostcall_requests, args.hostcall_rounds
-    log(f"== host-call phase: {len(HOSTCALL_OPS)} ops x {count} per request against the "
+    many, n, rounds = args.hostcall_count, args.hostcall_requests, args.hostcall_rounds
+    counts = (1, many) if many > 1 else (1,)
+    log(f"== host-call phase: {len(HOSTCALL_OPS)} ops x {counts} per request against the "
         f"floor, --concurrency 1, {rounds} round(s) of {human(n)} requests")
     key = keys.plain[0]
-    targets: list[tuple[str | None, int, Envoy]] = []
-    for op, _, expect in ((None, "", 200),) + HOSTCALL_OPS:
-        name = "hostcall-floor" if op is None else f"hostcall-{op}"
+    targets: list[tuple[str | None, int, int, Envoy]] = []
+    plan = [(None, 0, 200)] + [(op, c, expect) for op, _, expect in HOSTCALL_OPS
+                               for c in (counts if op != "local_reply" else (1,))]
+    for op, count, expect in plan:
+        name = "hostcall-floor" if op is None else f"hostcall-{op}-{count}"
         path = write_config(name, config_floor(floor_wasm, None if op is None else f"{op}:{count}"))
         e = runner.start(Envoy(f"{name}-c1", path, 1), key, expect=expect, settle=False)
-        rec = start_record(e, "wasm-floor" if op is None else f"hostcall:{op}", None, "H")
+        rec = start_record(e, "wasm-floor" if op is None else f"hostcall:{op}:{count}", None, "H")
         starts.append(rec)
         if e.state == "ready":
-            targets.append((op, expect, e))
+            targets.append((op, count, expect, e))
         else:
             problems.append(f"{e.name}: {e.state}")
-    for op, expect, e in targets:
+    for op, count, expect, e in targets:
         res = run_h2load(runner, e, key, PATH_OPEN, args.warmup, expect, False)
         if res.get("error"):
             log(f"  warm-up {e.name}: {res['error']}")
@@ -1065,7 +1070,7 @@ def hostcall_phase(runner: Runner, keys: KeySet, floor_wasm: Path, records: list
         order = targets[shift:] + targets[:shift]
         if r % 2 == 1:
             order.reverse()
-        for op, expect, e in order:
+        for op, count, expect, e in order:
             res = run_h2load(runner, e, key, PATH_OPEN, n, expect, True)
             records.append({"phase": "H", "round": r, "config": "wasm-floor" if op is None else "hostcall",
                             "op": op, "count": count, "size": None, "size_group": None,
@@ -1075,16 +1080,22 @@ def hostcall_phase(runner: Runner, keys: KeySet, floor_wasm: Path, records: list
                 log(f"  round {r + 1} {e.name:<32} ERROR {res['error']}")
             else:
                 log(f"  round {r + 1} {e.name:<32} {res['cpu_us_per_req']:7.2f} us/req")
-    for _, _, e in targets:
+        for op, count, expect, e in targets:
+            runner.trim_log(e)
+    for *_, e in targets:
         runner.stop(e)
     table = hostcall_table(records)
     for row in table["ops"]:
-        log(f"  {row['op']:<20} {fmt(row['per_call_us'])} us per call")
+        log(f"  {row['op']:<20} first {fmt(row['first_us'])} us, each further "
+            f"{fmt(row['further_us'])} us")
     return table
 
 
 def hostcall_table(records: list[dict]) -> dict:
-    """Per-call costs from the phase-H records (also used to re-render a results.json)."""
+    """Per-call costs from the phase-H records (also used to re-render a results.json).
+
+    Older results hold one count per op (no OP:1): their `first_us` is then empty and
+    `further_us` is (OP:N - floor) / N, as those runs reported it."""
     hs = [r for r in records if r.get("phase") == "H" and not r.get("error")]
     floor_by_round = {r["round"]: r["cpu_us_per_req"] for r in hs if r["config"] == "wasm-floor"}
     floor = med(list(floor_by_round.values()))
@@ -1093,17 +1104,34 @@ def hostcall_table(records: list[dict]) -> dict:
         rs = [r for r in hs if r["config"] == "hostcall" and r.get("op") == op]
         if not rs:
             continue
-        # local_reply happens once per request whatever the count.
-        div = 1 if op == "local_reply" else rs[0]["count"]
-        cpu = med([r["cpu_us_per_req"] for r in rs])
-        paired = [(r["cpu_us_per_req"] - floor_by_round[r["round"]]) / div
-                  for r in rs if r["round"] in floor_by_round]
+        by_count: dict[int, dict[int, float]] = {}
+        for r in rs:
+            by_count.setdefault(r["count"], {})[r["round"]] = r["cpu_us_per_req"]
+        one = by_count.get(1)
+        many_n = max(by_count)
+        many = by_count[many_n]
+        cpu1 = med(list(one.values())) if one else None
+        cpun = med(list(many.values()))
+        first = None if cpu1 is None or floor is None else cpu1 - floor
+        first_paired = [v - floor_by_round[k] for k, v in (one or {}).items() if k in floor_by_round]
+        if one and many_n > 1:
+            further = None if cpu1 is None or cpun is None else (cpun - cpu1) / (many_n - 1)
+            further_paired = [(v - one[k]) / (many_n - 1) for k, v in many.items() if k in one]
+        elif not one:
+            further = None if cpun is None or floor is None else (cpun - floor) / many_n
+            further_paired = [(v - floor_by_round[k]) / many_n for k, v in many.items()
+                              if k in floor_by_round]
+        else:
+            further, further_paired = None, []
         out["ops"].append({
-            "op": op, "what": what, "count": rs[0]["count"], "divisor": div, "rounds": len(rs),
-            "cpu_us": cpu,
-            "per_call_us": None if cpu is None or floor is None else (cpu - floor) / div,
-            "per_call_min": min(paired) if paired else None,
-            "per_call_max": max(paired) if paired else None,
+            "op": op, "what": what, "counts": sorted(by_count), "rounds": len(many),
+            "cpu_us_1": cpu1, "cpu_us_n": cpun if many_n > 1 else None, "n": many_n,
+            "first_us": first,
+            "first_min": min(first_paired) if first_paired else None,
+            "first_max": max(first_paired) if first_paired else None,
+            "further_us": further,
+            "further_min": min(further_paired) if further_paired else None,
+            "further_max": max(further_paired) if further_paired else None,
         })
     return out
 
@@ -1248,9 +1276,10 @@ def parse_args(argv=None):
                         "with no traffic in between (default 5; 0 to skip)")
     p.add_argument("--hostcall-rounds", type=int, help="rounds of the host-call phase (default 5; quick 1)")
     p.add_argument("--hostcall-requests", type=int,
-                   help="requests per host-call measurement (default: --requests; quick 5000)")
+                   help="requests per host-call measurement (default 40000; quick 5000)")
     p.add_argument("--hostcall-count", type=int, default=10,
-                   help="host calls per request in the host-call phase (default 10)")
+                   help="the larger number of calls per request in the host-call phase; each op "
+                        "also runs with 1 (default 10)")
     p.add_argument("--skip-hostcalls", action="store_true", help="skip the host-call phase")
     p.add_argument("--keep-configs", action="store_true", help="keep generated configs over 10 MB (deleted by default)")
     a = p.parse_args(argv)
@@ -1260,7 +1289,7 @@ def parse_args(argv=None):
     a.requests = a.requests or (10000 if q else 60000)
     a.warmup = a.warmup or (2000 if q else 5000)
     a.hostcall_rounds = a.hostcall_rounds or (1 if q else 5)
-    a.hostcall_requests = a.hostcall_requests or (5000 if q else a.requests)
+    a.hostcall_requests = a.hostcall_requests or (5000 if q else 40000)
     a.sizes = [int(s.replace("_", "")) for s in (a.sizes or ("10,10000" if q else "10,10000,100000,1000000")).split(",")]
     if a.perf is None:
         a.perf = not q and perf_works()
@@ -1737,18 +1766,22 @@ def headline_lines(S: Summary) -> list[str]:
 
 
 def hostcall_headline(hc: dict) -> str:
-    calls = [r for r in hc["ops"] if r["per_call_us"] is not None and r["op"] != "local_reply"]
-    if not calls:
+    rows = [r for r in hc["ops"] if r["op"] != "local_reply"]
+    firsts = sorted((r for r in rows if r["first_us"] is not None), key=lambda r: r["first_us"])
+    furthers = sorted((r for r in rows if r["further_us"] is not None), key=lambda r: r["further_us"])
+    if not firsts and not furthers:
         return "Host calls, CPU us per call: - (no host-call phase in this run)"
-    calls.sort(key=lambda r: r["per_call_us"])
-    k = min(3, len(calls) // 2) or 1
-    cheap = ", ".join(f"{r['op']} {fmt(r['per_call_us'])}" for r in calls[:k])
-    dear = ", ".join(f"{r['op']} {fmt(r['per_call_us'])}" for r in reversed(calls[-k:]))
-    line = (f"Host calls, CPU us per call ({calls[0]['rounds']} round(s), {calls[0]['count']} calls "
-            f"per request against the floor): cheapest {cheap}; dearest {dear}")
-    lr = next((r for r in hc["ops"] if r["op"] == "local_reply" and r["per_call_us"] is not None), None)
+    parts = []
+    if firsts:
+        parts.append("first call of a kind in a request " + ", ".join(
+            f"{r['op']} {fmt(r['first_us'])}" for r in reversed(firsts)))
+    if furthers:
+        parts.append("each further call " + ", ".join(
+            f"{r['op']} {fmt(r['further_us'])}" for r in reversed(furthers)))
+    line = f"Host calls, CPU us against the floor ({rows[0]['rounds']} round(s)): " + "; ".join(parts)
+    lr = next((r for r in hc["ops"] if r["op"] == "local_reply" and r["first_us"] is not None), None)
     if lr:
-        line += f"; a local 401 instead of continuing {lr['per_call_us']:+.2f} us per request"
+        line += f"; a local 401 instead of continuing {lr['first_us']:+.2f} us per request"
     return line
 
 
@@ -1975,30 +2008,34 @@ def write_report(report: dict, args) -> list[str]:
         w("- (no host-call phase in this run)")
     else:
         a = f["args"]
-        first = hc["ops"][0]
-        w(f"`bench/wasm-floor` configured as `OP:{first['count']}` makes host call OP "
-          f"{first['count']} times in each request's on_http_request_headers (add_response_header: "
-          f"in on_http_response_headers); one Envoy per op at `--concurrency 1`, plus one running "
-          f"the bare floor, {a.get('hostcall_rounds', '-')} alternating round(s) of "
+        n = max(r["n"] for r in hc["ops"])
+        w(f"`bench/wasm-floor` configured as `OP:1` or `OP:{n}` makes host call OP once or "
+          f"{n} times in each request's on_http_request_headers (add_response_header: in "
+          f"on_http_response_headers); one Envoy per op and count at `--concurrency 1`, plus one "
+          f"running the bare floor ({fmt(hc['floor_cpu_us'])} us/request), "
+          f"{a.get('hostcall_rounds', '-')} alternating round(s) of "
           f"{human(a['hostcall_requests']) if a.get('hostcall_requests') else '-'} requests each. "
-          f"Per call = (median CPU us/request with the op - median of the floor, "
-          f"{fmt(hc['floor_cpu_us'])} us) / {first['count']}; the spread is the same difference "
-          f"paired round by round. How to read it: multiply by the number of such calls a filter "
-          f"makes per request to get what they add to its overhead over the floor; calls that "
-          f"return data (pairs, header, property, shared_get) also pay a host-to-Wasm call to "
-          f"proxy_on_memory_allocate and the SDK's copy, which is included. local_reply is "
-          f"per request, not per call: a local 401 sent from the filter against the same request "
-          f"continuing to the router's direct_response 200. Envoy ran at --log-level "
-          f"{a.get('log_level', 'info')}, which is what makes log_filtered's debug line a dropped one.")
+          f"First call = CPU with `OP:1` - floor; each further call = (CPU with `OP:{n}` - CPU with "
+          f"`OP:1`) / {n - 1}; spreads are the same differences paired round by round. How to read "
+          f"it: the first call of a kind in a request costs several times what the next ones do "
+          f"(it brings Envoy's code and the request's state for that call into the caches), so a "
+          f"filter's overhead over the floor is roughly the sum of the first-call costs of the "
+          f"kinds of calls it makes, plus the further-call cost of the repeats. Calls that return "
+          f"data (pairs, header, property, shared_get) include the host-to-Wasm call to "
+          f"proxy_on_memory_allocate. local_reply is per request: a local 401 sent from the filter "
+          f"against the request continuing to the router's direct_response 200. Envoy ran at "
+          f"--log-level {a.get('log_level', 'info')}, so log_filtered's debug line is dropped by "
+          f"the host.")
         w("")
-        w("| op | host call | CPU us/request | per call us (spread) |")
+        w("| op | host call | first call us (spread) | each further call us (spread) |")
         w("|---|---|---|---|")
-        w(f"| (floor) | none | {fmt(hc['floor_cpu_us'])} | - |")
         for r in hc["ops"]:
-            unit = "per request" if r["op"] == "local_reply" else ""
-            w(f"| {r['op']} | {r['what']} | {fmt(r['cpu_us'])} | "
-              f"{spread(r['per_call_us'], r['per_call_min'], r['per_call_max'])}"
-              f"{' ' + unit if unit else ''} |")
+            if r["op"] == "local_reply":
+                w(f"| {r['op']} | {r['what']} | {spread(r['first_us'], r['first_min'], r['first_max'])}"
+                  f" per request | - |")
+                continue
+            w(f"| {r['op']} | {r['what']} | {spread(r['first_us'], r['first_min'], r['first_max'])} | "
+              f"{spread(r['further_us'], r['further_min'], r['further_max'])} |")
     w("")
     w("## Start-up timeline")
     w("")
@@ -2025,16 +2062,17 @@ def write_report(report: dict, args) -> list[str]:
       f"({1e6 / f['clk_tck'] / n:.2f} us/request at {human(n)} requests).")
     hc_n = f["args"].get("hostcall_requests")
     if S.hostcalls["ops"] and hc_n:
-        first = S.hostcalls["ops"][0]
-        w(f"- Host-call phase: one clock tick is {1e6 / f['clk_tck'] / hc_n:.2f} us/request at "
-          f"{human(hc_n)} requests, so {1e6 / f['clk_tck'] / hc_n / first['count']:.2f} us per "
-          f"call; a per-call figure below that, or a negative one, means \"too cheap to see "
-          f"here\", and costs are per call made {first['count']} times in a row (warm caches).")
+        tick = 1e6 / f["clk_tck"] / hc_n
+        n = max(r["n"] for r in S.hostcalls["ops"])
+        w(f"- Host-call phase: one clock tick is {tick:.2f} us/request at {human(hc_n)} requests: "
+          f"the resolution of a first-call figure, and {tick / max(1, n - 1):.2f} us that of a "
+          f"further-call one; a figure below that, or a negative one, means \"too cheap to see "
+          f"here\".")
     w("- Memory targets are stated in MB: the headline converts RSS to decimal megabytes "
       "(10^6 bytes) to judge them; the tables are in MiB.")
     w("- All requests of a measurement use one key, so key lookups hit warm caches; a key set "
       "of 1,000,000 mostly costs memory and start-up here, not cache misses.")
-    w(f"- Envoy ran at `--log-level {args.log_level}`: keygate logs one info line per refusal "
+    w(f"- Envoy ran at `--log-level {args.log_level}`: keygate logs an info line per refusal, up to 100 a second per worker "
       "(401, 429), Envoy's own filters log refusals at debug only, so the refusal paths include "
       "keygate's logging cost at info level.")
     (args.out / "results.md").write_text("\n".join(L) + "\n")

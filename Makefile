@@ -21,7 +21,7 @@ help:
 	@echo "make run     build the filter and start Envoy with it on 127.0.0.1:10000"
 	@echo "make test    unit tests, then integration tests against a real Envoy"
 	@echo "make build   build $(WASM) and the native tools"
-	@echo "make bench   keygate against Envoy's native filters (about 13 minutes; bench-quick: 1)"
+	@echo "make bench   keygate against Envoy's native filters (about 16 minutes; bench-quick: 1)"
 	@echo "make compose-test  the docker-compose stack on local images, end to end"
 	@echo "make compose-up / compose-down  the docker-compose stack (envoy/docker-compose.yaml)"
 	@echo "make lint    rustfmt and clippy, native and wasm32"

@@ -2008,15 +2008,15 @@ def write_report(report: dict, args) -> list[str]:
         w("- (no host-call phase in this run)")
     else:
         a = f["args"]
-        n = max(r["n"] for r in hc["ops"])
-        w(f"`bench/wasm-floor` configured as `OP:1` or `OP:{n}` makes host call OP once or "
-          f"{n} times in each request's on_http_request_headers (add_response_header: in "
+        hc_max = max(r["n"] for r in hc["ops"])
+        w(f"`bench/wasm-floor` configured as `OP:1` or `OP:{hc_max}` makes host call OP once or "
+          f"{hc_max} times in each request's on_http_request_headers (add_response_header: in "
           f"on_http_response_headers); one Envoy per op and count at `--concurrency 1`, plus one "
           f"running the bare floor ({fmt(hc['floor_cpu_us'])} us/request), "
           f"{a.get('hostcall_rounds', '-')} alternating round(s) of "
           f"{human(a['hostcall_requests']) if a.get('hostcall_requests') else '-'} requests each. "
-          f"First call = CPU with `OP:1` - floor; each further call = (CPU with `OP:{n}` - CPU with "
-          f"`OP:1`) / {n - 1}; spreads are the same differences paired round by round. How to read "
+          f"First call = CPU with `OP:1` - floor; each further call = (CPU with `OP:{hc_max}` - CPU with "
+          f"`OP:1`) / {hc_max - 1}; spreads are the same differences paired round by round. How to read "
           f"it: the first call of a kind in a request costs several times what the next ones do "
           f"(it brings Envoy's code and the request's state for that call into the caches), so a "
           f"filter's overhead over the floor is roughly the sum of the first-call costs of the "
@@ -2063,9 +2063,9 @@ def write_report(report: dict, args) -> list[str]:
     hc_n = f["args"].get("hostcall_requests")
     if S.hostcalls["ops"] and hc_n:
         tick = 1e6 / f["clk_tck"] / hc_n
-        n = max(r["n"] for r in S.hostcalls["ops"])
+        hc_max = max(r["n"] for r in S.hostcalls["ops"])
         w(f"- Host-call phase: one clock tick is {tick:.2f} us/request at {human(hc_n)} requests: "
-          f"the resolution of a first-call figure, and {tick / max(1, n - 1):.2f} us that of a "
+          f"the resolution of a first-call figure, and {tick / max(1, hc_max - 1):.2f} us that of a "
           f"further-call one; a figure below that, or a negative one, means \"too cheap to see "
           f"here\".")
     w("- Memory targets are stated in MB: the headline converts RSS to decimal megabytes "
@@ -2199,7 +2199,7 @@ def profile_lines(S: Summary, report: dict) -> list[str]:
             a, b = c.get(f"{scenario}@{lvl}"), c.get(f"{scenario}@warning")
             if a is not None and b is not None:
                 out.append(f"keygate {scenario} at {human(lc['size'])} keys: {a:.2f} us/request with "
-                           f"Envoy at --log-level {lvl} (one info line, one write(2), per refusal) vs "
+                           f"Envoy at --log-level {lvl} (a denial line per refusal, up to 100 a second per worker) vs "
                            f"{b:.2f} us at --log-level warning, a difference of {a - b:+.2f} us "
                            f"(medians of {lc['rounds']} alternating rounds; compare with the "
                            f"spread of the tables above before reading much into it).")
@@ -2210,8 +2210,10 @@ def profile_lines(S: Summary, report: dict) -> list[str]:
             out.append(f"{human(size)} keys, allowed path: of keygate's {fmt(kg)} us overhead, "
                        f"{fmt(floor)} us ({100 * floor / kg:.0f}%) is the empty Wasm filter "
                        f"(V8 context creation and callback crossings), {fmt(kg - floor)} us is "
-                       f"keygate's own work (header map read, SHA-256, lookup, source address, "
-                       f"shared-data CAS, header writes); baseline itself costs {fmt(base)} us.")
+                       f"keygate's own work (host calls: the header map, the source address, the "
+                       f"time, removing the key, two identity headers, three X-RateLimit-* "
+                       f"response headers, a shared-data round trip per token lease; in Wasm: "
+                       f"SHA-256, lookup, token bucket); baseline itself costs {fmt(base)} us.")
     return out
 
 

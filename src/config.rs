@@ -687,6 +687,7 @@ impl Config {
         let mut keys = Vec::with_capacity(doc.keys.len());
         let mut index = KeyIndex::with_capacity(doc.keys.len());
         let mut ids = std::collections::HashMap::with_capacity(doc.keys.len());
+        let mut key_prefixes = std::collections::HashMap::with_capacity(doc.keys.len());
         for (i, spec) in doc.keys.iter().enumerate() {
             let (mut key, digest) = compile_key(i, spec)?;
             key.limit = match &spec.plan {
@@ -703,6 +704,8 @@ impl Config {
                     ),
                 ));
             }
+            // Key-set members are held by prefix: a key's digest must not share one with them.
+            key_prefixes.insert(prefix_of(&digest), i);
             if let Err(first) = index.insert(digest, i) {
                 return Err(ConfigError::new(
                     format!("keys[{i}].hash"),
@@ -712,21 +715,6 @@ impl Config {
             keys.push(key);
         }
         let mut key_sets: Vec<KeySet> = Vec::with_capacity(doc.key_sets.len());
-        // Key-set members are held by prefix: a key's digest must not share one with them.
-        let key_prefixes: std::collections::HashMap<DigestPrefix, usize> =
-            if doc.key_sets.is_empty() {
-                std::collections::HashMap::new()
-            } else {
-                doc.keys
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, spec)| {
-                        keys::parse_hash(&spec.hash)
-                            .ok()
-                            .map(|d| (prefix_of(&d), i))
-                    })
-                    .collect()
-            };
         for (i, (spec, digests)) in doc.key_sets.iter().zip(set_digests).enumerate() {
             let mut set = compile_key_set(i, spec, digests, &key_prefixes, &ids, &key_sets)?;
             set.identity.limit = match &spec.plan {

@@ -199,27 +199,17 @@ pub fn remove_request_header(name: &str) -> Result<(), HostError> {
 
 /// Adds a request header value (keeping any already there).
 pub fn add_request_header(name: &str, value: &str) -> Result<(), HostError> {
-    check(unsafe {
-        proxy_add_header_map_value(
-            MAP_REQUEST_HEADERS,
-            name.as_ptr(),
-            name.len(),
-            value.as_ptr(),
-            value.len(),
-        )
-    })
+    add_header(MAP_REQUEST_HEADERS, name, value)
 }
 
 /// Adds a response header (for headers on upstream responses).
 pub fn add_response_header(name: &str, value: &str) -> Result<(), HostError> {
+    add_header(MAP_RESPONSE_HEADERS, name, value)
+}
+
+fn add_header(map: u32, name: &str, value: &str) -> Result<(), HostError> {
     check(unsafe {
-        proxy_add_header_map_value(
-            MAP_RESPONSE_HEADERS,
-            name.as_ptr(),
-            name.len(),
-            value.as_ptr(),
-            value.len(),
-        )
+        proxy_add_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len())
     })
 }
 

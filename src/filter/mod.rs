@@ -39,6 +39,7 @@ enum Counter {
     InternalErrors,
 }
 
+/// Indexed by `Counter as usize`.
 const COUNTER_NAMES: [&str; 6] = [
     "keygate_allowed",
     "keygate_unauthorized",
@@ -62,8 +63,8 @@ impl Counter {
 /// Counts not yet added to Envoy's counters, and the counters' ids (defined once per VM).
 #[derive(Debug, Default)]
 struct Counts {
-    ids: Option<[u32; 6]>,
-    pending: [u64; 6],
+    ids: Option<[u32; COUNTER_NAMES.len()]>,
+    pending: [u64; COUNTER_NAMES.len()],
 }
 
 impl Counts {
@@ -143,7 +144,9 @@ impl RootContext for Root {
                 );
                 self.config = Some(Rc::new(config));
                 // Plans may have changed: tokens held for the old ones are dropped.
-                self.worker.borrow_mut().leases.clear();
+                if let Ok(mut worker) = self.worker.try_borrow_mut() {
+                    worker.leases.clear();
+                }
                 true
             }
             Err(e) => {

@@ -7,6 +7,11 @@
 //! exclusive lock on a sidecar file, then read, change, validate, and an atomic replace
 //! (temp file, fsync, rename, fsync of the directory), so concurrent commands never lose
 //! a change and a crash leaves either the old store or the new one.
+//!
+//! The store, its lock file and its temp files are owner-only (0600) whatever the umask:
+//! the store holds the digests of imported legacy keys, which may be guessable. The ECDS
+//! file keeps the usual mode, since Envoy may run as another user (uid 101 in the
+//! official image).
 
 use crate::config::{
     self, Config, ConfigError, KeyFormatSpec, KeySpec, KeyStatus, Per, PluginConfig, RateSpec,
@@ -817,7 +822,7 @@ pub fn init(path: &Path, store: &Store) -> Result<(), Error> {
             path.display()
         )));
     }
-    write_atomically(path, &store_bytes(store)?)
+    write_atomically(path, &store_bytes(store)?, Access::OwnerOnly).map(drop)
 }
 
 /// A committed change, and whether `--apply` then wrote the ECDS file.
@@ -827,6 +832,8 @@ pub struct Committed<T> {
     pub value: T,
     /// The ECDS file written, or why not; `None` when not asked to apply.
     pub applied: Option<Result<PathBuf, Error>>,
+    /// The store's mode before this change made it 0600, when it was readable by others.
+    pub tightened: Option<u32>,
 }
 
 /// Changes the store under an exclusive lock: read, change, validate, replace
@@ -849,9 +856,14 @@ pub fn update<T>(
     } else {
         None
     };
-    write_atomically(path, &store_bytes(&store)?)?;
-    let applied = ecds.map(|(target, bytes)| write_atomically(&target, &bytes).map(|()| target));
-    Ok(Committed { value, applied })
+    let tightened = write_atomically(path, &store_bytes(&store)?, Access::OwnerOnly)?;
+    let applied = ecds
+        .map(|(target, bytes)| write_atomically(&target, &bytes, Access::AsBefore).map(|_| target));
+    Ok(Committed {
+        value,
+        applied,
+        tightened,
+    })
 }
 
 /// Writes the ECDS rendering of the store to `envoy.ecds`; returns that path and the
@@ -860,7 +872,7 @@ pub fn apply(path: &Path) -> Result<(PathBuf, usize), Error> {
     let _lock = lock(path)?;
     let store = load(path)?;
     let (target, bytes) = ecds_target(path, &store)?;
-    write_atomically(&target, &bytes)?;
+    write_atomically(&target, &bytes, Access::AsBefore)?;
     Ok((target, store.keys.len()))
 }
 
@@ -908,13 +920,18 @@ fn lock(store: &Path) -> Result<Lock, Error> {
     let mut name = store.as_os_str().to_owned();
     name.push(".lock");
     let path = PathBuf::from(name);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    owner_only_on_create(&mut options);
+    let file = options
         .open(&path)
         .map_err(|e| io_error("open the lock file", &path, e))?;
+    // The lock file holds nothing, but an older keygate (or a umask of 0) may have made
+    // it world-readable: tighten it quietly. Someone else's lock file may refuse the
+    // chmod, which is no reason to refuse the command.
+    if mode_of(&file).is_some_and(|m| m & 0o077 != 0) {
+        let _ = set_owner_only(&file);
+    }
     file.lock().map_err(|e| io_error("lock", &path, e))?;
     Ok(Lock { _file: file })
 }
@@ -927,11 +944,77 @@ fn temp_prefix(target: &Path) -> String {
     format!(".{name}.tmp.")
 }
 
+/// Who may read a file keygate writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// The store: 0600 on every write, whatever the umask or the old file's mode.
+    OwnerOnly,
+    /// The ECDS file: the old file's mode, else the umask's default, so that Envoy
+    /// running as another user can read it.
+    AsBefore,
+}
+
+/// The mode of the store and its lock and temp files.
+const OWNER_ONLY: u32 = 0o600;
+
+#[cfg(unix)]
+fn owner_only_on_create(options: &mut OpenOptions) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    options.mode(OWNER_ONLY);
+}
+
+#[cfg(not(unix))]
+fn owner_only_on_create(_options: &mut OpenOptions) {}
+
+/// Sets 0600 on an open file (fchmod: not subject to the umask).
+#[cfg(unix)]
+fn set_owner_only(file: &File) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    file.set_permissions(fs::Permissions::from_mode(OWNER_ONLY))
+}
+
+#[cfg(not(unix))]
+fn set_owner_only(_file: &File) -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(unix)]
+fn mode_of(file: &File) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    file.metadata()
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777)
+}
+
+#[cfg(not(unix))]
+fn mode_of(_file: &File) -> Option<u32> {
+    None
+}
+
+#[cfg(unix)]
+fn mode_of_path(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777)
+}
+
+#[cfg(not(unix))]
+fn mode_of_path(_path: &Path) -> Option<u32> {
+    None
+}
+
 /// Replaces `target` with `bytes` so that readers, and Envoy's watcher, see the old
 /// file or the new one, never a mix: temp file, fsync, rename, fsync of the directory.
 /// Callers hold the store lock, so temp files of `target` found here are leftovers of
 /// a crashed writer and are removed.
-fn write_atomically(target: &Path, bytes: &[u8]) -> Result<(), Error> {
+///
+/// With [`Access::OwnerOnly`] the temp file is created 0600 and set to 0600 before a
+/// byte is written, so the new file is never readable by others even for an instant,
+/// and a store an older keygate left world-readable is tightened by the first rewrite.
+/// Returns the replaced file's mode when that tightened it (the caller says so once:
+/// a deployment that relied on another user reading the store learns why it stopped).
+fn write_atomically(target: &Path, bytes: &[u8], access: Access) -> Result<Option<u32>, Error> {
     let dir = directory_of(target);
     fs::create_dir_all(dir).map_err(|e| io_error("create the directory", dir, e))?;
     let prefix = temp_prefix(target);
@@ -947,16 +1030,24 @@ fn write_atomically(target: &Path, bytes: &[u8]) -> Result<(), Error> {
         std::process::id(),
         hex(&random::<4>()?)
     ));
+    let old_mode = mode_of_path(target);
     let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        if access == Access::OwnerOnly {
+            owner_only_on_create(&mut options);
+        }
+        let mut file = options
             .open(&tmp)
             .map_err(|e| io_error("create", &tmp, e))?;
-        if let Ok(meta) = fs::metadata(target) {
-            file.set_permissions(meta.permissions())
-                .map_err(|e| io_error("set the permissions of", &tmp, e))?;
+        match access {
+            Access::OwnerOnly => set_owner_only(&file),
+            Access::AsBefore => match fs::metadata(target) {
+                Ok(meta) => file.set_permissions(meta.permissions()),
+                Err(_) => Ok(()),
+            },
         }
+        .map_err(|e| io_error("set the permissions of", &tmp, e))?;
         file.write_all(bytes)
             .and_then(|()| file.sync_all())
             .map_err(|e| io_error("write", &tmp, e))?;
@@ -969,7 +1060,8 @@ fn write_atomically(target: &Path, bytes: &[u8]) -> Result<(), Error> {
     // The rename is only durable once the directory entry is on disk.
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| io_error("sync the directory", dir, e))
+        .map_err(|e| io_error("sync the directory", dir, e))?;
+    Ok(old_mode.filter(|m| access == Access::OwnerOnly && m & 0o077 != 0))
 }
 
 #[cfg(test)]

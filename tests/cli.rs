@@ -1250,3 +1250,94 @@ fn hash_store_variable_and_usage_errors() {
         assert!(help.contains("Usage: keygate"), "{help}");
     }
 }
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Runs keygate under `umask`; returns (stdout, stderr) of a command that must succeed.
+fn under_umask(env: &Env, umask: &str, args: &[&str]) -> (String, String) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("umask {umask} && exec \"$0\" \"$@\""))
+        .arg(BIN)
+        .arg("--store")
+        .arg(&env.store)
+        .args(args)
+        .env_remove("KEYGATE_STORE")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    );
+    assert!(out.status.success(), "keygate {args:?}: {stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn the_store_and_its_lock_are_owner_only_whatever_the_umask() {
+    for umask in ["022", "000"] {
+        let env = Env::new();
+        let lock = env.dir.path().join("keygate.json.lock");
+        let ecds = env.dir.path().join("ecds/keygate.yaml");
+        let owner_only = |what: &str| {
+            assert_eq!(mode(&env.store), 0o600, "umask {umask}, after {what}");
+            assert_eq!(mode(&lock), 0o600, "umask {umask}, after {what}");
+        };
+        under_umask(&env, umask, &["init", "--ecds", "ecds/keygate.yaml"]);
+        owner_only("init");
+        let created = json(
+            &under_umask(
+                &env,
+                umask,
+                &["--json", "create", "--name", "a", "--role", "r"],
+            )
+            .0,
+        );
+        owner_only("create");
+        let id = str_of(&created["id"]);
+        for args in [
+            &["suspend", &id][..],
+            &["reactivate", &id],
+            &["rotate", &id, "--grace", "1h", "--apply"],
+            &["revoke", &id, "--apply"],
+        ] {
+            under_umask(&env, umask, args);
+            owner_only(args[0]);
+        }
+        // The ECDS file stays readable: Envoy may run as another user.
+        let expected = if umask == "022" { 0o644 } else { 0o666 };
+        assert_eq!(mode(&ecds), expected, "umask {umask}");
+    }
+}
+
+#[test]
+fn a_world_readable_store_becomes_owner_only_at_its_next_change() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = Env::init();
+    env.create(&[]);
+    let lock = env.dir.path().join("keygate.json.lock");
+    for path in [&env.store, &lock] {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    // Reading does not change it.
+    under_umask(&env, "022", &["list"]);
+    assert_eq!(mode(&env.store), 0o644);
+    let before = env.store_text();
+    let (_, note) = under_umask(&env, "022", &["create", "--name", "b", "--role", "r"]);
+    assert_eq!((mode(&env.store), mode(&lock)), (0o600, 0o600));
+    assert_eq!(
+        note,
+        format!(
+            "keygate: note: {} was mode 644, readable by other users; keygate keeps its store \
+             at 0600 (it holds the digests of imported keys), and has set it so\n",
+            env.store.display()
+        )
+    );
+    assert_ne!(env.store_text(), before);
+    // Said once: the next change finds it 0600 already.
+    let (_, note) = under_umask(&env, "022", &["create", "--name", "c", "--role", "r"]);
+    assert_eq!(note, "");
+}

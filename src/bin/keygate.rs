@@ -500,6 +500,9 @@ fn committed<T>(
     mut out: Value,
     mut text: String,
 ) -> Result<ExitCode, Error> {
+    if let Some(mode) = done.tightened {
+        note_tightened(&cli.store, mode);
+    }
     if let (Some(Ok(target)), Some(fields)) = (&done.applied, out.as_object_mut()) {
         fields.insert("applied".into(), json!(target));
         text += &format!("\napplied: wrote {}", target.display());
@@ -511,6 +514,16 @@ fn committed<T>(
         ))),
         _ => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// Said once, by the rewrite that makes an old world-readable store owner-only: a
+/// backup job or another user that read the store learns why it no longer can.
+fn note_tightened(path: &std::path::Path, mode: u32) {
+    eprintln!(
+        "keygate: note: {} was mode {mode:03o}, readable by other users; keygate keeps its store \
+         at 0600 (it holds the digests of imported keys), and has set it so",
+        path.display()
+    );
 }
 
 fn transition(

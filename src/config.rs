@@ -6,6 +6,7 @@
 
 use crate::ip::CidrSet;
 use crate::keys::{self, Digest, KeyIndex};
+use crate::path::{self, Forms};
 use crate::ratelimit::Rate;
 use crate::time;
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,10 @@ pub struct PluginConfig {
     /// Shape of generated keys, so typos are refused before any lookup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_format: Option<KeyFormatSpec>,
+    /// A path keygate answers itself (GET or HEAD, 200), before any rule: a readiness
+    /// probe that fails whenever the filter does not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
 }
 
 /// The shape of keys `keygate create` generates.
@@ -502,6 +507,40 @@ impl Route {
     }
 }
 
+/// The rules one request is held to, one selection per form of its path and way of
+/// comparing (at most 3 forms x exact/ignoring case); `None` is "no rule covers it".
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Matched<'c> {
+    selections: [Option<&'c Route>; 6],
+    len: usize,
+}
+
+impl<'c> Matched<'c> {
+    fn push(&mut self, rule: Option<&'c Route>) {
+        if let Some(slot) = self.selections.get_mut(self.len) {
+            *slot = rule;
+            self.len += 1;
+        }
+    }
+
+    /// No key needed: every reading of the path lands on a public rule.
+    pub fn is_public(&self) -> bool {
+        self.len > 0
+            && self.selections[..self.len]
+                .iter()
+                .all(|r| r.is_some_and(|r| r.public))
+    }
+
+    /// Rules whose requirements the request must meet, all of them.
+    pub fn restricting(&self) -> impl Iterator<Item = &'c Route> + '_ {
+        self.selections[..self.len]
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|r| !r.public)
+    }
+}
+
 /// A path rule, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -538,6 +577,8 @@ pub struct Config {
     pub strip_credentials: bool,
     /// Let CORS preflights through without a key.
     pub allow_cors_preflight: bool,
+    /// The path keygate answers itself, if any.
+    pub health_path: Option<String>,
     /// Clients refused whatever else holds.
     pub deny_ips: CidrSet,
     /// If non-empty, the only clients admitted.
@@ -754,6 +795,15 @@ impl Config {
             }
             None => None,
         };
+        let health_path = match &doc.health_path {
+            Some(p) if !p.starts_with('/') || !path::is_normal_form(p.as_bytes()) || p.bytes().any(|b| !(0x21..0x7f).contains(&b) || b == b'?' || b == b'#') => {
+                return Err(ConfigError::new(
+                    "health_path",
+                    format!("{p:?} must be a plain path such as \"/keygate/health\": starting with \"/\", visible ASCII, no query, escapes, parameters or dot segments"),
+                ))
+            }
+            other => other.clone(),
+        };
         let needs_client_ip = !allow_ips.is_empty()
             || !deny_ips.is_empty()
             || failed_auth_limit.is_some()
@@ -776,6 +826,7 @@ impl Config {
             routes,
             strip_credentials: doc.strip_credentials.unwrap_or(true),
             allow_cors_preflight: doc.allow_cors_preflight.unwrap_or(false),
+            health_path,
         })
     }
 
@@ -802,10 +853,26 @@ impl Config {
         self.keys.len() + self.key_sets.iter().map(|s| s.digests.len()).sum::<usize>()
     }
 
-    /// The first route whose prefix matches the path (query string ignored).
+    /// The first route whose prefix matches the path exactly (query string ignored).
     pub fn route_for(&self, path: &str) -> Option<&Route> {
         let path = path.split_once('?').map_or(path, |(p, _)| p);
         self.routes.iter().find(|r| r.matches(path))
+    }
+
+    /// The rules a request is held to: for each form of its path (see `path::Forms`),
+    /// the first rule that covers it, and the first that covers it ignoring ASCII case.
+    pub fn rules_for(&self, forms: &Forms<'_>) -> Matched<'_> {
+        let mut matched = Matched::default();
+        for form in forms.iter() {
+            for ignore_case in [false, true] {
+                let rule = self
+                    .routes
+                    .iter()
+                    .find(|r| path::prefix_covers(r.prefix.as_bytes(), form, ignore_case));
+                matched.push(rule);
+            }
+        }
+        matched
     }
 }
 
@@ -1135,6 +1202,15 @@ fn compile_routes(specs: &[RouteSpec]) -> Result<Vec<Route>, ConfigError> {
                 at("prefix"),
                 format!(
                     "{:?} must start with \"/\" and contain no spaces, control characters or \"?\"",
+                    spec.prefix
+                ),
+            ));
+        }
+        if !path::is_normal_form(spec.prefix.as_bytes()) {
+            return Err(ConfigError::new(
+                at("prefix"),
+                format!(
+                    "{:?} is not a path as upstreams route it: write it decoded, without \"%\" escapes, \";\" parameters, \"\\\", repeated slashes or \".\" and \"..\" segments",
                     spec.prefix
                 ),
             ));

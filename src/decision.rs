@@ -7,8 +7,10 @@
 
 use crate::config::{Config, Key, KeyRef, KeyStatus, Route};
 use crate::credentials::{self, Credential, Header};
-use crate::ip;
+use crate::failedauth;
+use crate::ip::{self, Peer};
 use crate::keys;
+use crate::path;
 use crate::ratelimit::{self, Leases, LimitError, Store, Verdict};
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -16,19 +18,21 @@ use std::net::IpAddr;
 /// The facts of a request the decision needs.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
-    /// `:method`.
-    pub method: &'a str,
-    /// `:path`, query string included.
-    pub path: &'a str,
+    /// `:method`, as sent (empty when missing).
+    pub method: &'a [u8],
+    /// `:path`, query string included, as sent (empty when missing).
+    pub path: &'a [u8],
     /// Every request header, duplicates included.
     pub headers: &'a [Header<'a>],
-    /// The peer address Envoy reports (`source.address`), if known.
-    pub peer: Option<IpAddr>,
+    /// The peer address Envoy reports (`source.address`), when a rule needs it.
+    pub peer: Peer,
 }
 
 /// Why a request is refused; each has one status, code and message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
+    /// `:method`, `:path` or a header name keygate cannot read.
+    InvalidRequest,
     /// No key in any source.
     MissingApiKey,
     /// Unknown, malformed or ambiguous key.
@@ -45,6 +49,8 @@ pub enum Reason {
     TenantMismatch,
     /// Client address refused by `ip_rules` or the key's `allowed_ips`.
     IpNotAllowed,
+    /// A rule needs the client address and it is unknown (or came from the request).
+    ClientAddressUnknown,
     /// The key's bucket is empty.
     RateLimited,
     /// Too many 401s from this client address.
@@ -55,6 +61,7 @@ impl Reason {
     /// HTTP status sent.
     pub fn status(self) -> u32 {
         match self {
+            Reason::InvalidRequest => 400,
             Reason::MissingApiKey
             | Reason::InvalidApiKey
             | Reason::KeyRevoked
@@ -62,7 +69,8 @@ impl Reason {
             Reason::KeySuspended
             | Reason::InsufficientPermissions
             | Reason::TenantMismatch
-            | Reason::IpNotAllowed => 403,
+            | Reason::IpNotAllowed
+            | Reason::ClientAddressUnknown => 403,
             Reason::RateLimited | Reason::TooManyFailedAttempts => 429,
         }
     }
@@ -70,6 +78,7 @@ impl Reason {
     /// Machine-readable code, the `error` of the body.
     pub fn code(self) -> &'static str {
         match self {
+            Reason::InvalidRequest => "invalid_request",
             Reason::MissingApiKey => "missing_api_key",
             Reason::InvalidApiKey => "invalid_api_key",
             Reason::KeyRevoked => "key_revoked",
@@ -78,6 +87,7 @@ impl Reason {
             Reason::InsufficientPermissions => "insufficient_permissions",
             Reason::TenantMismatch => "tenant_mismatch",
             Reason::IpNotAllowed => "ip_not_allowed",
+            Reason::ClientAddressUnknown => "client_address_unknown",
             Reason::RateLimited => "rate_limited",
             Reason::TooManyFailedAttempts => "too_many_failed_attempts",
         }
@@ -86,6 +96,7 @@ impl Reason {
     /// Human-readable text, the `message` of the body.
     pub fn message(self) -> &'static str {
         match self {
+            Reason::InvalidRequest => "Request could not be parsed",
             Reason::MissingApiKey => "API key required",
             Reason::InvalidApiKey => "Invalid API key",
             Reason::KeyRevoked => "API key has been revoked",
@@ -94,6 +105,7 @@ impl Reason {
             Reason::InsufficientPermissions => "API key lacks permission for this route",
             Reason::TenantMismatch => "API key does not belong to this tenant",
             Reason::IpNotAllowed => "Access denied from this IP address",
+            Reason::ClientAddressUnknown => "Client address could not be determined",
             Reason::RateLimited => "Rate limit exceeded",
             Reason::TooManyFailedAttempts => "Too many failed authentication attempts",
         }
@@ -159,6 +171,10 @@ pub struct Denial<'c> {
     pub limiter_failure: Option<LimitError>,
     /// The client address, when it was needed.
     pub client_ip: Option<IpAddr>,
+    /// What exactly was wrong, for the log line (never anything the client sent).
+    pub detail: Option<&'static str>,
+    /// Why the client address is unknown (client_address_unknown).
+    pub unknown_address: Option<ip::Unknown>,
 }
 
 /// An admitted request and what to change before it goes upstream.
@@ -203,14 +219,6 @@ pub type Decision<'c> = Result<Admission<'c>, Denial<'c>>;
 /// Prefix of the headers keygate sets; client-sent ones are always removed.
 pub const IDENTITY_PREFIX: &str = "x-keygate-";
 
-/// Number of shared-data slots that count failed authentications. Client addresses are
-/// hashed into them, so memory stays fixed whatever addresses clients send; two addresses
-/// sharing a slot share a failure budget.
-pub const FAILED_AUTH_SLOTS: u64 = 4096;
-
-/// Shared-data name prefix of the failed-authentication slots.
-pub const FAILED_AUTH_PREFIX: &str = "keygate:failed:";
-
 /// Decides a request at `now_ns` (host time, nanoseconds since the Unix epoch), taking
 /// from the key's bucket in `store` (through this worker's `leases`) when the request is
 /// admitted.
@@ -222,14 +230,6 @@ pub fn decide<'c, S: Store + ?Sized>(
     leases: &mut Leases,
 ) -> Decision<'c> {
     let now_s = i64::try_from(now_ns / 1_000_000_000).unwrap_or(i64::MAX);
-    let mut remove: Vec<String> = req
-        .headers
-        .iter()
-        .filter(|(name, _)| starts_with_ignore_case(name, IDENTITY_PREFIX))
-        .map(|(name, _)| name.to_ascii_lowercase())
-        .collect();
-    remove.sort();
-    remove.dedup();
     let deny = |reason: Reason, subject: Subject<'c>, client_ip: Option<IpAddr>| Denial {
         reason,
         subject,
@@ -237,27 +237,66 @@ pub fn decide<'c, S: Store + ?Sized>(
         quota: None,
         limiter_failure: None,
         client_ip,
+        detail: None,
+        unknown_address: None,
+    };
+    let unreadable = |detail: &'static str| Denial {
+        detail: Some(detail),
+        ..deny(Reason::InvalidRequest, Subject::Nobody, None)
+    };
+    let unknown_address = |why: ip::Unknown| Denial {
+        unknown_address: Some(why),
+        ..deny(Reason::ClientAddressUnknown, Subject::Nobody, None)
     };
 
-    let client_ip = if config.needs_client_ip {
-        req.peer.map(|peer| {
-            let xff: Vec<&[u8]> = header(req.headers, "x-forwarded-for").collect();
-            ip::client_address(peer, &xff, &config.trusted_proxies)
-        })
-    } else {
-        None
+    // What keygate cannot read is refused, never matched as something else.
+    let method = match std::str::from_utf8(req.method) {
+        Ok(m) if path::is_method_token(req.method) => m,
+        _ => return Err(unreadable(":method is not an HTTP token")),
     };
+    let forms = match path::forms(req.path) {
+        Ok(forms) => forms,
+        Err(path::PathError::NotOriginForm) => {
+            return Err(unreadable(":path does not start with /"))
+        }
+        Err(path::PathError::ForbiddenByte(_)) => {
+            return Err(unreadable(
+                ":path holds a byte outside visible ASCII, or a fragment",
+            ))
+        }
+        Err(path::PathError::EncodedControl(_)) => {
+            return Err(unreadable(":path encodes a control character"))
+        }
+    };
+
+    let mut remove: Vec<String> = req
+        .headers
+        .iter()
+        .filter(|(name, _)| is_spoofed_identity(name))
+        .map(|(name, _)| name.to_ascii_lowercase())
+        .collect();
+    remove.sort();
+    remove.dedup();
+
+    // The client address is read only when a rule needs it; a rule that needs it and
+    // finds it unknown refuses (see each use below).
+    let client = if config.needs_client_ip {
+        let xff: Vec<&[u8]> = header(req.headers, "x-forwarded-for").collect();
+        ip::client_address(req.peer, &xff, &config.trusted_proxies)
+    } else {
+        Err(ip::Unknown::NoPeer)
+    };
+    let client_ip = client.ok();
     if !config.allow_ips.is_empty() || !config.deny_ips.is_empty() {
-        let admitted = client_ip.is_some_and(|ip| {
-            !config.deny_ips.contains(ip)
-                && (config.allow_ips.is_empty() || config.allow_ips.contains(ip))
-        });
-        if !admitted {
+        let ip = client.map_err(unknown_address)?;
+        if config.deny_ips.contains(ip)
+            || (!config.allow_ips.is_empty() && !config.allow_ips.contains(ip))
+        {
             return Err(deny(Reason::IpNotAllowed, Subject::Nobody, client_ip));
         }
     }
 
-    if config.allow_cors_preflight && is_cors_preflight(req) {
+    if config.allow_cors_preflight && is_cors_preflight(method, req.headers) {
         return Ok(Admission {
             key: None,
             remove,
@@ -265,10 +304,9 @@ pub fn decide<'c, S: Store + ?Sized>(
         });
     }
 
-    let route = config.route_for(req.path);
-    let public = route.is_some_and(|r| r.public);
+    let rules = config.rules_for(&forms);
     let credential = credentials::extract(&config.key_sources, req.headers);
-    if public && credential == Credential::Missing {
+    if rules.is_public() && credential == Credential::Missing {
         return Ok(Admission {
             key: None,
             remove,
@@ -276,13 +314,14 @@ pub fn decide<'c, S: Store + ?Sized>(
         });
     }
 
-    let failed_slot = config
-        .failed_auth_limit
-        .map(|rate| (failed_auth_slot(client_ip), rate));
-    if let Some((slot, rate)) = &failed_slot {
+    let failures = match config.failed_auth_limit {
+        Some(rate) => Some((client.map_err(unknown_address)?, rate)),
+        None => None,
+    };
+    if let Some((ip, rate)) = &failures {
         // An exhausted budget refuses before the key is even looked at, so guessing
         // stops; a limiter failure here fails closed like every other limiter failure.
-        match ratelimit::peek(store, slot, rate, now_ns) {
+        match failedauth::check(store, *ip, rate, now_ns) {
             Ok(v) if v.admitted => {}
             Ok(v) => {
                 let mut d = deny(Reason::TooManyFailedAttempts, Subject::Nobody, client_ip);
@@ -302,9 +341,9 @@ pub fn decide<'c, S: Store + ?Sized>(
     let (entry, carriers) = match authenticated {
         Ok(found) => found,
         Err((reason, subject)) => {
-            if let Some((slot, rate)) = &failed_slot {
+            if let Some((ip, rate)) = &failures {
                 // Counting is best effort: the 401 stands either way.
-                let _ = ratelimit::take(store, slot, rate, now_ns, 1);
+                let _ = failedauth::record_failure(store, *ip, rate, now_ns);
             }
             return Err(deny(reason, subject, client_ip));
         }
@@ -315,14 +354,21 @@ pub fn decide<'c, S: Store + ?Sized>(
     if key.status == KeyStatus::Suspended {
         return Err(deny(Reason::KeySuspended, who(), client_ip));
     }
-    if !key.allowed_ips.is_empty() && !client_ip.is_some_and(|ip| key.allowed_ips.contains(ip)) {
-        return Err(deny(Reason::IpNotAllowed, who(), client_ip));
+    if !key.allowed_ips.is_empty() {
+        let ip = client.map_err(|why| Denial {
+            subject: who(),
+            ..unknown_address(why)
+        })?;
+        if !key.allowed_ips.contains(ip) {
+            return Err(deny(Reason::IpNotAllowed, who(), client_ip));
+        }
     }
     if !tenant_matches(key, req.headers) {
         return Err(deny(Reason::TenantMismatch, who(), client_ip));
     }
-    if let Some(route) = route {
-        if !permitted(route, key, req.method) {
+    // Every rule any reading of the path selects must be met.
+    for route in rules.restricting() {
+        if !permitted(route, key, method) {
             return Err(deny(Reason::InsufficientPermissions, who(), client_ip));
         }
     }
@@ -361,6 +407,16 @@ pub fn decide<'c, S: Store + ?Sized>(
         remove,
         quota: quota.filter(|_| config.rate_limit_headers),
     })
+}
+
+/// Whether keygate answers this request itself as the readiness probe (`health_path`):
+/// GET or HEAD of exactly that path, query string ignored.
+pub fn is_health_check(config: &Config, method: &[u8], path: &[u8]) -> bool {
+    let Some(health) = &config.health_path else {
+        return false;
+    };
+    let path = path.split(|&b| b == b'?').next().unwrap_or(path);
+    matches!(method, b"GET" | b"HEAD") && path == health.as_bytes()
 }
 
 /// Offline check of one key (for `keygate verify`): the key it is, or why it would be
@@ -416,25 +472,33 @@ fn authenticate<'c, 'h>(
     Ok((entry, carriers))
 }
 
-/// The shared-data slot counting failures for a client address (FNV-1a of its 16-byte
-/// form). Unknown addresses share one slot.
-pub fn failed_auth_slot(client_ip: Option<IpAddr>) -> String {
-    let bytes = match client_ip.map(ip::canonical) {
-        Some(IpAddr::V4(v4)) => v4.to_ipv6_mapped().octets(),
-        Some(IpAddr::V6(v6)) => v6.octets(),
-        None => [0; 16],
+/// A header the client may not send: `x-keygate-*`, or an identity header written with
+/// underscores (`x_keygate_role`, `x_tenant_id`), which CGI-style upstreams (WSGI, Rack,
+/// PHP) read as the real one because they fold `-` and `_` together.
+fn is_spoofed_identity(name: &str) -> bool {
+    let folded = |b: u8| {
+        if b == b'_' {
+            b'-'
+        } else {
+            b.to_ascii_lowercase()
+        }
     };
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{FAILED_AUTH_PREFIX}{}", hash % FAILED_AUTH_SLOTS)
+    let starts = name.len() >= IDENTITY_PREFIX.len()
+        && name
+            .bytes()
+            .zip(IDENTITY_PREFIX.bytes())
+            .all(|(a, b)| folded(a) == b);
+    let tenant = name.contains('_')
+        && name.len() == TENANT_HEADER.len()
+        && name
+            .bytes()
+            .zip(TENANT_HEADER.bytes())
+            .all(|(a, b)| folded(a) == b);
+    starts || tenant
 }
 
-fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
-    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
-}
+/// The tenant header keygate checks and sets.
+const TENANT_HEADER: &str = "x-tenant-id";
 
 fn header<'h>(headers: &'h [Header<'h>], name: &'h str) -> impl Iterator<Item = &'h [u8]> + 'h {
     headers
@@ -443,10 +507,10 @@ fn header<'h>(headers: &'h [Header<'h>], name: &'h str) -> impl Iterator<Item = 
         .map(|&(_, v)| v)
 }
 
-fn is_cors_preflight(req: &Request<'_>) -> bool {
-    req.method == "OPTIONS"
-        && header(req.headers, "origin").next().is_some()
-        && header(req.headers, "access-control-request-method")
+fn is_cors_preflight(method: &str, headers: &[Header<'_>]) -> bool {
+    method == "OPTIONS"
+        && header(headers, "origin").next().is_some()
+        && header(headers, "access-control-request-method")
             .next()
             .is_some()
 }
@@ -457,7 +521,7 @@ fn tenant_matches(key: &Key, headers: &[Header<'_>]) -> bool {
     let Some(tenant) = &key.tenant else {
         return true;
     };
-    header(headers, "x-tenant-id").all(|v| v.trim_ascii() == tenant.as_bytes())
+    header(headers, TENANT_HEADER).all(|v| v.trim_ascii() == tenant.as_bytes())
 }
 
 fn permitted(route: &Route, key: &Key, method: &str) -> bool {

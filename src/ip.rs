@@ -109,51 +109,107 @@ impl CidrSet {
     }
 }
 
+/// The peer address Envoy reports for a request (`source.address`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// Envoy could not tell (no address, or one keygate cannot parse).
+    Unknown,
+    /// The address of the connection's peer.
+    Connection(IpAddr),
+    /// An address Envoy took from the request's X-Forwarded-For (its port is 0: no
+    /// connection has port 0). Envoy does this when the connection manager's
+    /// `use_remote_address` is false, its default, so the client chose it.
+    FromRequest(IpAddr),
+}
+
+/// Reads `source.address` as Envoy reports it: `127.0.0.1:5000`, `[::1]:5000`.
+pub fn parse_source_address(s: &[u8]) -> Peer {
+    let Ok(s) = std::str::from_utf8(s) else {
+        return Peer::Unknown;
+    };
+    match parse_with_port(s.trim()) {
+        Some((ip, Some(0))) => Peer::FromRequest(ip),
+        Some((ip, _)) => Peer::Connection(ip),
+        None => Peer::Unknown,
+    }
+}
+
 /// Parses the peer address as Envoy reports it in `source.address`:
 /// `127.0.0.1:5000`, `[::1]:5000`, or a bare address.
 pub fn parse_peer(s: &str) -> Option<IpAddr> {
-    let s = s.trim();
-    if let Some(rest) = s.strip_prefix('[') {
-        let (addr, _) = rest.split_once(']')?;
-        return addr
-            .parse::<Ipv6Addr>()
-            .ok()
-            .map(|a| canonical(IpAddr::V6(a)));
-    }
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Some(canonical(ip));
-    }
-    let (addr, port) = s.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
-    addr.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
+    parse_with_port(s.trim()).map(|(ip, _)| ip)
 }
 
-/// The client address: the peer, unless the peer is a trusted proxy, in which case
-/// X-Forwarded-For is walked from the right past trusted hops and the first untrusted
-/// address is the client. A malformed X-Forwarded-For falls back to the peer.
-/// `xff` holds every X-Forwarded-For header value in arrival order.
-pub fn client_address(peer: IpAddr, xff: &[&[u8]], trusted: &CidrSet) -> IpAddr {
-    if trusted.is_empty() || !trusted.contains(peer) || xff.is_empty() {
-        return peer;
-    }
-    let mut hops = Vec::new();
-    for value in xff {
-        let Ok(value) = std::str::from_utf8(value) else {
-            return peer;
+/// An address with an optional port: `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]`, `[::1]:80`.
+fn parse_with_port(s: &str) -> Option<(IpAddr, Option<u16>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (addr, after) = rest.split_once(']')?;
+        let port = match after {
+            "" => None,
+            p => Some(parse_port(p.strip_prefix(':')?)?),
         };
-        for hop in value.split(',') {
-            match parse_hop(hop.trim()) {
-                Some(ip) => hops.push(ip),
-                None => return peer,
-            }
-        }
+        let ip = addr.parse::<Ipv6Addr>().ok()?;
+        return Some((canonical(IpAddr::V6(ip)), port));
     }
-    // Every hop trusted: the left-most is where the request entered the trusted chain.
-    let leftmost = hops.first().copied().unwrap_or(peer);
-    hops.into_iter()
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some((canonical(ip), None));
+    }
+    let (addr, port) = s.rsplit_once(':')?;
+    let ip = addr.parse::<Ipv4Addr>().ok()?;
+    Some((IpAddr::V4(ip), Some(parse_port(port)?)))
+}
+
+fn parse_port(s: &str) -> Option<u16> {
+    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Why the client address is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unknown {
+    /// Envoy reported no address keygate can read.
+    NoPeer,
+    /// Envoy took the address from the request (`use_remote_address: false`).
+    FromRequest,
+    /// The X-Forwarded-For entry that decides is not an address.
+    MalformedForwardedFor,
+}
+
+/// The client address: the peer, unless the peer is a trusted proxy; then
+/// X-Forwarded-For is walked from the right past trusted entries and the first untrusted
+/// entry is the client (every entry trusted: the left-most). Entries left of the one that
+/// decides are the client's to write and are never read; if the entry that decides is not
+/// an address, the client is unknown (never the proxy). `xff` holds every X-Forwarded-For
+/// header value in arrival order: several headers are one list.
+pub fn client_address(peer: Peer, xff: &[&[u8]], trusted: &CidrSet) -> Result<IpAddr, Unknown> {
+    let peer = match peer {
+        Peer::Connection(ip) => ip,
+        Peer::FromRequest(_) => return Err(Unknown::FromRequest),
+        Peer::Unknown => return Err(Unknown::NoPeer),
+    };
+    if trusted.is_empty() || !trusted.contains(peer) {
+        return Ok(peer);
+    }
+    let mut leftmost = peer;
+    let entries = xff
+        .iter()
         .rev()
-        .find(|ip| !trusted.contains(*ip))
-        .unwrap_or(leftmost)
+        // A header that holds nothing adds no entry; an empty entry in a list is malformed.
+        .filter(|value| !value.trim_ascii().is_empty())
+        .flat_map(|value| value.rsplit(|&b| b == b','));
+    for entry in entries {
+        let ip = std::str::from_utf8(entry.trim_ascii())
+            .ok()
+            .and_then(parse_hop)
+            .ok_or(Unknown::MalformedForwardedFor)?;
+        if !trusted.contains(ip) {
+            return Ok(ip);
+        }
+        leftmost = ip;
+    }
+    Ok(leftmost)
 }
 
 /// An X-Forwarded-For entry: an address, possibly `[v6]:port` or `v4:port`.
@@ -245,51 +301,159 @@ mod tests {
         assert_eq!(parse_peer("[::1"), None);
     }
 
+    fn conn(s: &str) -> Peer {
+        Peer::Connection(ip(s))
+    }
+
+    #[test]
+    fn source_addresses() {
+        assert_eq!(parse_source_address(b"127.0.0.7:5000"), conn("127.0.0.7"));
+        assert_eq!(parse_source_address(b"[::1]:5000"), conn("::1"));
+        assert_eq!(
+            parse_source_address(b"203.0.113.7:0"),
+            Peer::FromRequest(ip("203.0.113.7"))
+        );
+        assert_eq!(
+            parse_source_address(b"[2001:db8::1]:0"),
+            Peer::FromRequest(ip("2001:db8::1"))
+        );
+        for bad in [
+            &b"garbage"[..],
+            b"",
+            b"\xff",
+            b"1.2.3.4:",
+            b"[::1]x",
+            b"1.2.3.4:+1",
+        ] {
+            assert_eq!(parse_source_address(bad), Peer::Unknown, "{bad:?}");
+        }
+    }
+
     #[test]
     fn xff_ignored_without_trusted_peer() {
         let trusted = set(&["127.0.0.1/32"]);
         let xff: &[&[u8]] = &[b"203.0.113.9"];
         assert_eq!(
-            client_address(ip("127.0.0.2"), xff, &trusted),
-            ip("127.0.0.2")
+            client_address(conn("127.0.0.2"), xff, &trusted),
+            Ok(ip("127.0.0.2"))
         );
         assert_eq!(
-            client_address(ip("127.0.0.1"), xff, &CidrSet::default()),
-            ip("127.0.0.1")
+            client_address(conn("127.0.0.1"), xff, &CidrSet::default()),
+            Ok(ip("127.0.0.1"))
+        );
+        // Even junk is not read when the peer is not trusted.
+        let junk: &[&[u8]] = &[b"\xff, junk"];
+        assert_eq!(
+            client_address(conn("127.0.0.2"), junk, &trusted),
+            Ok(ip("127.0.0.2"))
         );
     }
 
     #[test]
     fn xff_walked_from_the_right_past_trusted_hops() {
         let trusted = set(&["127.0.0.1/32", "10.0.0.0/8"]);
-        let peer = ip("127.0.0.1");
+        let peer = conn("127.0.0.1");
         let xff: &[&[u8]] = &[b"198.51.100.1, 203.0.113.9, 10.1.1.1, 127.0.0.1"];
-        assert_eq!(client_address(peer, xff, &trusted), ip("203.0.113.9"));
+        assert_eq!(client_address(peer, xff, &trusted), Ok(ip("203.0.113.9")));
         // Several headers are one list, in order.
         let xff: &[&[u8]] = &[b"198.51.100.1", b"203.0.113.9, 10.1.1.1"];
-        assert_eq!(client_address(peer, xff, &trusted), ip("203.0.113.9"));
+        assert_eq!(client_address(peer, xff, &trusted), Ok(ip("203.0.113.9")));
+        let xff: &[&[u8]] = &[b"198.51.100.1, 203.0.113.9", b"10.1.1.1"];
+        assert_eq!(client_address(peer, xff, &trusted), Ok(ip("203.0.113.9")));
         // IPv6, with and without brackets and ports.
         let xff: &[&[u8]] = &[b"[2001:db8::5]:1234, 10.0.0.1"];
-        assert_eq!(client_address(peer, xff, &trusted), ip("2001:db8::5"));
+        assert_eq!(client_address(peer, xff, &trusted), Ok(ip("2001:db8::5")));
         let xff: &[&[u8]] = &[b"2001:db8::5"];
-        assert_eq!(client_address(peer, xff, &trusted), ip("2001:db8::5"));
+        assert_eq!(client_address(peer, xff, &trusted), Ok(ip("2001:db8::5")));
         // All trusted: the left-most.
         let xff: &[&[u8]] = &[b"10.0.0.9, 10.0.0.8"];
-        assert_eq!(client_address(peer, xff, &trusted), ip("10.0.0.9"));
+        assert_eq!(client_address(peer, xff, &trusted), Ok(ip("10.0.0.9")));
+        // No header: the peer.
+        assert_eq!(client_address(peer, &[], &trusted), Ok(ip("127.0.0.1")));
     }
 
     #[test]
-    fn malformed_xff_falls_back_to_peer() {
-        let trusted = set(&["127.0.0.1/32"]);
-        let peer = ip("127.0.0.1");
+    fn entries_left_of_the_deciding_one_never_matter() {
+        let trusted = set(&["127.0.0.1/32", "10.0.0.0/8"]);
+        let peer = conn("127.0.0.1");
+        for left in [
+            &b"junk"[..],
+            b"",
+            b"\xff\xfe",
+            b"1.2.3.4 5.6.7.8",
+            b"[::1",
+            b"unknown, ,",
+        ] {
+            let mut value = left.to_vec();
+            value.extend_from_slice(b", 203.0.113.7, 10.0.0.1");
+            assert_eq!(
+                client_address(peer, &[&value], &trusted),
+                Ok(ip("203.0.113.7")),
+                "{value:?}"
+            );
+            // The same split over two headers.
+            let two: &[&[u8]] = &[left, b"203.0.113.7"];
+            assert_eq!(client_address(peer, two, &trusted), Ok(ip("203.0.113.7")));
+        }
+    }
+
+    #[test]
+    fn a_malformed_deciding_entry_makes_the_client_unknown() {
+        let trusted = set(&["127.0.0.1/32", "10.0.0.0/8"]);
+        let peer = conn("127.0.0.1");
         for bad in [
             &b"not-an-ip"[..],
-            b"1.2.3.4,,5.6.7.8",
-            b"",
+            b"1.2.3.4,,",
             b"1.2.3.4, \xff",
             b"1.2.3.4 5.6.7.8",
+            b"203.0.113.7, junk, 10.0.0.1",
+            b"1.2.3.4:99999",
         ] {
-            assert_eq!(client_address(peer, &[bad], &trusted), peer, "{bad:?}");
+            assert_eq!(
+                client_address(peer, &[bad], &trusted),
+                Err(Unknown::MalformedForwardedFor),
+                "{bad:?}"
+            );
         }
+        assert_eq!(
+            client_address(Peer::FromRequest(ip("203.0.113.7")), &[], &trusted),
+            Err(Unknown::FromRequest)
+        );
+        assert_eq!(
+            client_address(Peer::Unknown, &[], &trusted),
+            Err(Unknown::NoPeer)
+        );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a client writes left of the entry its trusted proxy appended, the
+        /// client address is that entry.
+        #[test]
+        fn the_client_part_never_decides(
+            left in proptest::collection::vec(any::<u8>(), 0..48),
+            split in any::<bool>(),
+            client in any::<[u8; 4]>(),
+        ) {
+            let trusted = CidrSet::parse(&["127.0.0.0/8".to_string(), "10.0.0.0/8".to_string()]).unwrap();
+            let client = IpAddr::from(client);
+            prop_assume!(!trusted.contains(client));
+            let appended = format!("{client}, 10.9.8.7");
+            let joined = [left.as_slice(), b", ", appended.as_bytes()].concat();
+            let xff: Vec<&[u8]> = if split { vec![&left, appended.as_bytes()] } else { vec![&joined] };
+            prop_assert_eq!(
+                client_address(Peer::Connection(ip_of("127.0.0.1")), &xff, &trusted),
+                Ok(canonical(client))
+            );
+        }
+    }
+
+    fn ip_of(s: &str) -> IpAddr {
+        s.parse().unwrap()
     }
 }

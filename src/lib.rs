@@ -10,9 +10,13 @@
 pub mod config;
 pub mod credentials;
 pub mod decision;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod doctor;
+pub mod failedauth;
 pub mod ip;
 pub mod keys;
 pub mod logbudget;
+pub mod path;
 pub mod ratelimit;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod store;

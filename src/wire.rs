@@ -6,12 +6,24 @@
 
 use crate::credentials::Header;
 
-/// Decodes a serialized header map, borrowing names and values from `buf`; `None` if
-/// the buffer is malformed. A name that is not UTF-8 (never sent by Envoy, whose codecs
-/// validate names) is skipped.
-pub fn decode_pairs(buf: &[u8]) -> Option<Vec<Header<'_>>> {
+/// Why a header map cannot be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireError {
+    /// The buffer does not follow the format (a host fault).
+    Malformed,
+    /// A header name is not UTF-8 (Envoy's codecs should never pass one; if one comes
+    /// through, the request is refused rather than read without that header).
+    NameNotText,
+}
+
+/// Decodes a serialized header map, borrowing names and values from `buf`.
+pub fn decode_pairs(buf: &[u8]) -> Result<Vec<Header<'_>>, WireError> {
+    decode(buf).ok_or(WireError::Malformed)?
+}
+
+fn decode(buf: &[u8]) -> Option<Result<Vec<Header<'_>>, WireError>> {
     if buf.is_empty() {
-        return Some(Vec::new());
+        return Some(Ok(Vec::new()));
     }
     let count = read_u32(buf, 0)? as usize;
     let mut data = count.checked_mul(8)?.checked_add(4)?;
@@ -26,11 +38,12 @@ pub fn decode_pairs(buf: &[u8]) -> Option<Vec<Header<'_>>> {
         data = data + name_len + 1;
         let value = buf.get(data..data.checked_add(value_len)?)?;
         data = data + value_len + 1;
-        if let Ok(name) = std::str::from_utf8(name) {
-            out.push((name, value));
+        match std::str::from_utf8(name) {
+            Ok(name) => out.push((name, value)),
+            Err(_) => return Some(Err(WireError::NameNotText)),
         }
     }
-    Some(out)
+    Some(Ok(out))
 }
 
 /// Serializes header pairs for the host.
@@ -74,8 +87,8 @@ mod tests {
         let decoded = decode_pairs(&encoded).unwrap();
         let expected: Vec<Header> = pairs.iter().map(|&(n, v)| (n, v.as_bytes())).collect();
         assert_eq!(decoded, expected);
-        assert_eq!(decode_pairs(&[]), Some(Vec::new()));
-        assert_eq!(decode_pairs(&encode_pairs(&[])), Some(Vec::new()));
+        assert_eq!(decode_pairs(&[]), Ok(Vec::new()));
+        assert_eq!(decode_pairs(&encode_pairs(&[])), Ok(Vec::new()));
     }
 
     #[test]
@@ -85,22 +98,24 @@ mod tests {
             // Every truncation is either refused or decodes without reading past the end.
             let _ = decode_pairs(&good[..cut]);
         }
-        assert_eq!(decode_pairs(&[1, 0, 0]), None);
-        assert_eq!(decode_pairs(&[0xff, 0xff, 0xff, 0xff]), None);
+        assert_eq!(decode_pairs(&[1, 0, 0]), Err(WireError::Malformed));
+        assert_eq!(
+            decode_pairs(&[0xff, 0xff, 0xff, 0xff]),
+            Err(WireError::Malformed)
+        );
         let mut huge_len = good.clone();
         huge_len[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(decode_pairs(&huge_len), None);
+        assert_eq!(decode_pairs(&huge_len), Err(WireError::Malformed));
     }
 
     #[test]
-    fn non_utf8_values_survive_and_non_utf8_names_are_skipped() {
+    fn non_utf8_values_survive_and_non_utf8_names_are_refused() {
         let mut buf = Vec::new();
         buf.extend_from_slice(&1u32.to_le_bytes());
         buf.extend_from_slice(&1u32.to_le_bytes());
         buf.extend_from_slice(&2u32.to_le_bytes());
         buf.extend_from_slice(&[0xff, 0, 0xfe, 0xfd, 0]);
-        let decoded = decode_pairs(&buf).unwrap();
-        assert_eq!(decoded, Vec::<Header>::new());
+        assert_eq!(decode_pairs(&buf), Err(WireError::NameNotText));
         buf[12] = b'n';
         assert_eq!(decode_pairs(&buf).unwrap(), vec![("n", &[0xfe, 0xfd][..])]);
     }

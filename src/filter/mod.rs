@@ -37,16 +37,20 @@ enum Counter {
     RateLimited,
     LimiterFailures,
     InternalErrors,
+    BadRequests,
+    AddressFromRequest,
 }
 
 /// Indexed by `Counter as usize`.
-const COUNTER_NAMES: [&str; 6] = [
+const COUNTER_NAMES: [&str; 8] = [
     "keygate_allowed",
     "keygate_unauthorized",
     "keygate_forbidden",
     "keygate_rate_limited",
     "keygate_limiter_failures",
     "keygate_internal_errors",
+    "keygate_bad_requests",
+    "keygate_client_address_from_request",
 ];
 
 impl Counter {
@@ -55,6 +59,7 @@ impl Counter {
             401 => Counter::Unauthorized,
             403 => Counter::Forbidden,
             429 => Counter::RateLimited,
+            400 => Counter::BadRequests,
             _ => Counter::InternalErrors,
         }
     }
@@ -93,6 +98,8 @@ struct Worker {
     denial_log: LogBudget,
     /// Outcomes counted since the last flush.
     counts: Counts,
+    /// The error line about an address Envoy took from the request has been written.
+    warned_address_from_request: bool,
 }
 
 impl Default for Worker {
@@ -101,6 +108,7 @@ impl Default for Worker {
             leases: Leases::default(),
             denial_log: LogBudget::new(DENIAL_LINES_PER_SECOND),
             counts: Counts::default(),
+            warned_address_from_request: false,
         }
     }
 }
@@ -196,24 +204,39 @@ impl HttpContext for Stream {
                     .internal_error(&format!("cannot read request headers (status {})", e.0))
             }
         };
-        let Some(headers) = wire::decode_pairs(&buffer) else {
-            return self.internal_error("the host sent a malformed header map");
+        let headers = match wire::decode_pairs(&buffer) {
+            Ok(headers) => headers,
+            Err(wire::WireError::Malformed) => {
+                return self.internal_error("the host sent a malformed header map")
+            }
+            Err(wire::WireError::NameNotText) => {
+                return self.refuse_unreadable(&config, "a header name is not UTF-8")
+            }
         };
+        // Missing pseudo-headers read as empty, which the decision refuses.
         let pseudo = |name: &str| {
             headers
                 .iter()
                 .find(|(n, _)| *n == name)
-                .and_then(|(_, v)| std::str::from_utf8(v).ok())
-                .unwrap_or("")
+                .map_or(&b""[..], |(_, v)| *v)
         };
+        if decision::is_health_check(&config, pseudo(":method"), pseudo(":path")) {
+            let _ = host::send_response(
+                200,
+                "keygate_health",
+                &[("content-type", "application/json")],
+                br#"{"status":"ready"}"#,
+            );
+            return Action::Pause;
+        }
         // The peer address costs a host call; only rules that use it pay for it.
         let peer = if config.needs_client_ip {
             match host::property(&["source", "address"]) {
-                Ok(Some(addr)) => std::str::from_utf8(&addr).ok().and_then(ip::parse_peer),
-                _ => None,
+                Ok(Some(addr)) => ip::parse_source_address(&addr),
+                _ => ip::Peer::Unknown,
             }
         } else {
-            None
+            ip::Peer::Unknown
         };
         let request = Request {
             method: pseudo(":method"),
@@ -243,7 +266,15 @@ impl HttpContext for Stream {
             Err(_) => worker.denial_log.admit(now),
             Ok(_) => None,
         };
+        // A setting of Envoy's, not a client, is at fault: said once per worker, loudly.
+        let misconfigured = matches!(&decision, Err(d) if d.unknown_address == Some(ip::Unknown::FromRequest))
+            && !std::mem::replace(&mut worker.warned_address_from_request, true);
         drop(worker);
+        if misconfigured {
+            log::error!(
+                "keygate: Envoy gave the client address from the request's X-Forwarded-For, which any client can write; requests that need the client address are refused with 403 client_address_unknown. Set use_remote_address: true on the http_connection_manager (see keygate doctor)"
+            );
+        }
         match decision {
             Ok(admission) => self.forward(&admission),
             Err(denial) => self.deny(&config, &denial, log_line),
@@ -266,6 +297,18 @@ fn client(denial: &Denial<'_>) -> String {
         .client_ip
         .map(|ip| format!(" client_ip={ip}"))
         .unwrap_or_default()
+}
+
+fn unknown_text(why: ip::Unknown) -> &'static str {
+    match why {
+        ip::Unknown::NoPeer => "Envoy reported no client address",
+        ip::Unknown::FromRequest => {
+            "Envoy took the client address from X-Forwarded-For: set use_remote_address: true"
+        }
+        ip::Unknown::MalformedForwardedFor => {
+            "the X-Forwarded-For entry that decides is not an address"
+        }
+    }
 }
 
 fn quota_headers(q: &Quota) -> [(&'static str, String); 3] {
@@ -323,11 +366,23 @@ impl Stream {
                     " ({n} earlier denials not logged: over {DENIAL_LINES_PER_SECOND} a second)"
                 ),
             };
+            let detail = denial
+                .detail
+                .map(|d| format!(" ({d})"))
+                .or_else(|| {
+                    denial
+                        .unknown_address
+                        .map(|u| format!(" ({})", unknown_text(u)))
+                })
+                .unwrap_or_default();
             log::info!(
-                "keygate: denied {status} {}{who}{}{skipped}",
+                "keygate: denied {status} {}{detail}{who}{}{skipped}",
                 reason.code(),
                 client(denial)
             );
+        }
+        if denial.unknown_address == Some(ip::Unknown::FromRequest) {
+            self.count(Counter::AddressFromRequest);
         }
         if let Some(failure) = denial.limiter_failure {
             self.count(Counter::LimiterFailures);
@@ -357,6 +412,26 @@ impl Stream {
             log::error!("keygate: cannot send the {status} response");
         }
         Action::Pause
+    }
+
+    /// Refuses a request the host handed over in a form keygate cannot read.
+    fn refuse_unreadable(&self, config: &Config, what: &'static str) -> Action {
+        let denial = Denial {
+            reason: Reason::InvalidRequest,
+            subject: Subject::Nobody,
+            retry_after_s: None,
+            quota: None,
+            limiter_failure: None,
+            client_ip: None,
+            detail: Some(what),
+            unknown_address: None,
+        };
+        let log_line = self.worker.try_borrow_mut().ok().and_then(|mut w| {
+            host::now_nanos()
+                .ok()
+                .and_then(|now| w.denial_log.admit(now))
+        });
+        self.deny(config, &denial, log_line)
     }
 
     fn internal_error(&self, what: &str) -> Action {

@@ -65,7 +65,8 @@ class EnvoyStarter:
         self.started: list[Envoy] = []
 
     def _new(
-        self, plugin_config: Union[dict, str], concurrency: int, ipv6: bool = False
+        self, plugin_config: Union[dict, str], concurrency: int, ipv6: bool = False,
+        hcm: str = "readme",
     ) -> Envoy:
         workdir = Path(self.tmp_factory.mktemp(f"envoy{next(_counter)}"))
         envoy = Envoy(
@@ -75,6 +76,7 @@ class EnvoyStarter:
             plugin_config,
             concurrency=concurrency,
             ipv6=ipv6,
+            hcm=hcm,
         )
         self.started.append(envoy)
         return envoy
@@ -85,10 +87,12 @@ class EnvoyStarter:
         *,
         concurrency: int = 2,
         ipv6: bool = False,
+        hcm: str = "readme",
     ) -> Envoy:
         """A running Envoy with `plugin_config` (fails the test if it does not start).
-        `ipv6` adds a listener address [::1] on the same port."""
-        envoy = self._new(plugin_config, concurrency, ipv6)
+        `ipv6` adds a listener address [::1] on the same port; `hcm` picks the connection
+        manager settings ("readme" or Envoy's "defaults")."""
+        envoy = self._new(plugin_config, concurrency, ipv6, hcm)
         try:
             return envoy.start()
         except RuntimeError as e:

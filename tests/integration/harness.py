@@ -119,16 +119,19 @@ def bootstrap(
     plugin_config: Union[dict, str, Ecds],
     *,
     ipv6: bool = False,
+    hcm: str = "readme",
 ) -> str:
     """Envoy bootstrap (JSON, which is YAML) with keygate in front of the echo upstream.
 
     `plugin_config` is serialised with json.dumps when it is a dict and put verbatim
     when it is a str (to test configurations that are not even JSON). `ipv6` makes the
-    listener accept on [::1]:listener_port too.
+    listener accept on [::1]:listener_port too. `hcm` is "readme" for the connection
+    manager settings the README prescribes, or "defaults" for Envoy's own (no path
+    normalisation, the client address taken from X-Forwarded-For, ...).
     """
     if isinstance(plugin_config, Ecds):
         return _with_ecds(
-            bootstrap(listener_port, admin_port, upstream_port, wasm_path, {}, ipv6=ipv6),
+            bootstrap(listener_port, admin_port, upstream_port, wasm_path, {}, ipv6=ipv6, hcm=hcm),
             plugin_config.path,
         )
     configuration = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
@@ -158,7 +161,7 @@ def bootstrap(
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
         },
     }
-    hcm = {
+    hcm_config = {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network."
@@ -174,6 +177,8 @@ def bootstrap(
             # address, which keygate's walk through trusted_proxies would take for the client).
             "use_remote_address": True,
             "skip_xff_append": True,
+            # CGI/WSGI-style upstreams read x_keygate_role as x-keygate-role.
+            "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
             "route_config": {
                 "name": "coordinator",
                 "virtual_hosts": [
@@ -187,6 +192,18 @@ def bootstrap(
             "http_filters": [keygate_filter, router],
         },
     }
+    if hcm == "defaults":
+        for setting in (
+            "normalize_path",
+            "merge_slashes",
+            "path_with_escaped_slashes_action",
+            "use_remote_address",
+            "skip_xff_append",
+            "common_http_protocol_options",
+        ):
+            del hcm_config["typed_config"][setting]
+    elif hcm != "readme":
+        raise ValueError(f"hcm must be 'readme' or 'defaults', not {hcm!r}")
     config = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
@@ -196,7 +213,7 @@ def bootstrap(
                     "address": {
                         "socket_address": {"address": "127.0.0.1", "port_value": listener_port}
                     },
-                    "filter_chains": [{"filters": [hcm]}],
+                    "filter_chains": [{"filters": [hcm_config]}],
                     **(
                         {
                             "additional_addresses": [
@@ -378,8 +395,10 @@ class Envoy:
         *,
         concurrency: int = 2,
         ipv6: bool = False,
+        hcm: str = "readme",
     ):
         self.paths = paths
+        self.hcm = hcm
         self.workdir = workdir
         self.upstream_port = upstream_port
         self.plugin_config = plugin_config
@@ -405,6 +424,7 @@ class Envoy:
                 self.paths.wasm,
                 self.plugin_config,
                 ipv6=self.ipv6,
+                hcm=self.hcm,
             )
         )
         with open(self.log_path, "ab") as log:
@@ -751,3 +771,134 @@ def _parse(head: bytes, body: bytes) -> Response:
         headers=parsed,
         body=body,
     )
+
+
+# ----------------------------------------------------------------------------- raw clients
+#
+# curl and nghttp refuse to send some bytes; an attacker's client does not. These send
+# exactly the bytes given.
+
+
+@dataclasses.dataclass
+class RawResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for n, v in self.headers if n == name.lower()), None)
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def raw_h1(
+    port: int, method: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes]] = (),
+    *, source: str | None = None, timeout: float = 10.0,
+) -> RawResponse | None:
+    """One HTTP/1.1 request written byte for byte on a new connection (Connection:
+    close); None when Envoy closes the connection without answering."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
+    with sock:
+        head = method + b" " + path + b" HTTP/1.1\r\nhost: keygate.test\r\nconnection: close\r\n"
+        for name, value in headers:
+            head += name + b": " + value + b"\r\n"
+        sock.sendall(head + b"\r\n")
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    hs = []
+    for line in lines[1:]:
+        n, _, v = line.partition(b":")
+        hs.append((n.decode("latin-1").strip().lower(), v.decode("latin-1").strip()))
+    if dict(hs).get("transfer-encoding") == "chunked":
+        out, rest = b"", body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size.split(b";")[0], 16)
+            if n == 0:
+                break
+            out, rest = out + rest[:n], rest[n + 2:]
+        body = out
+    return RawResponse(status, hs, body)
+
+
+class RawH2:
+    """One h2c (prior knowledge) connection that sends header blocks exactly as given
+    (hyper-h2 with its validation and normalisation off), one stream at a time."""
+
+    def __init__(self, port: int, timeout: float = 10.0):
+        import h2.config
+        import h2.connection
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+        )
+        self.conn = h2.connection.H2Connection(config=config)
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+        self.closed = False
+
+    def request(
+        self, method: bytes, path: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> RawResponse | None:
+        """The response, or None when Envoy reset the stream or closed the connection."""
+        import h2.events
+
+        if self.closed:
+            raise AssertionError("the connection was closed by an earlier request")
+        stream = self.conn.get_next_available_stream_id()
+        block = [(b":method", method), (b":scheme", b"http"), (b":authority", b"keygate.test"),
+                 (b":path", path), *headers]
+        self.conn.send_headers(stream, block, end_stream=True)
+        self.sock.sendall(self.conn.data_to_send())
+        status, hs, body = None, [], b""
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                self.closed = True
+                return None
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
+                    for n, v in event.headers:
+                        n, v = n.decode("latin-1"), v.decode("latin-1")
+                        if n == ":status":
+                            status = int(v)
+                        else:
+                            hs.append((n, v))
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id == stream:
+                    body += event.data
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream:
+                    self.sock.sendall(self.conn.data_to_send())
+                    return RawResponse(status or 0, hs, body)
+                elif isinstance(event, h2.events.StreamReset) and event.stream_id == stream:
+                    self.sock.sendall(self.conn.data_to_send())
+                    return None
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    self.closed = True
+                    return None
+            self.sock.sendall(self.conn.data_to_send())
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

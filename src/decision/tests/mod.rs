@@ -73,10 +73,10 @@ fn run_from<'c>(
 ) -> Decision<'c> {
     let hs = headers(hs);
     let req = Request {
-        method,
-        path,
+        method: method.as_bytes(),
+        path: path.as_bytes(),
         headers: &hs,
-        peer: Some(peer.parse().unwrap()),
+        peer: Peer::Connection(peer.parse().unwrap()),
     };
     // The decision borrows only the configuration, never the request.
     // A worker with no leases yet: every call takes from the shared bucket.
@@ -244,6 +244,18 @@ fn status_codes_and_bodies() {
             403,
             "tenant_mismatch",
             "API key does not belong to this tenant",
+        ),
+        (
+            Reason::InvalidRequest,
+            400,
+            "invalid_request",
+            "Request could not be parsed",
+        ),
+        (
+            Reason::ClientAddressUnknown,
+            403,
+            "client_address_unknown",
+            "Client address could not be determined",
         ),
     ];
     for (reason, status, code, message) in all {
@@ -575,3 +587,5 @@ fn key_set_members_are_authenticated_limited_and_forwarded_each_with_their_own_i
         "client"
     );
 }
+
+mod hardening;

@@ -22,6 +22,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Store file used when neither `--store` nor `KEYGATE_STORE` names one.
 pub const DEFAULT_STORE: &str = "keygate.json";
@@ -33,6 +34,11 @@ pub const DEFAULT_PREFIX: &str = "kg";
 pub const VERSION: u32 = 1;
 /// Characters of a key kept in the store to recognise it by.
 pub const PREFIX_CHARS: usize = 8;
+/// The ECDS resource's name, which is the name of the filter in Envoy's configuration
+/// (Envoy refuses a resource whose name is not the filter's) and in its stats.
+pub const FILTER_NAME: &str = "keygate";
+/// How long `--apply` waits for Envoy to take a change up, unless told otherwise.
+pub const DEFAULT_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a store operation failed; displayed as the text after `keygate: `.
 #[derive(Debug)]
@@ -96,6 +102,11 @@ pub struct EnvoyTargets {
     /// The filter's `.wasm`, as Envoy will open it (relative to Envoy's working directory).
     #[serde(default)]
     pub wasm: Option<String>,
+    /// Envoy's admin interface, `http://HOST:PORT`, where `--apply` confirms that Envoy
+    /// took the new configuration up. Left out of the file when unset, so that a store
+    /// without one still reads with a keygate that predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
 }
 
 /// One key: its hash, identity and lifecycle; never the key itself.
@@ -334,6 +345,7 @@ impl Store {
             envoy: EnvoyTargets {
                 ecds,
                 wasm: Some(wasm),
+                admin: None,
             },
             policy: PluginConfig {
                 plans: config::builtin_plans(),
@@ -396,6 +408,9 @@ impl Store {
                 format!("this keygate reads version {VERSION}, not {}", self.version),
             ));
         }
+        if let Some(url) = &self.envoy.admin {
+            admin::parse_url(url).map_err(|r| bad("envoy.admin".into(), r))?;
+        }
         if !self.policy.keys.is_empty() {
             return Err(bad(
                 "policy.keys".into(),
@@ -418,35 +433,57 @@ impl Store {
     }
 
     /// The ECDS resource Envoy watches, wrapping the rendered plugin configuration.
+    ///
+    /// An ECDS file is a DiscoveryResponse, so next to `resources` it carries a
+    /// `version_info` naming its content: `sha256:` and the first 16 hex digits of the
+    /// SHA-256 of the serialised `resources`. Envoy reports the version it serves as the
+    /// stat `extension_config_discovery.<prefix>.keygate.version_text`, which is how
+    /// `--apply` confirms a change. A digest rather than a counter: the same content always
+    /// has the same version, with no state to keep, and restoring a file restores its
+    /// version.
     pub fn ecds_document(&self, plugin: &PluginConfig) -> Result<serde_json::Value, Error> {
         let wasm = self.envoy.wasm.as_deref().ok_or_else(|| {
             other("the store names no filter binary (envoy.wasm); set it with keygate init --wasm PATH")
         })?;
         let value = serde_json::to_string(plugin)
             .map_err(|e| other(format!("cannot serialise the configuration: {e}")))?;
-        Ok(serde_json::json!({
-            "resources": [{
-                "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-                "name": "keygate",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                    "config": {
-                        "name": "keygate",
-                        "root_id": "keygate",
-                        "fail_open": false,
-                        "vm_config": {
-                            "vm_id": "keygate",
-                            "runtime": "envoy.wasm.runtime.v8",
-                            "code": {"local": {"filename": wasm}},
-                        },
-                        "configuration": {
-                            "@type": "type.googleapis.com/google.protobuf.StringValue",
-                            "value": value,
-                        },
+        let resources = serde_json::json!([{
+            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "name": FILTER_NAME,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": FILTER_NAME,
+                    "root_id": "keygate",
+                    "fail_open": false,
+                    "vm_config": {
+                        "vm_id": "keygate",
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": wasm}},
+                    },
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": value,
                     },
                 },
-            }],
+            },
+        }]);
+        let canonical = serde_json::to_vec(&resources)
+            .map_err(|e| other(format!("cannot serialise the ECDS resource: {e}")))?;
+        Ok(serde_json::json!({
+            "version_info": content_version(&canonical),
+            "resources": resources,
         }))
+    }
+
+    /// What this host can tell about the filter binary `envoy.wasm` names. A relative
+    /// path is taken from the current directory, which is Envoy's too when both are
+    /// started from the same place (as `make run` does).
+    pub fn module(&self) -> Module {
+        match &self.envoy.wasm {
+            None => Module::Unset,
+            Some(wasm) => inspect_module(Path::new(wasm)),
+        }
     }
 
     /// The key with this id.
@@ -779,7 +816,11 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Reads and parses the store; errors name the offending field.
 pub fn load(path: &Path) -> Result<Store, Error> {
-    let bytes = fs::read(path).map_err(|e| {
+    parse(path, &read_store(path)?)
+}
+
+fn read_store(path: &Path) -> Result<Vec<u8>, Error> {
+    fs::read(path).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             other(format!(
                 "no store at {}; create one with keygate init (or name another with --store or KEYGATE_STORE)",
@@ -788,7 +829,10 @@ pub fn load(path: &Path) -> Result<Store, Error> {
         } else {
             io_error("read", path, e)
         }
-    })?;
+    })
+}
+
+fn parse(path: &Path, bytes: &[u8]) -> Result<Store, Error> {
     let invalid = |at: String, e: &dyn fmt::Display| {
         let at = if at == "." || at == "?" {
             String::new()
@@ -797,7 +841,7 @@ pub fn load(path: &Path) -> Result<Store, Error> {
         };
         other(format!("invalid store {}: {at}{e}", path.display()))
     };
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
     let store: Store = serde_path_to_error::deserialize(&mut de)
         .map_err(|e| invalid(e.path().to_string(), e.inner()))?;
     de.end().map_err(|e| invalid(String::new(), &e))?;
@@ -825,67 +869,479 @@ pub fn init(path: &Path, store: &Store) -> Result<(), Error> {
     write_atomically(path, &store_bytes(store)?, Access::OwnerOnly).map(drop)
 }
 
-/// A committed change, and whether `--apply` then wrote the ECDS file.
+/// A committed change, and what `--apply` made of it.
 #[derive(Debug)]
 pub struct Committed<T> {
     /// What the change returned.
     pub value: T,
-    /// The ECDS file written, or why not; `None` when not asked to apply.
-    pub applied: Option<Result<PathBuf, Error>>,
+    /// The ECDS file written and whether Envoy confirmed it; `None` when not asked to
+    /// apply. (A failed apply is an error, and the change is undone.)
+    pub applied: Option<Applied>,
     /// The store's mode before this change made it 0600, when it was readable by others.
     pub tightened: Option<u32>,
 }
 
+/// How `--apply` and `keygate apply` wait for Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// How long Envoy has to take the new version up (when the store names its admin).
+    pub timeout: Duration,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            timeout: DEFAULT_APPLY_TIMEOUT,
+        }
+    }
+}
+
+/// An ECDS file written, and what Envoy made of it.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The ECDS file.
+    pub ecds: PathBuf,
+    /// Its `version_info`.
+    pub version: String,
+    /// Keys in the configuration.
+    pub keys: usize,
+    /// Whether Envoy is known to serve it.
+    pub confirmation: Confirmation,
+}
+
+/// Whether Envoy took an applied change up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirmation {
+    /// Envoy's admin shows the new version served, this long after the file was written.
+    Confirmed {
+        /// The admin URL asked.
+        admin: String,
+        /// From the rename to the first answer showing the new version.
+        after: Duration,
+    },
+    /// Written only: the store names no admin to ask.
+    NoAdmin,
+    /// Written only: the admin did not answer (Envoy not running yet, or elsewhere).
+    Unreachable {
+        /// The admin URL tried.
+        admin: String,
+        /// Why it did not answer.
+        reason: String,
+    },
+}
+
 /// Changes the store under an exclusive lock: read, change, validate, replace
-/// atomically, and with `apply`, write the ECDS rendering too. Nothing is written when
-/// `change` or validation fails. If the store is written but the ECDS file cannot be, the
-/// change stands (a new key must still be shown) and `applied` carries the error.
+/// atomically, and with `apply`, write the ECDS rendering and confirm that Envoy took it
+/// up (see [`apply`]). Nothing is written when `change` or validation fails, and when
+/// the apply fails (Envoy rejects the new version, does not take it up in time, or the
+/// file cannot be written) the store and the ECDS file are put back byte for byte, so
+/// the command changes nothing: a new key is then never shown, since no Envoy would
+/// accept it. The lock is held until Envoy answers, so changes reach Envoy one at a time
+/// and in order, and an undo never overwrites another command's change.
 pub fn update<T>(
     path: &Path,
-    apply: bool,
+    apply: Option<ApplyOptions>,
     change: impl FnOnce(&mut Store) -> Result<T, Error>,
 ) -> Result<Committed<T>, Error> {
     let _lock = lock(path)?;
-    let mut store = load(path)?;
+    let before = read_store(path)?;
+    let mut store = parse(path, &before)?;
     let value = change(&mut store)?;
     store.validate()?;
-    // Rendered before the store is written, so a store that cannot be applied is not
-    // written either; and under the lock, so ECDS files land in the order of the changes.
-    let ecds = if apply {
-        Some(ecds_target(path, &store)?)
-    } else {
-        None
+    // Rendered, and Envoy's admin asked where it stands, before the store is written:
+    // a store that cannot be applied is not written either.
+    let pending = match apply {
+        Some(_) => Some(prepare(path, &store)?),
+        None => None,
     };
     let tightened = write_atomically(path, &store_bytes(&store)?, Access::OwnerOnly)?;
-    let applied = ecds
-        .map(|(target, bytes)| write_atomically(&target, &bytes, Access::AsBefore).map(|_| target));
-    Ok(Committed {
-        value,
-        applied,
-        tightened,
-    })
+    let Some((pending, options)) = pending.zip(apply) else {
+        return Ok(Committed {
+            value,
+            applied: None,
+            tightened,
+        });
+    };
+    match pending.commit(options) {
+        Ok(applied) => Ok(Committed {
+            value,
+            applied: Some(applied),
+            tightened,
+        }),
+        Err(failure) => {
+            let store_back = write_atomically(path, &before, Access::OwnerOnly).map(drop);
+            Err(failure.undone(store_back, path))
+        }
+    }
 }
 
-/// Writes the ECDS rendering of the store to `envoy.ecds`; returns that path and the
-/// number of keys it holds.
-pub fn apply(path: &Path) -> Result<(PathBuf, usize), Error> {
+/// Writes the ECDS rendering of the store to `envoy.ecds` (refusing when the module
+/// `envoy.wasm` names is there and is not a Wasm module). When the store names Envoy's
+/// admin, then waits until Envoy serves the new `version_info` (its
+/// `extension_config_discovery.*.keygate.version_text` stat) or rejects it
+/// (`update_rejected` or `update_failure` moves), for at most `options.timeout`; on a
+/// rejection or a timeout the previous ECDS file is put back and this fails. An admin
+/// that does not answer within about a second (Envoy not started yet, as in `make run`)
+/// leaves the file written and unconfirmed.
+///
+/// Why stats and not `/config_dump?resource=ecds_filters`: Envoy 1.40 shows there the
+/// version it last *received*, rejected or not, and no error state; `version_text` is
+/// only set by an accepted update.
+pub fn apply(path: &Path, options: ApplyOptions) -> Result<Applied, Error> {
     let _lock = lock(path)?;
     let store = load(path)?;
-    let (target, bytes) = ecds_target(path, &store)?;
-    write_atomically(&target, &bytes, Access::AsBefore)?;
-    Ok((target, store.keys.len()))
+    store.validate()?;
+    let pending = prepare(path, &store)?;
+    pending
+        .commit(options)
+        .map_err(|failure| failure.undone(Ok(()), path))
 }
 
-fn ecds_target(path: &Path, store: &Store) -> Result<(PathBuf, Vec<u8>), Error> {
+/// The rendered ECDS file and what to compare Envoy against.
+struct Pending {
+    ecds: PathBuf,
+    bytes: Vec<u8>,
+    version: String,
+    keys: usize,
+    /// The file as it was (`None`: there was none), to put back on failure.
+    previous: Option<Vec<u8>>,
+    module: Module,
+    watch: Watch,
+}
+
+/// Where Envoy stood before the write.
+enum Watch {
+    NoAdmin,
+    Unreachable {
+        admin: String,
+        reason: String,
+    },
+    Envoy {
+        admin: String,
+        before: Vec<admin::Subscription>,
+    },
+}
+
+/// Why an apply failed, with the ECDS file already put back (or why it could not be).
+struct ApplyFailure {
+    reason: String,
+    ecds: PathBuf,
+    ecds_back: Result<(), Error>,
+}
+
+impl ApplyFailure {
+    /// The error to report once the store too is back (or could not be put back).
+    fn undone(self, store_back: Result<(), Error>, store: &Path) -> Error {
+        match (self.ecds_back, store_back) {
+            (Ok(()), Ok(())) => other(format!(
+                "{}; nothing was changed: {} and {} are as they were",
+                self.reason,
+                store.display(),
+                self.ecds.display()
+            )),
+            (ecds, store_back) => {
+                let mut text = format!("{}; and putting things back failed:", self.reason);
+                if let Err(e) = ecds {
+                    text += &format!(" {e} ({} holds the rejected version);", self.ecds.display());
+                }
+                if let Err(e) = store_back {
+                    text += &format!(
+                        " {e} ({} holds the change; keygate apply once Envoy is fixed);",
+                        store.display()
+                    );
+                }
+                other(text.trim_end_matches(';').to_string())
+            }
+        }
+    }
+}
+
+fn prepare(path: &Path, store: &Store) -> Result<Pending, Error> {
     let ecds = store.envoy.ecds.as_deref().ok_or_else(|| {
         other("the store names no ECDS file to apply to; set one with keygate init --ecds PATH (in a new store) or envoy.ecds in the store")
     })?;
+    let ecds = resolve(path, ecds);
     let rendered = store.render()?;
     let doc = store.ecds_document(&rendered.plugin)?;
+    let version = doc["version_info"].as_str().unwrap_or_default().to_string();
     let mut bytes = serde_json::to_vec_pretty(&doc)
         .map_err(|e| other(format!("cannot serialise the ECDS resource: {e}")))?;
     bytes.push(b'\n');
-    Ok((resolve(path, ecds), bytes))
+    let module = store.module();
+    if let Module::NotWasm(file, why) = &module {
+        return Err(other(format!(
+            "{} is not a Wasm module ({why}), and Envoy would reject a configuration naming it; \
+             point envoy.wasm in the store at the filter's keygate.wasm; nothing was changed",
+            file.display()
+        )));
+    }
+    let previous = match fs::read(&ecds) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_error("read", &ecds, e)),
+    };
+    let watch = match &store.envoy.admin {
+        None => Watch::NoAdmin,
+        Some(url) => watch(url, &ecds)?,
+    };
+    Ok(Pending {
+        ecds,
+        bytes,
+        version,
+        keys: rendered.plugin.keys.len(),
+        previous,
+        module,
+        watch,
+    })
+}
+
+/// How long the admin has to answer before a change: "not reachable" means it did not.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Between two looks at Envoy's stats while waiting for a change.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Asks Envoy where its keygate subscriptions stand, before a change.
+fn watch(url: &str, ecds: &Path) -> Result<Watch, Error> {
+    match admin::subscriptions(url, Instant::now() + PROBE_TIMEOUT) {
+        Err(admin::GetError::Unreachable(reason)) => Ok(Watch::Unreachable {
+            admin: url.to_string(),
+            reason,
+        }),
+        Err(admin::GetError::Failed(reason)) => Err(other(format!(
+            "Envoy's admin at {url} did not answer as Envoy does ({reason}); nothing was changed; \
+             if envoy.admin is wrong, keygate set-admin URL (or set-admin --clear to only write the file)"
+        ))),
+        Ok(subs) if subs.is_empty() => Err(other(format!(
+            "Envoy at {url} has no ECDS subscription for the filter {FILTER_NAME:?} (no \
+             extension_config_discovery.*.{FILTER_NAME}.* stats), so it would never take up {}; \
+             nothing was changed; if envoy.admin names another Envoy, keygate set-admin URL \
+             (or set-admin --clear to only write the file)",
+            ecds.display()
+        ))),
+        Ok(before) => Ok(Watch::Envoy {
+            admin: url.to_string(),
+            before,
+        }),
+    }
+}
+
+impl Pending {
+    /// Writes the file and waits for Envoy; on failure puts the previous file back.
+    fn commit(self, options: ApplyOptions) -> Result<Applied, ApplyFailure> {
+        let fail = |pending: &Pending, reason: String| {
+            let ecds_back = match &pending.previous {
+                Some(bytes) => write_atomically(&pending.ecds, bytes, Access::AsBefore).map(drop),
+                None => match fs::remove_file(&pending.ecds) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        Err(io_error("remove", &pending.ecds, e))
+                    }
+                    _ => Ok(()),
+                },
+            };
+            ApplyFailure {
+                reason,
+                ecds: pending.ecds.clone(),
+                ecds_back,
+            }
+        };
+        if let Err(e) = write_atomically(&self.ecds, &self.bytes, Access::AsBefore) {
+            // write_atomically leaves the old file in place when it fails.
+            return Err(ApplyFailure {
+                reason: e.to_string(),
+                ecds: self.ecds.clone(),
+                ecds_back: Ok(()),
+            });
+        }
+        let confirmation = match &self.watch {
+            Watch::NoAdmin => Confirmation::NoAdmin,
+            Watch::Unreachable { admin, reason } => Confirmation::Unreachable {
+                admin: admin.clone(),
+                reason: reason.clone(),
+            },
+            Watch::Envoy { admin, before } => match self.wait(admin, before, options.timeout) {
+                Ok(after) => Confirmation::Confirmed {
+                    admin: admin.clone(),
+                    after,
+                },
+                Err(reason) => return Err(fail(&self, reason)),
+            },
+        };
+        Ok(Applied {
+            ecds: self.ecds,
+            version: self.version,
+            keys: self.keys,
+            confirmation,
+        })
+    }
+
+    /// Polls Envoy's stats until every keygate subscription serves `self.version` (Ok:
+    /// how long it took) or one of them rejects an update or fails to read the file, or
+    /// `timeout` passes (Err: why, in a sentence).
+    fn wait(
+        &self,
+        url: &str,
+        before: &[admin::Subscription],
+        timeout: Duration,
+    ) -> Result<Duration, String> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        // What the last look saw; a look cut short by the deadline says nothing of Envoy.
+        let mut last: Result<Vec<admin::Subscription>, String> = Ok(before.to_vec());
+        loop {
+            // Each look gets at most 2 s, and never runs past the deadline.
+            let look = deadline.min(Instant::now() + Duration::from_secs(2));
+            match admin::subscriptions(url, look) {
+                Ok(now) => {
+                    if !now.is_empty() && now.iter().all(|s| s.version == self.version) {
+                        return Ok(start.elapsed());
+                    }
+                    for sub in &now {
+                        let Some(was) = before.iter().find(|b| b.name == sub.name) else {
+                            continue;
+                        };
+                        if sub.rejected > was.rejected {
+                            return Err(self.rejected(url, was, sub));
+                        }
+                        if sub.failed > was.failed {
+                            return Err(format!(
+                                "Envoy at {url} could not read {} ({}.update_failure went from {} to {})",
+                                self.ecds.display(),
+                                sub.name,
+                                was.failed,
+                                sub.failed
+                            ));
+                        }
+                    }
+                    last = Ok(now);
+                }
+                Err(e) if Instant::now() < deadline => last = Err(e.to_string()),
+                Err(_) => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(POLL_INTERVAL));
+        }
+        let state = match last {
+            Ok(subs) => {
+                let served: Vec<String> = subs.iter().map(|s| served(&s.version)).collect();
+                format!(
+                    "it still serves {}; is it the Envoy that watches {}?",
+                    served.join(", "),
+                    self.ecds.display()
+                )
+            }
+            Err(e) => format!("its admin stopped answering: {e}"),
+        };
+        Err(format!(
+            "Envoy at {url} did not take up version {} within {} ({state})",
+            self.version,
+            seconds(timeout)
+        ))
+    }
+
+    fn rejected(&self, url: &str, was: &admin::Subscription, now: &admin::Subscription) -> String {
+        let hint = match &self.module {
+            Module::Missing(file) => format!(
+                "; the module {} that envoy.wasm names does not exist here, which is fine only \
+                 if it is a path Envoy sees (inside its container, or from its working directory)",
+                file.display()
+            ),
+            Module::Unreadable(file, why) => format!(
+                "; the module {} that envoy.wasm names cannot be read here ({why})",
+                file.display()
+            ),
+            Module::Unset | Module::Valid(_) | Module::NotWasm(..) => String::new(),
+        };
+        format!(
+            "Envoy at {url} rejected version {} ({}.update_rejected went from {} to {}); its \
+             admin does not say why, its log does: look for \"keygate: invalid configuration\" \
+             or \"config update rejected\"{hint}; Envoy keeps serving {}",
+            self.version,
+            now.name,
+            was.rejected,
+            now.rejected,
+            served(&now.version)
+        )
+    }
+}
+
+fn served(version: &str) -> String {
+    if version.is_empty() {
+        "a configuration without a version".into()
+    } else {
+        format!("version {version}")
+    }
+}
+
+/// A duration as "10 s" or "0.4 s".
+pub fn seconds(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if d.subsec_millis() == 0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// `sha256:` and the first 16 hex digits of the SHA-256 of `bytes`.
+pub fn content_version(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex(&keys::digest(bytes)[..8]))
+}
+
+/// The filter binary `envoy.wasm` names, as seen from this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Module {
+    /// The store names none.
+    Unset,
+    /// A WebAssembly module (`\0asm`, binary version 1).
+    Valid(PathBuf),
+    /// Not here: a path inside Envoy's container, or one from Envoy's working directory,
+    /// may still be right.
+    Missing(PathBuf),
+    /// Here but unreadable by this user (Envoy may run as another).
+    Unreadable(PathBuf, String),
+    /// Here and not a WebAssembly module: Envoy would reject the configuration.
+    NotWasm(PathBuf, String),
+}
+
+/// The first 8 bytes of every WebAssembly module: `\0asm`, then version 1 (little-endian).
+const WASM_HEADER: [u8; 8] = [0, b'a', b's', b'm', 1, 0, 0, 0];
+
+fn inspect_module(file: &Path) -> Module {
+    let path = file.to_path_buf();
+    let meta = match fs::metadata(file) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Module::Missing(path),
+        Err(e) => return Module::Unreadable(path, e.to_string()),
+    };
+    if meta.is_dir() {
+        return Module::NotWasm(path, "it is a directory".into());
+    }
+    let mut head = Vec::with_capacity(WASM_HEADER.len());
+    let read = File::open(file).and_then(|f| {
+        use std::io::Read as _;
+        f.take(WASM_HEADER.len() as u64).read_to_end(&mut head)
+    });
+    if let Err(e) = read {
+        return Module::Unreadable(path, e.to_string());
+    }
+    if head.starts_with(&WASM_HEADER) {
+        return Module::Valid(path);
+    }
+    let magic = &WASM_HEADER[..4];
+    let why = if !head.starts_with(magic) && !magic.starts_with(&head) {
+        "it does not start with \\0asm".to_string()
+    } else if head.len() < WASM_HEADER.len() {
+        format!("it is only {} bytes long", meta.len())
+    } else {
+        format!(
+            "its binary version is {}, not 1: a component, not a module?",
+            u32::from_le_bytes([head[4], head[5], head[6], head[7]])
+        )
+    };
+    Module::NotWasm(path, why)
 }
 
 /// `target` relative to the store's directory, unless absolute.
@@ -1064,6 +1520,326 @@ fn write_atomically(target: &Path, bytes: &[u8], access: Access) -> Result<Optio
     Ok(old_mode.filter(|m| access == Access::OwnerOnly && m & 0o077 != 0))
 }
 
+/// Envoy's admin interface: the URL the store names, and the little of HTTP needed to
+/// read its stats.
+///
+/// A hand-written HTTP/1.1 GET over `std::net::TcpStream` rather than a client crate: one
+/// request shape to one plain-HTTP, usually loopback, endpoint (`Connection: close`,
+/// a `Content-Length` or chunked body, timeouts) is about a hundred lines, and keeps the
+/// tool's dependency tree (and Cargo.lock) as it is.
+pub mod admin {
+    use std::fmt;
+    use std::io::{self, Read as _, Write as _};
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
+    use std::time::{Duration, Instant};
+
+    /// The largest answer read; Envoy's filtered stats are a few kilobytes.
+    const MAX_RESPONSE: usize = 8 << 20;
+
+    /// Checks an admin URL: `http://HOST:PORT` and nothing more (a trailing `/` is
+    /// dropped). Returns it as stored.
+    pub fn parse_url(url: &str) -> Result<String, String> {
+        let bad = |why: &str| {
+            format!("{url:?} is not an admin URL: {why}; expected http://HOST:PORT, such as http://127.0.0.1:9901")
+        };
+        let Some(rest) = url.strip_prefix("http://") else {
+            return Err(bad(if url.starts_with("https://") {
+                "Envoy's admin interface speaks plain HTTP"
+            } else {
+                "it must start with http://"
+            }));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#', '@']) || rest.chars().any(|c| c.is_whitespace()) {
+            return Err(bad("no path, query or user part"));
+        }
+        let (host, port) = match rest.strip_prefix('[') {
+            Some(v6) => {
+                let (host, port) = v6
+                    .split_once("]:")
+                    .ok_or_else(|| bad("an IPv6 address is written [ADDRESS]:PORT"))?;
+                host.parse::<Ipv6Addr>()
+                    .map_err(|_| bad("not an IPv6 address between the brackets"))?;
+                (format!("[{host}]"), port)
+            }
+            None => {
+                let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+                let hostname = !host.is_empty()
+                    && host.len() <= 253
+                    && host.split('.').all(|l| {
+                        !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-')
+                    })
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+                let numeric = host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+                if !hostname || (numeric && host.parse::<Ipv4Addr>().is_err()) {
+                    return Err(bad("not a host name or an IP address"));
+                }
+                (host.to_string(), port)
+            }
+        };
+        match port.parse::<u16>() {
+            Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => {
+                Ok(format!("http://{host}:{p}"))
+            }
+            _ => Err(bad("the port must be 1 to 65535")),
+        }
+    }
+
+    /// Why a GET did not return a 200 answer.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum GetError {
+        /// No connection, or no answer at all, in time: Envoy is not there (yet).
+        Unreachable(String),
+        /// Something answered, but not with a complete 200 HTTP answer.
+        Failed(String),
+    }
+
+    impl fmt::Display for GetError {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self {
+                GetError::Unreachable(why) | GetError::Failed(why) => f.write_str(why),
+            }
+        }
+    }
+
+    fn describe(e: &io::Error) -> String {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => "connection refused".into(),
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "no answer in time".into(),
+            _ => e.to_string(),
+        }
+    }
+
+    /// GETs `path` from the admin at `url` (as [`parse_url`] returns it), giving up at
+    /// `deadline`; the body of a 200 answer.
+    pub fn get(url: &str, path: &str, deadline: Instant) -> Result<Vec<u8>, GetError> {
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let authority = url.strip_prefix("http://").unwrap_or(url);
+        let addrs: Vec<SocketAddr> = authority
+            .to_socket_addrs()
+            .map_err(|e| GetError::Unreachable(format!("cannot resolve {authority}: {e}")))?
+            .collect();
+        let mut last = format!("{authority} resolves to no address");
+        let mut stream = None;
+        for addr in addrs {
+            let budget = left();
+            if budget.is_zero() {
+                last = "no answer in time".into();
+                break;
+            }
+            match TcpStream::connect_timeout(&addr, budget) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = describe(&e),
+            }
+        }
+        let mut stream = stream.ok_or(GetError::Unreachable(last))?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: keygate\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        );
+        let timeout = |d: Duration| Some(d.max(Duration::from_millis(1)));
+        stream
+            .set_write_timeout(timeout(left()))
+            .and_then(|()| stream.write_all(request.as_bytes()))
+            .map_err(|e| GetError::Unreachable(describe(&e)))?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let budget = left();
+            let read = if budget.is_zero() {
+                Err(io::Error::from(io::ErrorKind::TimedOut))
+            } else {
+                stream
+                    .set_read_timeout(timeout(budget))
+                    .and_then(|()| stream.read(&mut buf))
+            };
+            match read {
+                Ok(0) => break,
+                Ok(n) => {
+                    raw.extend_from_slice(&buf[..n]);
+                    if raw.len() > MAX_RESPONSE {
+                        return Err(GetError::Failed(format!(
+                            "an answer over {MAX_RESPONSE} bytes"
+                        )));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Nothing at all: as good as not there. Half an answer: something is wrong.
+                Err(e) if raw.is_empty() => return Err(GetError::Unreachable(describe(&e))),
+                Err(e) => {
+                    return Err(GetError::Failed(format!(
+                        "an incomplete answer ({})",
+                        describe(&e)
+                    )))
+                }
+            }
+        }
+        if raw.is_empty() {
+            return Err(GetError::Failed(
+                "the connection closed without an answer".into(),
+            ));
+        }
+        match parse_response(&raw).map_err(GetError::Failed)? {
+            (200, body) => Ok(body),
+            (status, _) => Err(GetError::Failed(format!("HTTP status {status} for {path}"))),
+        }
+    }
+
+    fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+        haystack.windows(needle.len()).position(|w| w == needle)
+    }
+
+    /// The status and body of an HTTP/1.1 answer read to the end of the connection.
+    pub fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
+        let end = find(raw, b"\r\n\r\n").ok_or("not an HTTP answer (no end of headers)")?;
+        let head = std::str::from_utf8(&raw[..end]).map_err(|_| "not an HTTP answer")?;
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .strip_prefix("HTTP/1.")
+            .and_then(|rest| rest.get(2..5))
+            .and_then(|code| code.parse::<u16>().ok())
+            .ok_or_else(|| {
+                format!(
+                    "not an HTTP answer: {:?}",
+                    status_line.chars().take(40).collect::<String>()
+                )
+            })?;
+        let (mut chunked, mut length) = (false, None);
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = value.to_ascii_lowercase().contains("chunked");
+            } else if name.eq_ignore_ascii_case("content-length") {
+                length = Some(
+                    value
+                        .parse::<usize>()
+                        .map_err(|_| format!("a bad Content-Length {value:?}"))?,
+                );
+            }
+        }
+        let body = &raw[end + 4..];
+        let body = if chunked {
+            decode_chunked(body)?
+        } else if let Some(n) = length {
+            body.get(..n)
+                .ok_or("an answer shorter than its Content-Length")?
+                .to_vec()
+        } else {
+            body.to_vec()
+        };
+        Ok((status, body))
+    }
+
+    /// Decodes a chunked body (chunk extensions and trailers are ignored).
+    pub fn decode_chunked(mut rest: &[u8]) -> Result<Vec<u8>, String> {
+        let truncated = || "a truncated chunked answer".to_string();
+        let mut out = Vec::new();
+        loop {
+            let eol = find(rest, b"\r\n").ok_or_else(truncated)?;
+            let line = std::str::from_utf8(&rest[..eol]).map_err(|_| "a bad chunk size")?;
+            let digits = line.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(digits, 16)
+                .map_err(|_| format!("a bad chunk size {digits:?}"))?;
+            rest = &rest[eol + 2..];
+            if size == 0 {
+                return Ok(out);
+            }
+            let chunk = rest.get(..size).ok_or_else(truncated)?;
+            out.extend_from_slice(chunk);
+            rest = rest
+                .get(size..)
+                .and_then(|r| r.strip_prefix(b"\r\n"))
+                .ok_or_else(truncated)?;
+            if out.len() > MAX_RESPONSE {
+                return Err(format!("an answer over {MAX_RESPONSE} bytes"));
+            }
+        }
+    }
+
+    /// One ECDS subscription to the filter, as Envoy's stats show it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Subscription {
+        /// The stats prefix, `extension_config_discovery.<prefix>.keygate`.
+        pub name: String,
+        /// `version_text`: the `version_info` of the last update Envoy accepted.
+        pub version: String,
+        /// `update_rejected`: updates Envoy refused (a module or configuration it rejects).
+        pub rejected: u64,
+        /// `update_failure`: updates it could not fetch.
+        pub failed: u64,
+    }
+
+    /// The keygate subscriptions in Envoy's `/stats?format=json`.
+    pub fn parse_subscriptions(body: &[u8]) -> Result<Vec<Subscription>, String> {
+        let doc: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| format!("stats that are not JSON: {e}"))?;
+        let stats = doc
+            .get("stats")
+            .and_then(serde_json::Value::as_array)
+            .ok_or("stats without a \"stats\" list")?;
+        let mut out: Vec<Subscription> = Vec::new();
+        let tail = format!(".{}.", super::FILTER_NAME);
+        for entry in stats {
+            let (Some(name), Some(value)) = (
+                entry.get("name").and_then(serde_json::Value::as_str),
+                entry.get("value"),
+            ) else {
+                continue;
+            };
+            let Some(rest) = name.strip_prefix("extension_config_discovery.") else {
+                continue;
+            };
+            let Some(at) = rest.rfind(&tail) else {
+                continue;
+            };
+            let (scope, field) = (&rest[..at], &rest[at + tail.len()..]);
+            if scope.is_empty()
+                || !["version_text", "update_rejected", "update_failure"].contains(&field)
+            {
+                continue;
+            }
+            let sub_name = format!("extension_config_discovery.{scope}.{}", super::FILTER_NAME);
+            let index = match out.iter().position(|s| s.name == sub_name) {
+                Some(i) => i,
+                None => {
+                    out.push(Subscription {
+                        name: sub_name,
+                        version: String::new(),
+                        rejected: 0,
+                        failed: 0,
+                    });
+                    out.len() - 1
+                }
+            };
+            let sub = &mut out[index];
+            match field {
+                "version_text" => sub.version = value.as_str().unwrap_or_default().to_string(),
+                "update_rejected" => sub.rejected = value.as_u64().unwrap_or_default(),
+                _ => sub.failed = value.as_u64().unwrap_or_default(),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Envoy's keygate subscriptions, read from the admin at `url` by `deadline`.
+    pub fn subscriptions(url: &str, deadline: Instant) -> Result<Vec<Subscription>, GetError> {
+        let body = get(
+            url,
+            "/stats?format=json&filter=extension_config_discovery",
+            deadline,
+        )?;
+        parse_subscriptions(&body).map_err(GetError::Failed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1195,5 +1971,140 @@ mod tests {
         assert_eq!(json["policy"]["default_plan"], "free");
         let back: Store = serde_json::from_value(json).unwrap();
         assert_eq!(back, store);
+    }
+
+    #[test]
+    fn admin_answers_chunked_or_not() {
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                        5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        assert_eq!(
+            admin::parse_response(chunked).unwrap(),
+            (200, b"hello, world".to_vec())
+        );
+        let sized = b"HTTP/1.1 404 Not Found\r\ncontent-length: 3\r\n\r\nabcdef";
+        assert_eq!(
+            admin::parse_response(sized).unwrap(),
+            (404, b"abc".to_vec())
+        );
+        let to_close = b"HTTP/1.0 200 OK\r\n\r\nall of it";
+        assert_eq!(admin::parse_response(to_close).unwrap().1, b"all of it");
+        for bad in [
+            &b"SSH-2.0-OpenSSH\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+            b"HTTP/1.1 200 OK\r\n",
+        ] {
+            assert!(admin::parse_response(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn admin_stats_give_each_keygate_subscription() {
+        let body = serde_json::json!({"stats": [
+            {"name": "extension_config_discovery.http_filter.keygate.version_text", "value": "sha256:0011"},
+            {"name": "extension_config_discovery.http_filter.keygate.update_rejected", "value": 2},
+            {"name": "extension_config_discovery.http_filter.keygate.update_failure", "value": 1},
+            {"name": "extension_config_discovery.http_filter.keygate.update_success", "value": 9},
+            {"name": "extension_config_discovery.http_filter.other.version_text", "value": "x"},
+            {"name": "extension_config_discovery.listener_filter.keygate.version_text", "value": ""},
+            {"name": "cluster.keygate.version_text", "value": "y"},
+            {"histograms": {}},
+        ]});
+        let subs = admin::parse_subscriptions(body.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            subs,
+            vec![
+                admin::Subscription {
+                    name: "extension_config_discovery.http_filter.keygate".into(),
+                    version: "sha256:0011".into(),
+                    rejected: 2,
+                    failed: 1,
+                },
+                admin::Subscription {
+                    name: "extension_config_discovery.listener_filter.keygate".into(),
+                    version: String::new(),
+                    rejected: 0,
+                    failed: 0,
+                },
+            ]
+        );
+        assert!(admin::parse_subscriptions(b"<html>").is_err());
+        assert!(admin::parse_subscriptions(b"{}").is_err());
+    }
+
+    #[test]
+    fn admin_urls() {
+        for (url, stored) in [
+            ("http://127.0.0.1:9901", "http://127.0.0.1:9901"),
+            ("http://127.0.0.1:9901/", "http://127.0.0.1:9901"),
+            ("http://[::1]:9901", "http://[::1]:9901"),
+            ("http://envoy:9901", "http://envoy:9901"),
+            ("http://a-b.example.org:1", "http://a-b.example.org:1"),
+        ] {
+            assert_eq!(admin::parse_url(url).as_deref(), Ok(stored), "{url}");
+        }
+        for bad in [
+            "",
+            "http://",
+            "http://:1",
+            "http://h:",
+            "http://h:+1",
+            "http://h:01x",
+            "http://-h:1",
+            "http://h..x:1",
+            "http://1.2.3:1",
+            "http://::1:9901",
+            "http://[::1]",
+            "http://h:1/x",
+            "http://h:1//",
+            "http:// h:1",
+            "https://h:1",
+        ] {
+            assert!(admin::parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn modules() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m.wasm");
+        assert_eq!(inspect_module(&file), Module::Missing(file.clone()));
+        fs::write(&file, WASM_HEADER).unwrap();
+        assert_eq!(inspect_module(&file), Module::Valid(file.clone()));
+        fs::write(&file, b"\x7fELF\x02\x01\x01\0").unwrap();
+        assert!(matches!(inspect_module(&file), Module::NotWasm(_, why) if why.contains("\\0asm")));
+        assert!(
+            matches!(inspect_module(dir.path()), Module::NotWasm(_, why) if why.contains("directory"))
+        );
+    }
+
+    #[test]
+    fn versions_name_content() {
+        let store = Store::new(Some("e.yaml".into()), "f.wasm".into(), "kg".into());
+        let mut with_key = store.clone();
+        with_key
+            .create(
+                &NewKey {
+                    name: "a".into(),
+                    role: "r".into(),
+                    ..NewKey::default()
+                },
+                1_800_000_000,
+            )
+            .unwrap();
+        let plugin = with_key.render().unwrap().plugin;
+        let doc = with_key.ecds_document(&plugin).unwrap();
+        let version = doc["version_info"].as_str().unwrap();
+        assert_eq!(version.len(), "sha256:".len() + 16);
+        assert_eq!(doc, with_key.ecds_document(&plugin).unwrap());
+        let mut moved = with_key.clone();
+        moved.envoy.wasm = Some("g.wasm".into());
+        assert_ne!(
+            moved.ecds_document(&plugin).unwrap()["version_info"],
+            version
+        );
+        assert_eq!(seconds(Duration::from_secs(10)), "10 s");
+        assert_eq!(seconds(Duration::from_millis(430)), "0.4 s");
     }
 }

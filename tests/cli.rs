@@ -989,9 +989,14 @@ fn apply_replaces_the_ecds_file_atomically() {
     );
 
     let out = env.ok(&["apply"]);
+    let version = str_of(&json(&fs::read_to_string(&ecds_path).unwrap())["version_info"]);
     assert_eq!(
         out.trim(),
-        format!("wrote {} (1 keys)", ecds_path.display())
+        format!(
+            "1 keys, version {version}\nwritten to {} (not confirmed: the store names no Envoy \
+             admin; keygate set-admin URL)",
+            ecds_path.display()
+        )
     );
     // Temp files live beside their targets and never outlive a command.
     assert_eq!(env.files(Path::new("ecds")), ["keygate.yaml"]);
@@ -1340,4 +1345,485 @@ fn a_world_readable_store_becomes_owner_only_at_its_next_change() {
     // Said once: the next change finds it 0600 already.
     let (_, note) = under_umask(&env, "022", &["create", "--name", "c", "--role", "r"]);
     assert_eq!(note, "");
+}
+
+// ---------------------------------------------------------------- applying to Envoy
+//
+// A stand-in for Envoy's admin interface, answering /stats?format=json the way Envoy
+// 1.40 does (chunked) about the ECDS file the store applies to; the real Envoy is
+// exercised by tests/integration/test_apply_confirm.py.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admin {
+    /// Serves whatever version the ECDS file holds (Envoy accepting every update).
+    Accepts,
+    /// Keeps the first version it saw and counts a rejection once the file changes.
+    Rejects,
+    /// Keeps the first version it saw and counts nothing (Envoy watching another file).
+    Ignores,
+    /// An Envoy without a keygate ECDS subscription.
+    NoKeygate,
+    /// Not Envoy: 404 for everything.
+    NotEnvoy,
+}
+
+/// Starts a stand-in admin for the ECDS file of `env`; returns its URL.
+fn fake_admin(env: &Env, mode: Admin) -> String {
+    use std::io::Read as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let ecds = env.dir.path().join("ecds/keygate.yaml");
+    std::thread::spawn(move || {
+        let version_of = || {
+            fs::read_to_string(&ecds)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|d| d["version_info"].as_str().map(str::to_string))
+                .unwrap_or_default()
+        };
+        let mut first: Option<String> = None;
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let current = version_of();
+            let baseline = first.get_or_insert_with(|| current.clone()).clone();
+            let (version, rejected) = match mode {
+                Admin::Accepts => (current, 0),
+                Admin::Rejects => (baseline.clone(), u64::from(current != baseline)),
+                _ => (baseline, 0),
+            };
+            let stat =
+                |field: &str| format!("extension_config_discovery.http_filter.keygate.{field}");
+            let body = if mode == Admin::NoKeygate {
+                serde_json::json!({"stats": [
+                    {"name": "extension_config_discovery.http_filter.other.version_text", "value": "x"},
+                ]})
+            } else {
+                serde_json::json!({"stats": [
+                    {"name": stat("version_text"), "value": version},
+                    {"name": stat("config_reload"), "value": 1},
+                    {"name": stat("update_failure"), "value": 0},
+                    {"name": stat("update_rejected"), "value": rejected},
+                    {"name": stat("update_success"), "value": 1},
+                    {"histograms": {"supported_quantiles": [0, 50, 100], "computed_quantiles": []}},
+                ]})
+            }
+            .to_string();
+            let status = if mode == Admin::NotEnvoy {
+                "404 Not Found"
+            } else {
+                "200 OK"
+            };
+            let (a, b) = body.split_at(body.len() / 2);
+            let reply = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nserver: envoy\r\n\
+                 transfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x};ext=1\r\n{b}\r\n0\r\n\r\n",
+                a.len(),
+                b.len()
+            );
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+    url
+}
+
+/// An admin URL on which nothing listens.
+fn closed_admin() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    url
+}
+
+impl Env {
+    fn ecds_path(&self) -> PathBuf {
+        self.dir.path().join("ecds/keygate.yaml")
+    }
+
+    fn ecds_bytes(&self) -> Option<Vec<u8>> {
+        fs::read(self.ecds_path()).ok()
+    }
+
+    fn ecds_version(&self) -> String {
+        str_of(&json(&fs::read_to_string(self.ecds_path()).unwrap())["version_info"])
+    }
+
+    fn set_wasm(&self, path: &Path) {
+        let path = path.to_str().unwrap().to_string();
+        self.edit_store(|doc| doc["envoy"]["wasm"] = path.into());
+    }
+}
+
+#[test]
+fn the_ecds_file_carries_a_version_that_names_its_content() {
+    let env = Env::init();
+    let (id, _) = env.create(&["--apply"]);
+    let doc = json(&fs::read_to_string(env.ecds_path()).unwrap());
+    let version = str_of(&doc["version_info"]);
+    let digest = keys::digest(&serde_json::to_vec(&doc["resources"]).unwrap());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(version, format!("sha256:{hex}"));
+    assert_eq!(
+        doc.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["resources", "version_info"]
+    );
+    // What render shows is what apply writes; the same content has the same version.
+    let rendered = json(&env.ok(&["render", "--format", "envoy-ecds"]));
+    assert_eq!(rendered, doc);
+    env.ok(&["apply"]);
+    assert_eq!(env.ecds_version(), version);
+    let out = env.json(&["revoke", &id, "--apply"]);
+    assert_ne!(env.ecds_version(), version);
+    assert_eq!(out["version"], env.ecds_version().as_str());
+}
+
+#[test]
+fn without_an_admin_apply_says_the_change_is_written_not_confirmed() {
+    let env = Env::init();
+    let out = env.ok(&["create", "--name", "n", "--role", "client", "--apply"]);
+    assert_eq!(
+        out.lines().last().unwrap(),
+        format!(
+            "written to {} (not confirmed: the store names no Envoy admin; keygate set-admin URL)",
+            env.ecds_path().display()
+        )
+    );
+    let out = env.json(&["create", "--name", "n", "--role", "client", "--apply"]);
+    assert_eq!(out["envoy"]["status"], "no_admin");
+    assert_eq!(out["applied"], env.ecds_path().to_str().unwrap());
+    assert_eq!(out["version"], env.ecds_version().as_str());
+    // --apply-timeout only means something with --apply.
+    let err = env.fail(
+        &[
+            "create",
+            "--name",
+            "n",
+            "--role",
+            "client",
+            "--apply-timeout",
+            "5s",
+        ],
+        2,
+    );
+    assert!(err.contains("--apply"), "{err}");
+    env.fail(&["apply", "--apply-timeout", "0s"], 2);
+}
+
+#[test]
+fn set_admin_takes_only_http_host_port_and_init_takes_it_too() {
+    let env = Env::new();
+    for bad in [
+        "https://127.0.0.1:9901",
+        "127.0.0.1:9901",
+        "http://127.0.0.1",
+        "http://127.0.0.1:0",
+        "http://127.0.0.1:65536",
+        "http://127.0.0.1:9901/stats",
+        "http://user@127.0.0.1:9901",
+        "http://127.0.0.1:9901?x",
+        "http://[::1:9901",
+        "http://[zz]:9901",
+        "http://999.1.1.1:9901",
+        "http://exa_mple:9901",
+        "http://:9901",
+    ] {
+        let err = env.fail(&["init", "--envoy-admin", bad], 2);
+        assert!(err.contains("expected http://HOST:PORT"), "{bad}: {err}");
+        assert!(!env.store.exists());
+    }
+    env.ok(&[
+        "init",
+        "--ecds",
+        "ecds/keygate.yaml",
+        "--envoy-admin",
+        "http://127.0.0.1:9901/",
+    ]);
+    assert_eq!(env.store_json()["envoy"]["admin"], "http://127.0.0.1:9901");
+
+    let before = env.store_text();
+    let err = env.fail(&["set-admin", "ftp://127.0.0.1:21"], 2);
+    assert!(err.contains("must start with http://"), "{err}");
+    env.fail(&["set-admin"], 2);
+    env.fail(&["set-admin", "--clear", "http://127.0.0.1:1"], 2);
+    assert_eq!(env.store_text(), before);
+
+    for (url, stored) in [
+        ("http://[::1]:9902", "http://[::1]:9902"),
+        (
+            "http://envoy-admin.internal:9901",
+            "http://envoy-admin.internal:9901",
+        ),
+        ("http://localhost:9903/", "http://localhost:9903"),
+    ] {
+        let out = env.json(&["set-admin", url]);
+        assert_eq!(out["admin"], stored);
+        assert_eq!(env.store_json()["envoy"]["admin"], stored);
+    }
+    let closed = closed_admin();
+    let out = env.ok(&["set-admin", &closed]);
+    assert_eq!(
+        out.trim(),
+        format!(
+            "Envoy admin: {closed}; Envoy is not reachable there now (connection refused); \
+             --apply will only write the file until it is"
+        )
+    );
+    let out = env.ok(&["set-admin", "--clear"]);
+    assert!(out.starts_with("cleared the Envoy admin"), "{out}");
+    // No admin: the field is left out, as in a store made before it existed.
+    assert!(env.store_json()["envoy"].get("admin").is_none());
+
+    // A hand-edited store with a bad URL is refused by name.
+    env.edit_store(|doc| doc["envoy"]["admin"] = "http://127.0.0.1:9901/x".into());
+    let err = env.fail(&["create", "--name", "n", "--role", "client"], 1);
+    assert!(err.contains("invalid store: envoy.admin:"), "{err}");
+}
+
+#[test]
+fn apply_confirms_once_envoy_serves_the_new_version() {
+    let env = Env::init();
+    let admin = fake_admin(&env, Admin::Accepts);
+    let out = env.ok(&["set-admin", &admin]);
+    assert!(out.contains("Envoy answers there and serves"), "{out}");
+    let out = env.ok(&["create", "--name", "n", "--role", "client", "--apply"]);
+    let version = env.ecds_version();
+    let last = out.lines().last().unwrap();
+    assert!(
+        last.starts_with(&format!(
+            "applied: Envoy at {admin} serves version {version} from {} (confirmed after ",
+            env.ecds_path().display()
+        )),
+        "{out}"
+    );
+    // The key is shown once the change is confirmed.
+    let key = out.lines().nth(2).unwrap();
+    env.accepted(key);
+    let (id, _) = env.create(&[]);
+    let out = env.json(&["revoke", &id, "--apply"]);
+    assert_eq!(out["envoy"]["status"], "confirmed");
+    assert_eq!(out["envoy"]["admin"], admin.as_str());
+    assert!(out["envoy"]["seconds"].as_f64().unwrap() < 5.0);
+    let out = env.json(&["apply"]);
+    assert_eq!(out["envoy"]["status"], "confirmed");
+}
+
+#[test]
+fn a_rejected_apply_changes_nothing_and_prints_no_key() {
+    let env = Env::init();
+    let (id, key) = env.create(&["--apply"]);
+    let admin = fake_admin(&env, Admin::Rejects);
+    env.ok(&["set-admin", &admin]);
+    let (store, ecds) = (env.store_text(), env.ecds_bytes());
+    let version = env.ecds_version();
+
+    let err = env.fail(&["revoke", &id, "--apply"], 1);
+    assert!(
+        err.starts_with(&format!(
+            "keygate: Envoy at {admin} rejected version sha256:"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "extension_config_discovery.http_filter.keygate.update_rejected went from 0 to 1"
+        ) && err.contains("keygate: invalid configuration")
+            && err.contains(&format!("Envoy keeps serving version {version}"))
+            && err.ends_with(&format!(
+                "nothing was changed: {} and {} are as they were",
+                env.store.display(),
+                env.ecds_path().display()
+            )),
+        "{err}"
+    );
+    // The module the store names is not on this host: said as a likely cause.
+    assert!(err.contains("the module /opt/keygate.wasm"), "{err}");
+    assert_eq!(
+        env.store_text(),
+        store,
+        "the store is byte for byte as it was"
+    );
+    assert_eq!(env.ecds_bytes(), ecds);
+    env.accepted(&key);
+
+    let out = env.run(
+        &["create", "--name", "n", "--role", "client", "--apply"],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "a key no Envoy accepts is not shown");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rejected version"));
+    env.fail(&["rotate", &id, "--grace", "1h", "--apply"], 1);
+    assert_eq!(env.store_text(), store);
+    assert_eq!(env.ecds_bytes(), ecds);
+    // Temp files do not outlive the undo either.
+    assert_eq!(env.files(Path::new("ecds")), ["keygate.yaml"]);
+    assert_eq!(
+        env.files(Path::new(".")),
+        ["ecds", "keygate.json", "keygate.json.lock"]
+    );
+
+    // The first apply ever: undone means no ECDS file at all.
+    let fresh = Env::init();
+    let admin = fake_admin(&fresh, Admin::Rejects);
+    fresh.ok(&["set-admin", &admin]);
+    let store = fresh.store_text();
+    fresh.fail(&["create", "--name", "n", "--role", "client", "--apply"], 1);
+    assert_eq!(fresh.store_text(), store);
+    assert!(!fresh.ecds_path().exists());
+}
+
+#[test]
+fn an_apply_envoy_does_not_take_up_in_time_changes_nothing() {
+    let env = Env::init();
+    let (id, _) = env.create(&["--apply"]);
+    let admin = fake_admin(&env, Admin::Ignores);
+    env.ok(&["set-admin", &admin]);
+    let (store, ecds) = (env.store_text(), env.ecds_bytes());
+    let started = Instant::now();
+    let err = env.fail(&["revoke", &id, "--apply", "--apply-timeout", "1s"], 1);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(
+        err.contains("did not take up version sha256:")
+            && err.contains("within 1 s")
+            && err.contains("is it the Envoy that watches")
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(env.store_text(), store);
+    assert_eq!(env.ecds_bytes(), ecds);
+    // Applying what Envoy already serves is confirmed at once (same content, same
+    // version); a change made without --apply and applied later is waited for.
+    assert_eq!(env.json(&["apply"])["envoy"]["status"], "confirmed");
+    env.create(&[]);
+    let ecds = env.ecds_bytes();
+    let err = env.fail(&["apply", "--apply-timeout", "1s"], 1);
+    assert!(err.contains("did not take up"), "{err}");
+    assert_eq!(env.ecds_bytes(), ecds);
+}
+
+#[test]
+fn an_unreachable_admin_leaves_the_change_written_and_says_so() {
+    let env = Env::init();
+    let admin = closed_admin();
+    env.ok(&["set-admin", &admin]);
+    let out = env.ok(&["create", "--name", "n", "--role", "client", "--apply"]);
+    assert_eq!(
+        out.lines().last().unwrap(),
+        format!(
+            "written to {} (not confirmed: Envoy is not reachable at {admin}: connection refused; \
+             the change is only written, and Envoy takes it up when it reads the file)",
+            env.ecds_path().display()
+        )
+    );
+    env.accepted(out.lines().nth(2).unwrap());
+    let out = env.json(&["apply"]);
+    assert_eq!(out["envoy"]["status"], "unreachable");
+    assert_eq!(out["envoy"]["reason"], "connection refused");
+}
+
+#[test]
+fn an_admin_that_is_not_envoys_or_has_no_keygate_filter_changes_nothing() {
+    for (mode, expect) in [
+        (
+            Admin::NotEnvoy,
+            "did not answer as Envoy does (HTTP status 404",
+        ),
+        (
+            Admin::NoKeygate,
+            "has no ECDS subscription for the filter \"keygate\"",
+        ),
+    ] {
+        let env = Env::init();
+        let (id, _) = env.create(&["--apply"]);
+        let admin = fake_admin(&env, mode);
+        env.ok(&["set-admin", &admin]);
+        let (store, ecds) = (env.store_text(), env.ecds_bytes());
+        let err = env.fail(&["revoke", &id, "--apply"], 1);
+        assert!(
+            err.contains(expect) && err.contains("nothing was changed"),
+            "{err}"
+        );
+        assert!(err.contains("keygate set-admin"), "{err}");
+        assert_eq!(env.store_text(), store);
+        assert_eq!(env.ecds_bytes(), ecds);
+    }
+}
+
+#[test]
+fn check_looks_at_the_module_and_apply_refuses_one_that_is_not_wasm() {
+    let env = Env::init();
+    env.create(&["--apply"]);
+    // Missing: a warning (it may be a path inside Envoy's container), not an error.
+    let out = env.run(&["check"], "");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        "keygate: warning: the module /opt/keygate.wasm (envoy.wasm) does not exist here; fine if \
+         it is a path inside Envoy's container or from Envoy's working directory, and it exists there\n"
+    );
+    assert_eq!(env.json(&["check"])["module"]["status"], "missing");
+
+    let module = env.dir.path().join("keygate.wasm");
+    fs::write(&module, b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0").unwrap();
+    env.set_wasm(&module);
+    let out = env.run(&["check"], "");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stderr.is_empty());
+    assert_eq!(env.json(&["check"])["module"]["status"], "ok");
+    env.ok(&["apply"]);
+
+    for (bytes, why) in [
+        (
+            &b"#!/bin/sh\necho not wasm\n"[..],
+            "it does not start with \\0asm",
+        ),
+        (b"\0as", "it is only 3 bytes long"),
+        (b"", "it is only 0 bytes long"),
+        (b"\0asm\x0d\0\x01\0", "its binary version is 65549, not 1"),
+    ] {
+        fs::write(&module, bytes).unwrap();
+        let err = env.fail(&["check"], 1);
+        assert_eq!(
+            err,
+            format!(
+                "keygate: {} (envoy.wasm) is not a Wasm module ({why}{}), and Envoy would reject \
+                 the configuration; point envoy.wasm at the filter's keygate.wasm",
+                module.display(),
+                if why.starts_with("its binary") {
+                    ": a component, not a module?"
+                } else {
+                    ""
+                }
+            )
+        );
+        let (store, ecds) = (env.store_text(), env.ecds_bytes());
+        for args in [
+            &["apply"][..],
+            &["create", "--name", "n", "--role", "client", "--apply"],
+        ] {
+            let err = env.fail(args, 1);
+            assert!(
+                err.contains("is not a Wasm module") && err.ends_with("nothing was changed"),
+                "{err}"
+            );
+        }
+        assert_eq!(env.store_text(), store);
+        assert_eq!(env.ecds_bytes(), ecds);
+    }
+    // Without --apply the module is not looked at: keys can still be managed.
+    env.ok(&["create", "--name", "n", "--role", "client"]);
+    fs::remove_file(&module).unwrap();
+    fs::create_dir(&module).unwrap();
+    assert!(env.fail(&["check"], 1).contains("(it is a directory)"));
 }

@@ -4,12 +4,16 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use keygate::store::{self, Committed, Error, NewKey, Store, StoredKey, Transition};
+use keygate::store::{
+    self, Applied, ApplyOptions, Committed, Confirmation, Error, Module, NewKey, Store, StoredKey,
+    Transition,
+};
 use keygate::{config, decision, keys, time};
 use serde_json::{json, Value};
 use std::io::{Read, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// Manage keygate's API keys: a store of SHA-256 hashes and metadata, never plaintext
 /// keys, rendered into the filter's configuration and checked with the filter's rules.
@@ -50,6 +54,10 @@ enum Command {
         /// plans, ip_rules, ...) instead of the default one; --prefix is then ignored.
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
+        /// Envoy's admin interface (http://HOST:PORT), where --apply confirms that Envoy
+        /// took a change up.
+        #[arg(long, value_name = "URL", value_parser = parse_admin_url)]
+        envoy_admin: Option<String>,
     },
     /// Generate a key, store its hash, and print the key once.
     Create {
@@ -63,9 +71,8 @@ enum Command {
         description: Option<String>,
         #[command(flatten)]
         expiry: Expiry,
-        /// Then write the ECDS file, as `keygate apply` does.
-        #[arg(long)]
-        apply: bool,
+        #[command(flatten)]
+        apply: ApplyFlags,
     },
     /// List the keys (never a key or its hash).
     List,
@@ -78,25 +85,22 @@ enum Command {
     Revoke {
         /// Key id.
         id: String,
-        /// Then write the ECDS file.
-        #[arg(long)]
-        apply: bool,
+        #[command(flatten)]
+        apply: ApplyFlags,
     },
     /// Suspend a key (403 key_suspended) until it is reactivated.
     Suspend {
         /// Key id.
         id: String,
-        /// Then write the ECDS file.
-        #[arg(long)]
-        apply: bool,
+        #[command(flatten)]
+        apply: ApplyFlags,
     },
     /// Make a suspended key active again (a revoked key stays revoked).
     Reactivate {
         /// Key id.
         id: String,
-        /// Then write the ECDS file.
-        #[arg(long)]
-        apply: bool,
+        #[command(flatten)]
+        apply: ApplyFlags,
     },
     /// Issue a new key with the same identity; the old key works until the grace ends.
     Rotate {
@@ -107,9 +111,8 @@ enum Command {
         grace: i64,
         #[command(flatten)]
         expiry: Expiry,
-        /// Then write the ECDS file.
-        #[arg(long)]
-        apply: bool,
+        #[command(flatten)]
+        apply: ApplyFlags,
     },
     /// Store the hashes of existing keys read from stdin.
     ///
@@ -125,9 +128,8 @@ enum Command {
         name_prefix: String,
         #[command(flatten)]
         expiry: Expiry,
-        /// Then write the ECDS file.
-        #[arg(long)]
-        apply: bool,
+        #[command(flatten)]
+        apply: ApplyFlags,
     },
     /// Tell, offline, whether the key on stdin is accepted and as whom (exit 0 only then).
     Verify,
@@ -137,8 +139,23 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::PluginJson)]
         format: Format,
     },
-    /// Write the ECDS file Envoy watches (atomically, so Envoy reloads on the move).
-    Apply,
+    /// Write the ECDS file Envoy watches (atomically, so Envoy reloads on the move), and
+    /// confirm with Envoy's admin, when the store names it, that Envoy serves it.
+    Apply {
+        /// How long Envoy has to take the change up: 10s, 1m, ...
+        #[arg(long, value_name = "DURATION", value_parser = parse_timeout, default_value = "10s")]
+        apply_timeout: Duration,
+    },
+    /// Name Envoy's admin interface in the store (http://HOST:PORT), so that --apply
+    /// confirms changes with it; or --clear it.
+    SetAdmin {
+        /// The admin URL, such as http://127.0.0.1:9901.
+        #[arg(value_name = "URL", value_parser = parse_admin_url, required_unless_present = "clear")]
+        url: Option<String>,
+        /// Forget the admin URL: --apply then only writes the file.
+        #[arg(long, conflicts_with = "url")]
+        clear: bool,
+    },
     /// Validate the store (or, given FILE, a plugin configuration) with the filter's rules.
     Check {
         /// A plugin configuration JSON file to check instead of the store.
@@ -146,6 +163,45 @@ enum Command {
     },
     /// Print the sha256:<hex> of the key on stdin.
     Hash,
+}
+
+/// `--apply` and how long to wait for Envoy.
+#[derive(Args, Clone, Copy)]
+struct ApplyFlags {
+    /// Then write the ECDS file, as `keygate apply` does, and confirm with Envoy's admin
+    /// (when the store names it) that Envoy serves the change; if Envoy rejects it,
+    /// nothing is changed.
+    #[arg(long)]
+    apply: bool,
+    /// With --apply: how long Envoy has to take the change up.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        value_parser = parse_timeout,
+        default_value = "10s",
+        requires = "apply"
+    )]
+    apply_timeout: Duration,
+}
+
+impl ApplyFlags {
+    fn options(self) -> Option<ApplyOptions> {
+        self.apply.then_some(ApplyOptions {
+            timeout: self.apply_timeout,
+        })
+    }
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs = store::parse_duration(s)?;
+    if !(1..=3600).contains(&secs) {
+        return Err(format!("{s:?}: from 1s to 1h"));
+    }
+    Ok(Duration::from_secs(secs.unsigned_abs()))
+}
+
+fn parse_admin_url(s: &str) -> Result<String, String> {
+    store::admin::parse_url(s)
 }
 
 /// Who a new key is.
@@ -271,14 +327,16 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             wasm,
             prefix,
             policy,
+            envoy_admin,
         } => {
             let mut new = Store::new(ecds.clone(), wasm.clone(), prefix.clone());
+            new.envoy.admin = envoy_admin.clone();
             if let Some(file) = policy {
                 new.policy = store::read_policy(file)?;
             }
             store::init(path, &new)?;
             let ecds = ecds.as_deref().map(|e| store::resolve(path, e));
-            let text = format!(
+            let mut text = format!(
                 "created {}; ECDS file: {}",
                 path.display(),
                 ecds.as_ref().map_or_else(
@@ -286,9 +344,12 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
                     |e| e.display().to_string()
                 )
             );
+            if let Some(url) = envoy_admin {
+                text += &format!("; Envoy admin: {url}");
+            }
             print(
                 cli,
-                &json!({"store": path, "ecds": ecds, "wasm": wasm}),
+                &json!({"store": path, "ecds": ecds, "wasm": wasm, "admin": envoy_admin}),
                 &text,
             )?;
         }
@@ -300,7 +361,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             apply,
         } => {
             let new = identity.new_key(name.clone(), description.clone(), expiry.at(now));
-            let done = store::update(path, *apply, |s| {
+            let done = store::update(path, apply.options(), |s| {
                 let created = s.create(&new, now)?;
                 let plan = created.record.effective_plan(&s.policy).map(str::to_string);
                 Ok((created, plan))
@@ -333,13 +394,13 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             print(cli, &describe(&s, key, now), &show_text(&s, key, now))?;
         }
         Command::Revoke { id, apply } => {
-            return transition(cli, id, Transition::Revoke, *apply, now)
+            return transition(cli, id, Transition::Revoke, apply.options(), now)
         }
         Command::Suspend { id, apply } => {
-            return transition(cli, id, Transition::Suspend, *apply, now)
+            return transition(cli, id, Transition::Suspend, apply.options(), now)
         }
         Command::Reactivate { id, apply } => {
-            return transition(cli, id, Transition::Reactivate, *apply, now)
+            return transition(cli, id, Transition::Reactivate, apply.options(), now)
         }
         Command::Rotate {
             id,
@@ -347,7 +408,9 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             expiry,
             apply,
         } => {
-            let done = store::update(path, *apply, |s| s.rotate(id, *grace, expiry.at(now), now))?;
+            let done = store::update(path, apply.options(), |s| {
+                s.rotate(id, *grace, expiry.at(now), now)
+            })?;
             let (new, old) = (&done.value.new, &done.value.old);
             let old_expiry = old.expires_at.as_deref().unwrap_or("never");
             let out = json!({
@@ -372,7 +435,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             let input = String::from_utf8(input)
                 .map_err(|_| Error::Other("standard input is not UTF-8 text".into()))?;
             let template = identity.new_key(String::new(), None, expiry.at(now));
-            let done = store::update(path, *apply, |s| {
+            let done = store::update(path, apply.options(), |s| {
                 let checksum_prefix = s
                     .policy
                     .key_format
@@ -417,11 +480,24 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             };
             emit(&pretty(&doc))?;
         }
-        Command::Apply => {
-            let (target, keys) = store::apply(path)?;
-            let text = format!("wrote {} ({keys} keys)", target.display());
-            print(cli, &json!({"ecds": target, "keys": keys}), &text)?;
+        Command::Apply { apply_timeout } => {
+            let applied = store::apply(
+                path,
+                ApplyOptions {
+                    timeout: *apply_timeout,
+                },
+            )?;
+            let mut out = json!({"ecds": applied.ecds, "keys": applied.keys});
+            add_confirmation(&mut out, &applied);
+            let text = format!(
+                "{} keys, version {}\n{}",
+                applied.keys,
+                applied.version,
+                apply_line(&applied)
+            );
+            print(cli, &out, &text)?;
         }
+        Command::SetAdmin { url, clear: _ } => return set_admin(cli, url.as_deref()),
         Command::Check { file: Some(file) } => {
             let bytes = std::fs::read(file)
                 .map_err(|e| Error::Other(format!("cannot read {}: {e}", file.display())))?;
@@ -441,6 +517,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
         Command::Check { file: None } => {
             let s = store::load(path)?;
             s.render()?;
+            let module = check_module(&s)?;
             let c = s.counts(now);
             let text = format!(
                 "ok: {} keys ({} active, {} suspended, {} revoked, {} expired)",
@@ -453,6 +530,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             let out = json!({
                 "ok": true, "keys": s.keys.len(), "active": c.active,
                 "suspended": c.suspended, "revoked": c.revoked, "expired": c.expired,
+                "module": module,
             });
             print(cli, &out, &text)?;
         }
@@ -492,8 +570,9 @@ fn emit(text: &str) -> Result<(), Error> {
         .map_err(|e| Error::Other(format!("cannot write to standard output: {e}")))
 }
 
-/// Prints a committed change; if `--apply` failed after the store was written, says so
-/// (the change, e.g. a new key, is real and already printed) and fails.
+/// Prints a committed change and, with `--apply`, what became of it. A failed apply
+/// never gets here: the change was undone and the error says so (so a new key is not
+/// printed when no Envoy would accept it).
 fn committed<T>(
     cli: &Cli,
     done: &Committed<T>,
@@ -503,16 +582,149 @@ fn committed<T>(
     if let Some(mode) = done.tightened {
         note_tightened(&cli.store, mode);
     }
-    if let (Some(Ok(target)), Some(fields)) = (&done.applied, out.as_object_mut()) {
-        fields.insert("applied".into(), json!(target));
-        text += &format!("\napplied: wrote {}", target.display());
+    if let Some(applied) = &done.applied {
+        if let Some(fields) = out.as_object_mut() {
+            fields.insert("applied".into(), json!(applied.ecds));
+        }
+        add_confirmation(&mut out, applied);
+        text += "\n";
+        text += &apply_line(applied);
     }
     print(cli, &out, &text)?;
-    match &done.applied {
-        Some(Err(e)) => Err(Error::Other(format!(
-            "the store was updated, but not applied: {e}; then run keygate apply"
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What became of an applied change, in one line.
+fn apply_line(applied: &Applied) -> String {
+    let ecds = applied.ecds.display();
+    match &applied.confirmation {
+        Confirmation::Confirmed { admin, after } => format!(
+            "applied: Envoy at {admin} serves version {} from {ecds} (confirmed after {})",
+            applied.version,
+            store::seconds(*after)
+        ),
+        Confirmation::NoAdmin => format!(
+            "written to {ecds} (not confirmed: the store names no Envoy admin; keygate set-admin URL)"
+        ),
+        Confirmation::Unreachable { admin, reason } => format!(
+            "written to {ecds} (not confirmed: Envoy is not reachable at {admin}: {reason}; \
+             the change is only written, and Envoy takes it up when it reads the file)"
+        ),
+    }
+}
+
+fn add_confirmation(out: &mut Value, applied: &Applied) {
+    let (status, admin, seconds, reason) = match &applied.confirmation {
+        Confirmation::Confirmed { admin, after } => {
+            ("confirmed", Some(admin), Some(after.as_secs_f64()), None)
+        }
+        Confirmation::NoAdmin => ("no_admin", None, None, None),
+        Confirmation::Unreachable { admin, reason } => {
+            ("unreachable", Some(admin), None, Some(reason))
+        }
+    };
+    if let Some(fields) = out.as_object_mut() {
+        fields.insert("version".into(), json!(applied.version));
+        fields.insert(
+            "envoy".into(),
+            json!({"status": status, "admin": admin, "seconds": seconds, "reason": reason}),
+        );
+    }
+}
+
+/// `set-admin URL` / `set-admin --clear`; then says whether Envoy answers there.
+fn set_admin(cli: &Cli, url: Option<&str>) -> Result<ExitCode, Error> {
+    let done = store::update(&cli.store, None, |s| {
+        Ok(std::mem::replace(
+            &mut s.envoy.admin,
+            url.map(str::to_string),
+        ))
+    })?;
+    if let Some(mode) = done.tightened {
+        note_tightened(&cli.store, mode);
+    }
+    let previous = &done.value;
+    let Some(url) = url else {
+        let text = match previous {
+            Some(old) => {
+                format!("cleared the Envoy admin ({old}); --apply now only writes the file")
+            }
+            None => "the store named no Envoy admin".to_string(),
+        };
+        print(cli, &json!({"admin": null, "previous": previous}), &text)?;
+        return Ok(ExitCode::SUCCESS);
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let (status, detail) = match store::admin::subscriptions(url, deadline) {
+        Ok(subs) if subs.is_empty() => (
+            "no_subscription",
+            format!(
+                "Envoy answers there, but has no ECDS subscription for the filter {:?}: \
+                 --apply will fail until it has",
+                store::FILTER_NAME
+            ),
+        ),
+        Ok(subs) => {
+            let versions: Vec<String> = subs
+                .iter()
+                .map(|s| {
+                    if s.version.is_empty() {
+                        "a configuration without a version".to_string()
+                    } else {
+                        format!("version {}", s.version)
+                    }
+                })
+                .collect();
+            (
+                "ok",
+                format!("Envoy answers there and serves {}", versions.join(", ")),
+            )
+        }
+        Err(store::admin::GetError::Unreachable(why)) => (
+            "unreachable",
+            format!("Envoy is not reachable there now ({why}); --apply will only write the file until it is"),
+        ),
+        Err(store::admin::GetError::Failed(why)) => (
+            "not_envoy",
+            format!("something answers there, but not as Envoy's admin does ({why})"),
+        ),
+    };
+    let text = format!("Envoy admin: {url}; {detail}");
+    print(
+        cli,
+        &json!({"admin": url, "previous": previous, "status": status, "detail": detail}),
+        &text,
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `check`'s look at the module the store names: an error when it is there and is not
+/// Wasm, a warning on stderr when it is not there (it may be a path in a container).
+fn check_module(s: &Store) -> Result<Value, Error> {
+    match s.module() {
+        Module::Unset => Ok(json!({"status": "unset"})),
+        Module::Valid(file) => Ok(json!({"status": "ok", "path": file})),
+        Module::Missing(file) => {
+            eprintln!(
+                "keygate: warning: the module {} (envoy.wasm) does not exist here; fine if it is \
+                 a path inside Envoy's container or from Envoy's working directory, and it exists there",
+                file.display()
+            );
+            Ok(json!({"status": "missing", "path": file}))
+        }
+        Module::Unreadable(file, why) => {
+            eprintln!(
+                "keygate: warning: the module {} (envoy.wasm) cannot be read here ({why}); \
+                 Envoy, perhaps running as another user, must be able to read it",
+                file.display()
+            );
+            Ok(json!({"status": "unreadable", "path": file, "reason": why}))
+        }
+        Module::NotWasm(file, why) => Err(Error::Other(format!(
+            "{} (envoy.wasm) is not a Wasm module ({why}), and Envoy would reject the \
+             configuration; point envoy.wasm at the filter's keygate.wasm",
+            file.display()
         ))),
-        _ => Ok(ExitCode::SUCCESS),
     }
 }
 
@@ -530,7 +742,7 @@ fn transition(
     cli: &Cli,
     id: &str,
     to: Transition,
-    apply: bool,
+    apply: Option<ApplyOptions>,
     now: i64,
 ) -> Result<ExitCode, Error> {
     let done = store::update(&cli.store, apply, |s| {

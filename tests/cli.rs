@@ -1827,3 +1827,38 @@ fn check_looks_at_the_module_and_apply_refuses_one_that_is_not_wasm() {
     fs::create_dir(&module).unwrap();
     assert!(env.fail(&["check"], 1).contains("(it is a directory)"));
 }
+
+#[test]
+fn doctor_prints_the_report_and_exits_by_its_verdict() {
+    let env = Env::new();
+    let repo_yaml = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/envoy.yaml");
+    let text = fs::read_to_string(&repo_yaml).unwrap();
+    let safe = env.dir.path().join("envoy.yaml");
+    fs::write(&safe, &text).unwrap();
+    let out = env.run(&["doctor", safe.to_str().unwrap()], "");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.trim_end().ends_with("keygate's requirements hold")
+            || stdout.contains("keygate's requirements hold ("),
+        "{stdout}"
+    );
+    assert_eq!(env.json(&["doctor", safe.to_str().unwrap()])["safe"], true);
+
+    let risky = env.dir.path().join("risky.yaml");
+    fs::write(
+        &risky,
+        text.replace("use_remote_address: true", "use_remote_address: false"),
+    )
+    .unwrap();
+    let out = env.run(&["doctor", risky.to_str().unwrap()], "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8(out.stdout).unwrap().contains("UNSAFE"));
+    let out = env.run(&["--json", "doctor", risky.to_str().unwrap()], "");
+    assert_eq!(out.status.code(), Some(1));
+    let report = json(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(report["safe"], false);
+
+    let err = env.fail(&["doctor", "/nonexistent/envoy.yaml"], 2);
+    assert!(err.contains("/nonexistent/envoy.yaml"), "{err}");
+}

@@ -163,6 +163,12 @@ enum Command {
     },
     /// Print the sha256:<hex> of the key on stdin.
     Hash,
+    /// Check an Envoy configuration for the settings keygate relies on (exit 1 when one
+    /// is unsafe, 2 when the file cannot be read).
+    Doctor {
+        /// The Envoy bootstrap (YAML or JSON), e.g. envoy/envoy.yaml.
+        envoy_yaml: PathBuf,
+    },
 }
 
 /// `--apply` and how long to wait for Envoy.
@@ -498,6 +504,19 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             print(cli, &out, &text)?;
         }
         Command::SetAdmin { url, clear: _ } => return set_admin(cli, url.as_deref()),
+        Command::Doctor { envoy_yaml } => {
+            let report = match keygate::doctor::doctor(envoy_yaml) {
+                Ok(report) => report,
+                Err(e) => {
+                    eprintln!("keygate: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            print(cli, &report.to_json(), report.render_text().trim_end())?;
+            if !report.is_safe() {
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Check { file: Some(file) } => {
             let bytes = std::fs::read(file)
                 .map_err(|e| Error::Other(format!("cannot read {}: {e}", file.display())))?;

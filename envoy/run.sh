@@ -3,8 +3,9 @@
 #
 # The key store lives in .run/keygate.json (kept between runs, so keys you create stay);
 # Envoy reads the filter's configuration from .run/ecds/keygate.yaml (ECDS) and reloads it
-# when `keygate ... --apply` replaces that file. Each start issues a fresh demo key and
-# revokes the previous run's one; only hashes are stored.
+# when `keygate ... --apply` replaces that file; the store names Envoy's admin, so --apply
+# returns once Envoy serves the change (or undoes it if Envoy rejects it). Each start
+# issues a fresh demo key and revokes the previous run's one; only hashes are stored.
 #
 # Settings for running several stacks side by side (the integration tests do):
 #   KEYGATE_RUN_DIR (.run), KEYGATE_PORT (10000), KEYGATE_ADMIN_PORT (9901),
@@ -33,6 +34,11 @@ if [ ! -f "$KEYGATE_STORE" ]; then
   "$KEYGATE" init --ecds ecds/keygate.yaml --wasm target/wasm32-wasip1/release/keygate.wasm \
     --policy envoy/policy.json >/dev/null
 fi
+# The store names this Envoy's admin (the port may differ from the last run's), so that
+# `keygate ... --apply` confirms each change with it. The apply just below runs before
+# Envoy starts (Envoy needs the ECDS file to start): the admin does not answer yet, and
+# the change is only written, which is what is wanted here.
+"$KEYGATE" set-admin "http://$ADMIN" >/dev/null
 if [ -f "$RUN/demo-key-id" ]; then
   "$KEYGATE" revoke "$(cat "$RUN/demo-key-id")" >/dev/null 2>&1 || true
 fi
@@ -89,7 +95,7 @@ Demo key $key_id (client "demo", tenant demo-tenant, role client, scopes jobs:re
   curl -si -H 'Authorization: Bearer $key' http://$LISTEN/v1/admin/users
 Counters:
   curl -s http://$ADMIN/stats/prometheus | grep '^keygate_'
-Manage keys while it runs (changes reach Envoy within about a second):
+Manage keys while it runs (--apply returns once Envoy serves the change, within about a second):
   export KEYGATE_STORE=$KEYGATE_STORE
   $KEYGATE list
   $KEYGATE create --name me --role admin --apply

@@ -806,7 +806,8 @@ def raw_h1(
             head += name + b": " + value + b"\r\n"
         sock.sendall(head + b"\r\n")
         data = b""
-        while True:
+        # Read until the response is complete (Envoy delays closing by a second).
+        while not _h1_complete(data):
             try:
                 chunk = sock.recv(65536)
             except (ConnectionResetError, socket.timeout):
@@ -833,6 +834,21 @@ def raw_h1(
             out, rest = out + rest[:n], rest[n + 2:]
         body = out
     return RawResponse(status, hs, body)
+
+
+def _h1_complete(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    fields = {}
+    for line in head.split(b"\r\n")[1:]:
+        n, _, v = line.partition(b":")
+        fields[n.strip().lower()] = v.strip()
+    if b"content-length" in fields:
+        return len(body) >= int(fields[b"content-length"])
+    if fields.get(b"transfer-encoding") == b"chunked":
+        return body.endswith(b"0\r\n\r\n")
+    return False
 
 
 class RawH2:
@@ -871,7 +887,10 @@ class RawH2:
         self.sock.sendall(self.conn.data_to_send())
         status, hs, body = None, [], b""
         while True:
-            data = self.sock.recv(65536)
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
             if not data:
                 self.closed = True
                 return None

@@ -441,7 +441,11 @@ fn the_health_path_is_answered_only_as_configured() {
     ] {
         assert!(!is_health_check(&c, m, p), "{m:?} {p:?}");
     }
-    assert!(!is_health_check(&config_with(""), b"GET", b"/keygate/health"));
+    assert!(!is_health_check(
+        &config_with(""),
+        b"GET",
+        b"/keygate/health"
+    ));
     for bad in ["keygate", "/a/../b", "/a?x", "/a b", "/a;x", "/a%20"] {
         let json = format!(
             r#"{{"keys": [{{"id": "k", "hash": "{}", "role": "r"}}], "health_path": "{bad}"}}"#,

@@ -1,3 +1,4 @@
+#![allow(clippy::result_large_err)]
 use super::*;
 use crate::config::Config;
 use crate::keys::hash_string;

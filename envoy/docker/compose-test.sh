@@ -173,7 +173,7 @@ for _ in $(seq 1 120); do
   [ "$health" = healthy ] || [ "$health" = unhealthy ] && break
   sleep 0.5
 done
-check "envoy container healthy (admin /ready), $(since "$up_t0") s after up" '[ "$health" = healthy ]'
+check "envoy container healthy (keygate's health path), $(since "$up_t0") s after up" '[ "$health" = healthy ]'
 [ "$health" = healthy ] || die "Envoy did not become healthy ($health)"
 
 # Admin published on the host's loopback only.
@@ -231,6 +231,28 @@ success=$(sed -n 's/.*\.update_success: //p' <<<"$stats")
 rejected=$(sed -n 's/.*\.update_rejected: //p' <<<"$stats")
 check "ECDS updates on the admin port: update_success=${success:-?} (>= 2), update_rejected=${rejected:-?} (0)" \
   '[ "${success:-0}" -ge 2 ] && [ "${rejected:-1}" = 0 ]'
+
+req GET /keygate/health
+check "the health path answered by keygate: 200 {\"status\":\"ready\"} (got $STATUS $(cat "$WORK/body"))" \
+  '[ "$STATUS" = 200 ] && [ "$(cat "$WORK/body")" = '"'"'{"status":"ready"}'"'"' ]'
+
+# A module Envoy cannot load: Envoy still says LIVE on /ready, but the health check (the
+# filter's own path) turns the container unhealthy, and nothing reaches the coordinator.
+printf 'not a wasm module' >"$WORK/broken.wasm"
+chmod 644 "$WORK/broken.wasm"
+KEYGATE_WASM=$WORK/broken.wasm compose up -d --no-build envoy >"$WORK/up2.log" 2>&1 ||
+  { cat "$WORK/up2.log"; die "docker-compose up (broken module) failed"; }
+envoy_container=$(compose ps -q envoy)
+broken_t0=$(date +%s.%N)
+for _ in $(seq 1 120); do
+  health=$(docker inspect -f '{{.State.Health.Status}}' "$envoy_container" 2>/dev/null || echo gone)
+  [ "$health" = unhealthy ] && break
+  sleep 0.5
+done
+ready=$(curl -s --max-time 5 "$ADMIN/ready" || true)
+req GET /v1/work -H "X-Api-Key: $MAIN_KEY"
+check "broken module: container $health after $(since "$broken_t0") s while /ready says ${ready:-nothing}; a request gets $STATUS" \
+  '[ "$health" = unhealthy ] && [ "$STATUS" = 500 ]'
 
 say "$passed passed, $failed failed ($(since "$T0") s)"
 [ "$failed" = 0 ]

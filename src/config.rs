@@ -57,6 +57,10 @@ pub struct PluginConfig {
     /// Send X-RateLimit-* headers on responses to authenticated requests (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_headers: Option<bool>,
+    /// A shared limit follows keygate (Envoy's ratelimit filter and a rate-limit service):
+    /// it sends X-RateLimit-* on admitted requests, keygate only on its own 429s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_rate_limit: Option<bool>,
     /// Shape of generated keys, so typos are refused before any lookup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_format: Option<KeyFormatSpec>,
@@ -589,6 +593,8 @@ pub struct Config {
     pub failed_auth_limit: Option<Rate>,
     /// Send X-RateLimit-* headers.
     pub rate_limit_headers: bool,
+    /// A shared limit after keygate reports the quota of admitted requests.
+    pub shared_rate_limit: bool,
     /// Whether any rule needs the client address (so it is only looked up then).
     pub needs_client_ip: bool,
     /// Prefix whose keys must pass the checksum, when checking is on.
@@ -815,6 +821,7 @@ impl Config {
             trusted_proxies,
             failed_auth_limit,
             rate_limit_headers: doc.rate_limit_headers.unwrap_or(true),
+            shared_rate_limit: doc.shared_rate_limit.unwrap_or(false),
             needs_client_ip,
             checksum_prefix,
             www_authenticate: format!("ApiKey realm=\"{realm}\""),

@@ -206,6 +206,10 @@ impl Admission<'_> {
         if !key.scopes_header.is_empty() {
             out.push(("x-keygate-scopes", &key.scopes_header));
         }
+        // The plan, for a shared limit: Envoy's ratelimit filter reads it with the key id.
+        if let Some(limit) = &key.limit {
+            out.push(("x-keygate-plan", &limit.plan));
+        }
         if let Some(tenant) = &key.tenant {
             out.push(("x-tenant-id", tenant));
         }
@@ -408,7 +412,8 @@ pub fn decide<'c, S: Store + ?Sized>(
     Ok(Admission {
         key: Some(entry),
         remove,
-        quota: quota.filter(|_| config.rate_limit_headers),
+        // With a shared limit after keygate, that limit's service reports the quota.
+        quota: quota.filter(|_| config.rate_limit_headers && !config.shared_rate_limit),
     })
 }
 

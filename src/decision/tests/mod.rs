@@ -590,3 +590,45 @@ fn key_set_members_are_authenticated_limited_and_forwarded_each_with_their_own_i
 }
 
 mod hardening;
+
+#[test]
+fn keys_with_a_plan_forward_it_for_shared_limits() {
+    let c = config_with(r#", "default_plan": "free""#);
+    let d = run(&c, "GET", "/v1/open", &[("x-api-key", CLIENT_KEY)], NOW);
+    let admission = d.unwrap();
+    assert!(admission
+        .identity_headers()
+        .contains(&("x-keygate-plan", "free")));
+    // The client cannot choose its plan: a sent one is removed like every x-keygate-*.
+    let d = run(
+        &c,
+        "GET",
+        "/v1/open",
+        &[("x-api-key", CLIENT_KEY), ("x-keygate-plan", "enterprise")],
+        NOW,
+    );
+    assert!(d.unwrap().remove.contains(&"x-keygate-plan".to_string()));
+    // Keys without any plan carry none.
+    let c = config_with("");
+    let d = run(&c, "GET", "/v1/open", &[("x-api-key", CLIENT_KEY)], NOW);
+    assert!(!d
+        .unwrap()
+        .identity_headers()
+        .iter()
+        .any(|(n, _)| *n == "x-keygate-plan"));
+}
+
+#[test]
+fn with_a_shared_limit_only_local_refusals_carry_the_quota() {
+    let c = config_with(
+        r#", "default_plan": "tiny", "plans": {"tiny": {"requests": 1, "per": "hour"}}, "shared_rate_limit": true"#,
+    );
+    let store = MemoryStore::default();
+    let hs = [("x-api-key", CLIENT_KEY)];
+    let first = run_from(&c, &store, "127.0.0.1", "GET", "/v1/open", &hs, ns(NOW));
+    assert_eq!(first.unwrap().quota, None);
+    let second = run_from(&c, &store, "127.0.0.1", "GET", "/v1/open", &hs, ns(NOW));
+    let d = second.unwrap_err();
+    assert_eq!(d.reason, Reason::RateLimited);
+    assert_eq!(d.quota.map(|q| q.limit), Some(1));
+}

@@ -66,7 +66,7 @@ class EnvoyStarter:
 
     def _new(
         self, plugin_config: Union[dict, str], concurrency: int, ipv6: bool = False,
-        hcm: str = "readme",
+        hcm: str = "readme", ratelimit=None,
     ) -> Envoy:
         workdir = Path(self.tmp_factory.mktemp(f"envoy{next(_counter)}"))
         envoy = Envoy(
@@ -77,6 +77,7 @@ class EnvoyStarter:
             concurrency=concurrency,
             ipv6=ipv6,
             hcm=hcm,
+            ratelimit=ratelimit,
         )
         self.started.append(envoy)
         return envoy
@@ -88,11 +89,12 @@ class EnvoyStarter:
         concurrency: int = 2,
         ipv6: bool = False,
         hcm: str = "readme",
+        ratelimit=None,
     ) -> Envoy:
         """A running Envoy with `plugin_config` (fails the test if it does not start).
         `ipv6` adds a listener address [::1] on the same port; `hcm` picks the connection
         manager settings ("readme" or Envoy's "defaults")."""
-        envoy = self._new(plugin_config, concurrency, ipv6, hcm)
+        envoy = self._new(plugin_config, concurrency, ipv6, hcm, ratelimit)
         try:
             return envoy.start()
         except RuntimeError as e:

@@ -120,6 +120,7 @@ def bootstrap(
     *,
     ipv6: bool = False,
     hcm: str = "readme",
+    ratelimit: "SharedLimit | None" = None,
 ) -> str:
     """Envoy bootstrap (JSON, which is YAML) with keygate in front of the echo upstream.
 
@@ -131,7 +132,8 @@ def bootstrap(
     """
     if isinstance(plugin_config, Ecds):
         return _with_ecds(
-            bootstrap(listener_port, admin_port, upstream_port, wasm_path, {}, ipv6=ipv6, hcm=hcm),
+            bootstrap(listener_port, admin_port, upstream_port, wasm_path, {}, ipv6=ipv6, hcm=hcm,
+                      ratelimit=ratelimit),
             plugin_config.path,
         )
     configuration = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
@@ -192,6 +194,8 @@ def bootstrap(
             "http_filters": [keygate_filter, router],
         },
     }
+    if ratelimit is not None:
+        ratelimit.install(hcm_config["typed_config"])
     if hcm == "defaults":
         for setting in (
             "normalize_path",
@@ -232,7 +236,7 @@ def bootstrap(
                     ),
                 }
             ],
-            "clusters": [
+            "clusters": ([ratelimit.cluster()] if ratelimit is not None else []) + [
                 {
                     "name": "coordinator",
                     "type": "STATIC",
@@ -262,6 +266,70 @@ def bootstrap(
         },
     }
     return json.dumps(config, indent=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedLimit:
+    """Envoy's ratelimit filter after keygate, as envoy/fleet/envoy.yaml has it: domain
+    keygate, descriptor (plan, key_id) from the headers keygate sets, the service on
+    127.0.0.1:`port`. `fail_closed` sets failure_mode_deny; `health_checked` gives the
+    service's cluster an active TCP health check (so a dead service leaves the cluster
+    with no healthy endpoint)."""
+
+    port: int
+    fail_closed: bool = False
+    timeout: str = "0.05s"
+    health_checked: bool = False
+
+    def install(self, hcm: dict) -> None:
+        hcm["route_config"]["virtual_hosts"][0]["rate_limits"] = [{"actions": [
+            {"request_headers": {"header_name": "x-keygate-plan", "descriptor_key": "plan"}},
+            {"request_headers": {"header_name": "x-keygate-key-id", "descriptor_key": "key_id"}},
+        ]}]
+        hcm["local_reply_config"] = {"mappers": [{
+            "filter": {"response_flag_filter": {"flags": ["RLSE"]}},
+            "body_format_override": {"json_format": {
+                "error": "rate_limit_unavailable", "message": "Rate limit service unavailable"}},
+        }]}
+        hcm["http_filters"].insert(1, {
+            "name": "envoy.filters.http.ratelimit",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                "domain": "keygate",
+                "timeout": self.timeout,
+                "failure_mode_deny": self.fail_closed,
+                "status_on_error": {"code": "ServiceUnavailable"},
+                "rate_limit_service": {
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": "keygate_ratelimit"},
+                                     "timeout": self.timeout},
+                },
+            },
+        })
+
+    def cluster(self) -> dict:
+        cluster = {
+            "name": "keygate_ratelimit",
+            "type": "STATIC",
+            "connect_timeout": "0.25s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "load_assignment": {"cluster_name": "keygate_ratelimit", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.port}}}}
+            ]}]},
+        }
+        if self.health_checked:
+            cluster["health_checks"] = [{
+                "timeout": "0.2s", "interval": "0.2s", "unhealthy_threshold": 1,
+                "healthy_threshold": 1, "tcp_health_check": {},
+            }]
+            # Without this, a cluster whose every host is unhealthy still sends to them.
+            cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+        return cluster
 
 
 def _with_ecds(bootstrap_json: str, path: Path) -> str:
@@ -366,6 +434,81 @@ class EchoUpstream:
             _terminate(self.proc)
 
 
+class Redis:
+    """redis-server (Debian's package) on a loopback port, no persistence."""
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / f"redis-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "Redis":
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server not found: install Debian's redis-server (`make setup` does)"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.workdir)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.workdir, preexec_fn=_die_with_parent,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if port_accepts(self.port):
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on {self.port}:\n{_tail(self.log_path)}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _terminate(self.proc)
+            self.proc = None
+
+
+class RateLimitService:
+    """target/release/keygate-ratelimit on a loopback port, over a key store and Redis."""
+
+    def __init__(self, binary: Path, workdir: Path, store: Path, redis_url: str,
+                 port: int | None = None):
+        self.binary, self.workdir, self.store, self.redis_url = binary, workdir, store, redis_url
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / f"ratelimit-{self.port}.log"
+
+    def start(self, timeout: float = 10.0) -> "RateLimitService":
+        assert self.binary.is_file(), f"{self.binary} does not exist: run `make build`"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(self.binary), "--store", str(self.store), "--redis", self.redis_url,
+                 "--listen", f"127.0.0.1:{self.port}"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.workdir, preexec_fn=_die_with_parent,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if port_accepts(self.port):
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"keygate-ratelimit did not start:\n{_tail(self.log_path)}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _terminate(self.proc)
+            self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
 class EnvoyExited(RuntimeError):
     """Envoy exited before becoming ready (e.g. the plugin configuration was refused)."""
 
@@ -396,9 +539,11 @@ class Envoy:
         concurrency: int = 2,
         ipv6: bool = False,
         hcm: str = "readme",
+        ratelimit: SharedLimit | None = None,
     ):
         self.paths = paths
         self.hcm = hcm
+        self.ratelimit = ratelimit
         self.workdir = workdir
         self.upstream_port = upstream_port
         self.plugin_config = plugin_config
@@ -425,6 +570,7 @@ class Envoy:
                 self.plugin_config,
                 ipv6=self.ipv6,
                 hcm=self.hcm,
+                ratelimit=self.ratelimit,
             )
         )
         with open(self.log_path, "ab") as log:

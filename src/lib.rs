@@ -19,6 +19,8 @@ pub mod logbudget;
 pub mod path;
 pub mod ratelimit;
 #[cfg(not(target_arch = "wasm32"))]
+pub mod ratelimit_service;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod store;
 pub mod time;
 pub mod wire;

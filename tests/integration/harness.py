@@ -324,7 +324,8 @@ class SharedLimit:
         }
         if self.health_checked:
             cluster["health_checks"] = [{
-                "timeout": "0.2s", "interval": "0.2s", "unhealthy_threshold": 1,
+                "timeout": "0.2s", "interval": "0.2s", "no_traffic_interval": "0.2s",
+                "unhealthy_threshold": 1,
                 "healthy_threshold": 1, "tcp_health_check": {},
             }]
             # Without this, a cluster whose every host is unhealthy still sends to them.

@@ -13,6 +13,8 @@ pub mod decision;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod doctor;
 pub mod failedauth;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod fleet;
 pub mod ip;
 pub mod keys;
 pub mod logbudget;

@@ -22,6 +22,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Store file used when neither `--store` nor `KEYGATE_STORE` names one.
@@ -102,11 +103,56 @@ pub struct EnvoyTargets {
     /// The filter's `.wasm`, as Envoy will open it (relative to Envoy's working directory).
     #[serde(default)]
     pub wasm: Option<String>,
-    /// Envoy's admin interface, `http://HOST:PORT`, where `--apply` confirms that Envoy
-    /// took the new configuration up. Left out of the file when unset, so that a store
-    /// without one still reads with a keygate that predates it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub admin: Option<String>,
+    /// The admin interfaces (`http://HOST:PORT`) of the Envoys that watch `ecds`, where
+    /// `--apply` confirms that each took the new configuration up: one Envoy, or a fleet
+    /// watching one shared directory.
+    ///
+    /// Stored as `"admin"`: left out when there is none, one URL as a string, several as
+    /// a list. A store with one admin (or none) is therefore still the document an older
+    /// keygate reads; one with several is refused by an older keygate (`envoy.admin:
+    /// invalid type: sequence`), which could only confirm with one Envoy.
+    #[serde(
+        rename = "admin",
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "one_or_many"
+    )]
+    pub admins: Vec<String>,
+}
+
+/// `envoy.admin`: a string for one URL, a list for several (see [`EnvoyTargets::admins`]).
+mod one_or_many {
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserializer, Serialize as _, Serializer};
+    use std::fmt;
+
+    pub fn serialize<S: Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
+        match urls {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        struct OneOrMany;
+        impl<'de> Visitor<'de> for OneOrMany {
+            type Value = Vec<String>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an admin URL (http://HOST:PORT) or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+                Ok(vec![v.to_string()])
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(url) = seq.next_element::<String>()? {
+                    out.push(url);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(OneOrMany)
+    }
 }
 
 /// One key: its hash, identity and lifecycle; never the key itself.
@@ -247,6 +293,19 @@ pub struct NewKey {
     pub allowed_ips: Vec<String>,
 }
 
+/// A change to the Envoy admins a store names ([`Store::set_admins`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminChange {
+    /// Exactly these (duplicates dropped), in this order.
+    Set(Vec<String>),
+    /// These as well, after the ones named (those already named are left as they are).
+    Add(Vec<String>),
+    /// Not these; each must be named.
+    Remove(Vec<String>),
+    /// None: `--apply` then only writes the file.
+    Clear,
+}
+
 /// A key just made: shown once, then only its hash remains.
 #[derive(Debug, Clone)]
 pub struct Created {
@@ -345,7 +404,7 @@ impl Store {
             envoy: EnvoyTargets {
                 ecds,
                 wasm: Some(wasm),
-                admin: None,
+                admins: Vec::new(),
             },
             policy: PluginConfig {
                 plans: config::builtin_plans(),
@@ -408,8 +467,19 @@ impl Store {
                 format!("this keygate reads version {VERSION}, not {}", self.version),
             ));
         }
-        if let Some(url) = &self.envoy.admin {
-            admin::parse_url(url).map_err(|r| bad("envoy.admin".into(), r))?;
+        let admins = &self.envoy.admins;
+        for (i, url) in admins.iter().enumerate() {
+            let at = || match admins.len() {
+                1 => "envoy.admin".to_string(),
+                _ => format!("envoy.admin[{i}]"),
+            };
+            let stored = admin::parse_url(url).map_err(|r| bad(at(), r))?;
+            if admins[..i]
+                .iter()
+                .any(|other| admin::parse_url(other).as_ref() == Ok(&stored))
+            {
+                return Err(bad(at(), format!("{stored} is named twice")));
+            }
         }
         if !self.policy.keys.is_empty() {
             return Err(bad(
@@ -474,6 +544,53 @@ impl Store {
             "version_info": content_version(&canonical),
             "resources": resources,
         }))
+    }
+
+    /// The ECDS document `apply` would write now, with the rendering it wraps.
+    pub fn ecds_rendering(&self) -> Result<(serde_json::Value, Rendered), Error> {
+        let rendered = self.render()?;
+        let doc = self.ecds_document(&rendered.plugin)?;
+        Ok((doc, rendered))
+    }
+
+    /// Changes the Envoy admins the store names; returns the ones it named before.
+    /// URLs are taken as [`admin::parse_url`] returns them.
+    pub fn set_admins(&mut self, change: &AdminChange) -> Result<Vec<String>, Error> {
+        let previous = self.envoy.admins.clone();
+        let named = |url: &String, list: &[String]| list.iter().any(|u| u == url);
+        match change {
+            AdminChange::Set(urls) => {
+                let mut next: Vec<String> = Vec::new();
+                for url in urls {
+                    if !named(url, &next) {
+                        next.push(url.clone());
+                    }
+                }
+                self.envoy.admins = next;
+            }
+            AdminChange::Add(urls) => {
+                for url in urls {
+                    if !named(url, &self.envoy.admins) {
+                        self.envoy.admins.push(url.clone());
+                    }
+                }
+            }
+            AdminChange::Remove(urls) => {
+                if let Some(missing) = urls.iter().find(|u| !named(u, &previous)) {
+                    return Err(other(format!(
+                        "the store names no Envoy admin {missing} (it names {}); nothing was changed",
+                        if previous.is_empty() {
+                            "none".to_string()
+                        } else {
+                            previous.join(", ")
+                        }
+                    )));
+                }
+                self.envoy.admins.retain(|u| !named(u, urls));
+            }
+            AdminChange::Clear => self.envoy.admins.clear(),
+        }
+        Ok(previous)
     }
 
     /// What this host can tell about the filter binary `envoy.wasm` names. A relative
@@ -896,7 +1013,7 @@ impl Default for ApplyOptions {
     }
 }
 
-/// An ECDS file written, and what Envoy made of it.
+/// An ECDS file written, and what the Envoys the store names made of it.
 #[derive(Debug, Clone)]
 pub struct Applied {
     /// The ECDS file.
@@ -905,11 +1022,22 @@ pub struct Applied {
     pub version: String,
     /// Keys in the configuration.
     pub keys: usize,
-    /// Whether Envoy is known to serve it.
-    pub confirmation: Confirmation,
+    /// What each Envoy admin the store names made of it, in the store's order; empty when
+    /// the store names none (the change is then only written). A rejection never gets
+    /// here: the change is undone and the apply fails.
+    pub envoys: Vec<Confirmation>,
 }
 
-/// Whether Envoy took an applied change up.
+impl Applied {
+    /// The Envoys that confirmed the change.
+    pub fn confirmed(&self) -> impl Iterator<Item = &Confirmation> {
+        self.envoys
+            .iter()
+            .filter(|c| matches!(c, Confirmation::Confirmed { .. }))
+    }
+}
+
+/// Whether one Envoy took an applied change up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Confirmation {
     /// Envoy's admin shows the new version served, this long after the file was written.
@@ -919,8 +1047,6 @@ pub enum Confirmation {
         /// From the rename to the first answer showing the new version.
         after: Duration,
     },
-    /// Written only: the store names no admin to ask.
-    NoAdmin,
     /// Written only: the admin did not answer (Envoy not running yet, or elsewhere).
     Unreachable {
         /// The admin URL tried.
@@ -928,6 +1054,17 @@ pub enum Confirmation {
         /// Why it did not answer.
         reason: String,
     },
+}
+
+impl Confirmation {
+    /// The admin URL this is about.
+    pub fn admin(&self) -> &str {
+        match self {
+            Confirmation::Confirmed { admin, .. } | Confirmation::Unreachable { admin, .. } => {
+                admin
+            }
+        }
+    }
 }
 
 /// Changes the store under an exclusive lock: read, change, validate, replace
@@ -976,13 +1113,16 @@ pub fn update<T>(
 }
 
 /// Writes the ECDS rendering of the store to `envoy.ecds` (refusing when the module
-/// `envoy.wasm` names is there and is not a Wasm module). When the store names Envoy's
-/// admin, then waits until Envoy serves the new `version_info` (its
-/// `extension_config_discovery.*.keygate.version_text` stat) or rejects it
-/// (`update_rejected` or `update_failure` moves), for at most `options.timeout`; on a
-/// rejection or a timeout the previous ECDS file is put back and this fails. An admin
-/// that does not answer within about a second (Envoy not started yet, as in `make run`)
-/// leaves the file written and unconfirmed.
+/// `envoy.wasm` names is there and is not a Wasm module). Then, for every Envoy admin the
+/// store names (one Envoy, or a fleet watching one shared directory), waits until that
+/// Envoy serves the new `version_info` (its `extension_config_discovery.*.keygate.version_text`
+/// stat) or rejects it (`update_rejected` or `update_failure` moves), all of them at once
+/// and for at most `options.timeout`. When any of them rejects it or does not take it up
+/// in time, the previous ECDS file is put back (the Envoys that had taken the change up
+/// go back with it) and this fails, naming that Envoy. An admin that does not answer
+/// within about a second before the write (Envoy not started yet, as in `make run`, or
+/// down) is reported as not confirmed: the file stays written, and that Envoy reads it
+/// when it comes up.
 ///
 /// Why stats and not `/config_dump?resource=ecds_filters`: Envoy 1.40 shows there the
 /// version it last *received*, rejected or not, and no error state; `version_text` is
@@ -997,7 +1137,7 @@ pub fn apply(path: &Path, options: ApplyOptions) -> Result<Applied, Error> {
         .map_err(|failure| failure.undone(Ok(()), path))
 }
 
-/// The rendered ECDS file and what to compare Envoy against.
+/// The rendered ECDS file and what to compare the Envoys against.
 struct Pending {
     ecds: PathBuf,
     bytes: Vec<u8>,
@@ -1006,12 +1146,12 @@ struct Pending {
     /// The file as it was (`None`: there was none), to put back on failure.
     previous: Option<Vec<u8>>,
     module: Module,
-    watch: Watch,
+    /// Where each Envoy the store names stood before the write, in the store's order.
+    watches: Vec<Watch>,
 }
 
-/// Where Envoy stood before the write.
+/// Where one Envoy stood before the write.
 enum Watch {
-    NoAdmin,
     Unreachable {
         admin: String,
         reason: String,
@@ -1020,6 +1160,16 @@ enum Watch {
         admin: String,
         before: Vec<admin::Subscription>,
     },
+}
+
+/// What waiting for one Envoy came to.
+enum Waited {
+    /// It serves the new version, this long after the write.
+    Served(Duration),
+    /// It rejected the version, could not read the file, or did not take it up in time.
+    Failed(String),
+    /// Given up because another Envoy failed.
+    Cancelled,
 }
 
 /// Why an apply failed, with the ECDS file already put back (or why it could not be).
@@ -1061,8 +1211,7 @@ fn prepare(path: &Path, store: &Store) -> Result<Pending, Error> {
         other("the store names no ECDS file to apply to; set one with keygate init --ecds PATH (in a new store) or envoy.ecds in the store")
     })?;
     let ecds = resolve(path, ecds);
-    let rendered = store.render()?;
-    let doc = store.ecds_document(&rendered.plugin)?;
+    let (doc, rendered) = store.ecds_rendering()?;
     let version = doc["version_info"].as_str().unwrap_or_default().to_string();
     let mut bytes = serde_json::to_vec_pretty(&doc)
         .map_err(|e| other(format!("cannot serialise the ECDS resource: {e}")))?;
@@ -1080,10 +1229,7 @@ fn prepare(path: &Path, store: &Store) -> Result<Pending, Error> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(io_error("read", &ecds, e)),
     };
-    let watch = match &store.envoy.admin {
-        None => Watch::NoAdmin,
-        Some(url) => watch(url, &ecds)?,
-    };
+    let watches = watch(&store.envoy.admins, &ecds)?;
     Ok(Pending {
         ecds,
         bytes,
@@ -1091,42 +1237,62 @@ fn prepare(path: &Path, store: &Store) -> Result<Pending, Error> {
         keys: rendered.plugin.keys.len(),
         previous,
         module,
-        watch,
+        watches,
     })
 }
 
-/// How long the admin has to answer before a change: "not reachable" means it did not.
+/// How long an admin has to answer before a change: "not reachable" means it did not.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Between two looks at Envoy's stats while waiting for a change.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Asks Envoy where its keygate subscriptions stand, before a change.
-fn watch(url: &str, ecds: &Path) -> Result<Watch, Error> {
-    match admin::subscriptions(url, Instant::now() + PROBE_TIMEOUT) {
-        Err(admin::GetError::Unreachable(reason)) => Ok(Watch::Unreachable {
-            admin: url.to_string(),
-            reason,
-        }),
-        Err(admin::GetError::Failed(reason)) => Err(other(format!(
-            "Envoy's admin at {url} did not answer as Envoy does ({reason}); nothing was changed; \
-             if envoy.admin is wrong, keygate set-admin URL (or set-admin --clear to only write the file)"
-        ))),
-        Ok(subs) if subs.is_empty() => Err(other(format!(
-            "Envoy at {url} has no ECDS subscription for the filter {FILTER_NAME:?} (no \
-             extension_config_discovery.*.{FILTER_NAME}.* stats), so it would never take up {}; \
-             nothing was changed; if envoy.admin names another Envoy, keygate set-admin URL \
-             (or set-admin --clear to only write the file)",
-            ecds.display()
-        ))),
-        Ok(before) => Ok(Watch::Envoy {
-            admin: url.to_string(),
-            before,
-        }),
+/// Asks every Envoy the store names, at once, where its keygate subscriptions stand,
+/// before a change. An admin that answers but not as Envoy's, or an Envoy without the
+/// filter's ECDS subscription, is a store naming the wrong admin: nothing is changed.
+fn watch(urls: &[String], ecds: &Path) -> Result<Vec<Watch>, Error> {
+    let answers = admin::subscriptions_of_all(urls, Instant::now() + PROBE_TIMEOUT);
+    let mut watches = Vec::new();
+    let mut wrong = Vec::new();
+    let mut not_envoy = false;
+    for (url, answer) in urls.iter().zip(answers) {
+        match answer {
+            Err(admin::GetError::Unreachable(reason)) => watches.push(Watch::Unreachable {
+                admin: url.clone(),
+                reason,
+            }),
+            Err(admin::GetError::Failed(reason)) => {
+                not_envoy = true;
+                wrong.push(format!(
+                    "Envoy's admin at {url} did not answer as Envoy does ({reason})"
+                ));
+            }
+            Ok(subs) if subs.is_empty() => wrong.push(format!(
+                "Envoy at {url} has no ECDS subscription for the filter {FILTER_NAME:?} (no \
+                 extension_config_discovery.*.{FILTER_NAME}.* stats), so it would never take up {}",
+                ecds.display()
+            )),
+            Ok(before) => watches.push(Watch::Envoy {
+                admin: url.clone(),
+                before,
+            }),
+        }
     }
+    if wrong.is_empty() {
+        return Ok(watches);
+    }
+    let hint = match (urls.len(), not_envoy) {
+        (1, true) => "if envoy.admin is wrong, keygate set-admin URL (or set-admin --clear to only write the file)",
+        (1, false) => "if envoy.admin names another Envoy, keygate set-admin URL (or set-admin --clear to only write the file)",
+        _ => "if the store names an admin that is not one of the Envoys watching the file, keygate set-admin --remove URL",
+    };
+    Err(other(format!(
+        "{}; nothing was changed; {hint}",
+        wrong.join("; ")
+    )))
 }
 
 impl Pending {
-    /// Writes the file and waits for Envoy; on failure puts the previous file back.
+    /// Writes the file and waits for every Envoy; on failure puts the previous file back.
     fn commit(self, options: ApplyOptions) -> Result<Applied, ApplyFailure> {
         let fail = |pending: &Pending, reason: String| {
             let ecds_back = match &pending.previous {
@@ -1152,58 +1318,97 @@ impl Pending {
                 ecds_back: Ok(()),
             });
         }
-        let confirmation = match &self.watch {
-            Watch::NoAdmin => Confirmation::NoAdmin,
-            Watch::Unreachable { admin, reason } => Confirmation::Unreachable {
-                admin: admin.clone(),
-                reason: reason.clone(),
-            },
-            Watch::Envoy { admin, before } => match self.wait(admin, before, options.timeout) {
-                Ok(after) => Confirmation::Confirmed {
-                    admin: admin.clone(),
-                    after,
-                },
-                Err(reason) => return Err(fail(&self, reason)),
-            },
-        };
+        let written = Instant::now();
+        let stop = AtomicBool::new(false);
+        let waited = in_parallel(&self.watches, |watch| match watch {
+            Watch::Unreachable { .. } => None,
+            Watch::Envoy { admin, before } => {
+                let waited = self.wait(admin, before, written, options.timeout, &stop);
+                if matches!(waited, Waited::Failed(_)) {
+                    // One failure undoes the change: the others need not wait any longer.
+                    stop.store(true, Ordering::SeqCst);
+                }
+                Some(waited)
+            }
+        });
+        let mut envoys = Vec::new();
+        let mut failures = Vec::new();
+        for (watch, waited) in self.watches.iter().zip(waited) {
+            match (watch, waited) {
+                (Watch::Unreachable { admin, reason }, _) => {
+                    envoys.push(Confirmation::Unreachable {
+                        admin: admin.clone(),
+                        reason: reason.clone(),
+                    });
+                }
+                (Watch::Envoy { admin, .. }, Some(Waited::Served(after))) => {
+                    envoys.push(Confirmation::Confirmed {
+                        admin: admin.clone(),
+                        after,
+                    });
+                }
+                (Watch::Envoy { .. }, Some(Waited::Failed(reason))) => failures.push(reason),
+                (Watch::Envoy { .. }, Some(Waited::Cancelled) | None) => {}
+            }
+        }
+        if !failures.is_empty() {
+            let mut reason = failures.join("; ");
+            let took_up: Vec<&str> = envoys
+                .iter()
+                .filter(|c| matches!(c, Confirmation::Confirmed { .. }))
+                .map(Confirmation::admin)
+                .collect();
+            if !took_up.is_empty() {
+                reason += &format!(
+                    " (Envoy at {} had taken it up, and goes back to the previous version with the file)",
+                    took_up.join(", ")
+                );
+            }
+            return Err(fail(&self, reason));
+        }
         Ok(Applied {
             ecds: self.ecds,
             version: self.version,
             keys: self.keys,
-            confirmation,
+            envoys,
         })
     }
 
-    /// Polls Envoy's stats until every keygate subscription serves `self.version` (Ok:
-    /// how long it took) or one of them rejects an update or fails to read the file, or
-    /// `timeout` passes (Err: why, in a sentence).
+    /// Polls one Envoy's stats until every keygate subscription serves `self.version`
+    /// (how long after `written` it was seen), or one of them rejects an update or fails
+    /// to read the file, or `timeout` from `written` passes (why, in a sentence), or
+    /// `stop` is set (another Envoy failed).
     fn wait(
         &self,
         url: &str,
         before: &[admin::Subscription],
+        written: Instant,
         timeout: Duration,
-    ) -> Result<Duration, String> {
-        let start = Instant::now();
-        let deadline = start + timeout;
+        stop: &AtomicBool,
+    ) -> Waited {
+        let deadline = written + timeout;
         // What the last look saw; a look cut short by the deadline says nothing of Envoy.
         let mut last: Result<Vec<admin::Subscription>, String> = Ok(before.to_vec());
         loop {
+            if stop.load(Ordering::SeqCst) {
+                return Waited::Cancelled;
+            }
             // Each look gets at most 2 s, and never runs past the deadline.
             let look = deadline.min(Instant::now() + Duration::from_secs(2));
             match admin::subscriptions(url, look) {
                 Ok(now) => {
                     if !now.is_empty() && now.iter().all(|s| s.version == self.version) {
-                        return Ok(start.elapsed());
+                        return Waited::Served(written.elapsed());
                     }
                     for sub in &now {
                         let Some(was) = before.iter().find(|b| b.name == sub.name) else {
                             continue;
                         };
                         if sub.rejected > was.rejected {
-                            return Err(self.rejected(url, was, sub));
+                            return Waited::Failed(self.rejected(url, was, sub));
                         }
                         if sub.failed > was.failed {
-                            return Err(format!(
+                            return Waited::Failed(format!(
                                 "Envoy at {url} could not read {} ({}.update_failure went from {} to {})",
                                 self.ecds.display(),
                                 sub.name,
@@ -1234,7 +1439,7 @@ impl Pending {
             }
             Err(e) => format!("its admin stopped answering: {e}"),
         };
-        Err(format!(
+        Waited::Failed(format!(
             "Envoy at {url} did not take up version {} within {} ({state})",
             self.version,
             seconds(timeout)
@@ -1273,6 +1478,35 @@ fn served(version: &str) -> String {
     } else {
         format!("version {version}")
     }
+}
+
+/// `f` of every item, each in a thread of its own (or here, when no thread can be
+/// started), the results in the items' order: Envoys are asked at once, so one slow admin
+/// does not hold up the others' deadlines.
+pub fn in_parallel<I: Sync, T: Send>(items: &[I], f: impl Fn(&I) -> T + Sync) -> Vec<T> {
+    if items.len() < 2 {
+        return items.iter().map(&f).collect();
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let jobs: Vec<_> = items
+            .iter()
+            .map(|item| {
+                std::thread::Builder::new()
+                    .name("keygate-envoy".into())
+                    .spawn_scoped(scope, move || f(item))
+                    .map_err(|_| item)
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|job| match job {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+                Err(item) => f(item),
+            })
+            .collect()
+    })
 }
 
 /// A duration as "10 s" or "0.4 s".
@@ -1827,6 +2061,14 @@ pub mod admin {
             }
         }
         Ok(out)
+    }
+
+    /// [`subscriptions`] of every admin in `urls`, asked at once, in their order.
+    pub fn subscriptions_of_all(
+        urls: &[String],
+        deadline: Instant,
+    ) -> Vec<Result<Vec<Subscription>, GetError>> {
+        super::in_parallel(urls, |url| subscriptions(url, deadline))
     }
 
     /// Envoy's keygate subscriptions, read from the admin at `url` by `deadline`.

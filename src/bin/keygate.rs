@@ -4,9 +4,10 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use keygate::fleet::{self, EnvoyState, Status};
 use keygate::store::{
-    self, Applied, ApplyOptions, Committed, Confirmation, Error, Module, NewKey, Store, StoredKey,
-    Transition,
+    self, AdminChange, Applied, ApplyOptions, Committed, Confirmation, Error, Module, NewKey,
+    Store, StoredKey, Transition,
 };
 use keygate::{config, decision, keys, time};
 use serde_json::{json, Value};
@@ -55,9 +56,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
         /// Envoy's admin interface (http://HOST:PORT), where --apply confirms that Envoy
-        /// took a change up.
+        /// took a change up; repeat it for each Envoy of a fleet watching the ECDS file.
         #[arg(long, value_name = "URL", value_parser = parse_admin_url)]
-        envoy_admin: Option<String>,
+        envoy_admin: Vec<String>,
     },
     /// Generate a key, store its hash, and print the key once.
     Create {
@@ -133,7 +134,8 @@ enum Command {
     },
     /// Tell, offline, whether the key on stdin is accepted and as whom (exit 0 only then).
     Verify,
-    /// Print the filter configuration rendered from the store.
+    /// Print the filter configuration rendered from the store, or the configuration of a
+    /// shared rate-limit service for the store's plans.
     Render {
         /// What to print.
         #[arg(long, value_enum, default_value_t = Format::PluginJson)]
@@ -146,15 +148,34 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = parse_timeout, default_value = "10s")]
         apply_timeout: Duration,
     },
-    /// Name Envoy's admin interface in the store (http://HOST:PORT), so that --apply
-    /// confirms changes with it; or --clear it.
+    /// Name the admin interfaces (http://HOST:PORT) of the Envoys that watch the ECDS file,
+    /// so that --apply confirms changes with each of them; or --add, --remove or --clear them.
+    #[command(group(
+        clap::ArgGroup::new("change")
+            .required(true)
+            .args(["urls", "add", "remove", "clear"])
+    ))]
     SetAdmin {
-        /// The admin URL, such as http://127.0.0.1:9901.
-        #[arg(value_name = "URL", value_parser = parse_admin_url, required_unless_present = "clear")]
-        url: Option<String>,
-        /// Forget the admin URL: --apply then only writes the file.
-        #[arg(long, conflicts_with = "url")]
+        /// Exactly these admins, such as http://127.0.0.1:9901 (one Envoy, or every Envoy of
+        /// a fleet watching the same file).
+        #[arg(value_name = "URL", value_parser = parse_admin_url)]
+        urls: Vec<String>,
+        /// Name these admins too.
+        #[arg(long, value_name = "URL", value_parser = parse_admin_url, num_args = 1..)]
+        add: Vec<String>,
+        /// Stop naming these admins.
+        #[arg(long, value_name = "URL", value_parser = parse_admin_url, num_args = 1..)]
+        remove: Vec<String>,
+        /// Forget every admin: --apply then only writes the file.
+        #[arg(long)]
         clear: bool,
+    },
+    /// Ask every Envoy admin the store names which version of the configuration it serves,
+    /// and compare it with the store's (exit 0 only when every Envoy serves the store's).
+    Status {
+        /// How long each admin has to answer (they are asked at once).
+        #[arg(long, value_name = "DURATION", value_parser = parse_timeout, default_value = "2s")]
+        timeout: Duration,
     },
     /// Validate the store (or, given FILE, a plugin configuration) with the filter's rules.
     Check {
@@ -258,6 +279,10 @@ enum Format {
     PluginJson,
     /// The ECDS resource (JSON, which is YAML) that `apply` writes.
     EnvoyEcds,
+    /// envoyproxy/ratelimit's YAML configuration for the store's plans.
+    EnvoyRatelimit,
+    /// Limitador's limits file (YAML) for the store's plans.
+    Limitador,
 }
 
 impl Identity {
@@ -336,7 +361,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             envoy_admin,
         } => {
             let mut new = Store::new(ecds.clone(), wasm.clone(), prefix.clone());
-            new.envoy.admin = envoy_admin.clone();
+            new.set_admins(&AdminChange::Set(envoy_admin.clone()))?;
             if let Some(file) = policy {
                 new.policy = store::read_policy(file)?;
             }
@@ -350,12 +375,14 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
                     |e| e.display().to_string()
                 )
             );
-            if let Some(url) = envoy_admin {
-                text += &format!("; Envoy admin: {url}");
+            match new.envoy.admins.as_slice() {
+                [] => {}
+                [url] => text += &format!("; Envoy admin: {url}"),
+                urls => text += &format!("; Envoy admins: {}", urls.join(", ")),
             }
             print(
                 cli,
-                &json!({"store": path, "ecds": ecds, "wasm": wasm, "admin": envoy_admin}),
+                &json!({"store": path, "ecds": ecds, "wasm": wasm, "admin": admin_json(&new.envoy.admins)}),
                 &text,
             )?;
         }
@@ -476,13 +503,26 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             return committed(cli, &done, out, text);
         }
         Command::Verify => return verify(cli, now),
+        Command::Render {
+            format: format @ (Format::EnvoyRatelimit | Format::Limitador),
+        } => {
+            // Only the plans matter: a store without keys yet renders too.
+            let s = store::load(path)?;
+            s.validate()?;
+            let plans = fleet::plans(&s.policy);
+            let yaml = match format {
+                Format::EnvoyRatelimit => fleet::envoy_ratelimit_yaml(&plans),
+                _ => fleet::limitador_yaml(&plans),
+            };
+            emit(yaml.trim_end())?;
+        }
         Command::Render { format } => {
             let s = store::load(path)?;
             let rendered = s.render()?;
             let doc = match format {
-                Format::PluginJson => serde_json::to_value(&rendered.plugin)
-                    .map_err(|e| Error::Other(format!("cannot serialise: {e}")))?,
                 Format::EnvoyEcds => s.ecds_document(&rendered.plugin)?,
+                _ => serde_json::to_value(&rendered.plugin)
+                    .map_err(|e| Error::Other(format!("cannot serialise: {e}")))?,
             };
             emit(&pretty(&doc))?;
         }
@@ -503,7 +543,31 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             );
             print(cli, &out, &text)?;
         }
-        Command::SetAdmin { url, clear: _ } => return set_admin(cli, url.as_deref()),
+        Command::SetAdmin {
+            urls,
+            add,
+            remove,
+            clear,
+        } => {
+            let change = if *clear {
+                AdminChange::Clear
+            } else if !add.is_empty() {
+                AdminChange::Add(add.clone())
+            } else if !remove.is_empty() {
+                AdminChange::Remove(remove.clone())
+            } else {
+                AdminChange::Set(urls.clone())
+            };
+            return set_admin(cli, &change);
+        }
+        Command::Status { timeout } => {
+            let s = store::load(path)?;
+            let status = fleet::status(path, &s, *timeout)?;
+            print(cli, &status_json(&status), &status_text(&status))?;
+            if !status.in_sync() {
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Doctor { envoy_yaml } => {
             let report = match keygate::doctor::doctor(envoy_yaml) {
                 Ok(report) => report,
@@ -616,65 +680,122 @@ fn committed<T>(
 /// What became of an applied change, in one line.
 fn apply_line(applied: &Applied) -> String {
     let ecds = applied.ecds.display();
-    match &applied.confirmation {
-        Confirmation::Confirmed { admin, after } => format!(
-            "applied: Envoy at {admin} serves version {} from {ecds} (confirmed after {})",
-            applied.version,
-            store::seconds(*after)
-        ),
-        Confirmation::NoAdmin => format!(
+    let version = &applied.version;
+    let mut confirmed: Vec<(&str, Duration)> = Vec::new();
+    let mut unreachable: Vec<(&str, &str)> = Vec::new();
+    for envoy in &applied.envoys {
+        match envoy {
+            Confirmation::Confirmed { admin, after } => confirmed.push((admin, *after)),
+            Confirmation::Unreachable { admin, reason } => unreachable.push((admin, reason)),
+        }
+    }
+    let slowest = confirmed.iter().map(|c| c.1).max().unwrap_or_default();
+    let confirmed_at = confirmed.iter().map(|c| c.0).collect::<Vec<_>>().join(", ");
+    let down = unreachable
+        .iter()
+        .map(|(admin, reason)| format!("{admin} ({reason})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match (confirmed.as_slice(), unreachable.as_slice()) {
+        ([], []) => format!(
             "written to {ecds} (not confirmed: the store names no Envoy admin; keygate set-admin URL)"
         ),
-        Confirmation::Unreachable { admin, reason } => format!(
+        ([(admin, after)], []) => format!(
+            "applied: Envoy at {admin} serves version {version} from {ecds} (confirmed after {})",
+            store::seconds(*after)
+        ),
+        ([], [(admin, reason)]) => format!(
             "written to {ecds} (not confirmed: Envoy is not reachable at {admin}: {reason}; \
              the change is only written, and Envoy takes it up when it reads the file)"
+        ),
+        ([], _) => format!(
+            "written to {ecds} (not confirmed: no Envoy is reachable: {down}; the change is only \
+             written, and the Envoys take it up when they read the file)"
+        ),
+        (_, []) => format!(
+            "applied: all {} Envoys serve version {version} from {ecds} (confirmed after {}: {confirmed_at})",
+            confirmed.len(),
+            store::seconds(slowest)
+        ),
+        (_, _) => format!(
+            "applied: {} of {} Envoys serve version {version} from {ecds} (confirmed after {}: \
+             {confirmed_at}); not confirmed at {down}: not reachable; the change is written, and \
+             {} it up when {} the file",
+            confirmed.len(),
+            applied.envoys.len(),
+            store::seconds(slowest),
+            if unreachable.len() == 1 {
+                "that Envoy takes"
+            } else {
+                "those Envoys take"
+            },
+            if unreachable.len() == 1 {
+                "it reads"
+            } else {
+                "they read"
+            },
         ),
     }
 }
 
+/// `envoy` in the JSON of an applied change: `status` (`confirmed` by every Envoy named,
+/// `partial`, `unreachable`, `no_admin`), each Envoy under `envoys`, and, as before fleets,
+/// `admin` and `reason` when the store names one Envoy, `seconds` the longest wait.
 fn add_confirmation(out: &mut Value, applied: &Applied) {
-    let (status, admin, seconds, reason) = match &applied.confirmation {
-        Confirmation::Confirmed { admin, after } => {
-            ("confirmed", Some(admin), Some(after.as_secs_f64()), None)
-        }
-        Confirmation::NoAdmin => ("no_admin", None, None, None),
-        Confirmation::Unreachable { admin, reason } => {
-            ("unreachable", Some(admin), None, Some(reason))
-        }
+    let confirmed = applied.confirmed().count();
+    let status = match (confirmed, applied.envoys.len()) {
+        (_, 0) => "no_admin",
+        (c, n) if c == n => "confirmed",
+        (0, _) => "unreachable",
+        _ => "partial",
+    };
+    let envoys: Vec<Value> = applied
+        .envoys
+        .iter()
+        .map(|envoy| match envoy {
+            Confirmation::Confirmed { admin, after } => {
+                json!({"admin": admin, "status": "confirmed", "seconds": after.as_secs_f64()})
+            }
+            Confirmation::Unreachable { admin, reason } => {
+                json!({"admin": admin, "status": "unreachable", "reason": reason})
+            }
+        })
+        .collect();
+    let seconds = applied
+        .confirmed()
+        .filter_map(|c| match c {
+            Confirmation::Confirmed { after, .. } => Some(after.as_secs_f64()),
+            Confirmation::Unreachable { .. } => None,
+        })
+        .reduce(f64::max);
+    let (admin, reason) = match applied.envoys.as_slice() {
+        [Confirmation::Unreachable { admin, reason }] => (Some(admin.as_str()), Some(reason)),
+        [one] => (Some(one.admin()), None),
+        _ => (None, None),
     };
     if let Some(fields) = out.as_object_mut() {
         fields.insert("version".into(), json!(applied.version));
         fields.insert(
             "envoy".into(),
-            json!({"status": status, "admin": admin, "seconds": seconds, "reason": reason}),
+            json!({"status": status, "admin": admin, "seconds": seconds, "reason": reason, "envoys": envoys}),
         );
     }
 }
 
-/// `set-admin URL` / `set-admin --clear`; then says whether Envoy answers there.
-fn set_admin(cli: &Cli, url: Option<&str>) -> Result<ExitCode, Error> {
-    let done = store::update(&cli.store, None, |s| {
-        Ok(std::mem::replace(
-            &mut s.envoy.admin,
-            url.map(str::to_string),
-        ))
-    })?;
-    if let Some(mode) = done.tightened {
-        note_tightened(&cli.store, mode);
+/// The store's `envoy.admin` as it is written: none, one URL, or a list.
+fn admin_json(admins: &[String]) -> Value {
+    match admins {
+        [] => Value::Null,
+        [one] => json!(one),
+        many => json!(many),
     }
-    let previous = &done.value;
-    let Some(url) = url else {
-        let text = match previous {
-            Some(old) => {
-                format!("cleared the Envoy admin ({old}); --apply now only writes the file")
-            }
-            None => "the store named no Envoy admin".to_string(),
-        };
-        print(cli, &json!({"admin": null, "previous": previous}), &text)?;
-        return Ok(ExitCode::SUCCESS);
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
-    let (status, detail) = match store::admin::subscriptions(url, deadline) {
+}
+
+/// What an Envoy admin says before a change: a status word and a sentence.
+fn probe(
+    answer: Result<Vec<store::admin::Subscription>, store::admin::GetError>,
+) -> (&'static str, String) {
+    match answer {
         Ok(subs) if subs.is_empty() => (
             "no_subscription",
             format!(
@@ -707,14 +828,235 @@ fn set_admin(cli: &Cli, url: Option<&str>) -> Result<ExitCode, Error> {
             "not_envoy",
             format!("something answers there, but not as Envoy's admin does ({why})"),
         ),
+    }
+}
+
+/// `set-admin URL...`, `--add`, `--remove`, `--clear`; then says whether each Envoy the
+/// store names answers.
+fn set_admin(cli: &Cli, change: &AdminChange) -> Result<ExitCode, Error> {
+    let done = store::update(&cli.store, None, |s| {
+        let previous = s.set_admins(change)?;
+        Ok((previous, s.envoy.admins.clone()))
+    })?;
+    if let Some(mode) = done.tightened {
+        note_tightened(&cli.store, mode);
+    }
+    let (previous, admins) = &done.value;
+    let mut lines: Vec<String> = Vec::new();
+    let count = |n: usize| match n {
+        0 => "no Envoy admin".to_string(),
+        1 => "1 Envoy admin".to_string(),
+        n => format!("{n} Envoy admins"),
     };
-    let text = format!("Envoy admin: {url}; {detail}");
-    print(
-        cli,
-        &json!({"admin": url, "previous": previous, "status": status, "detail": detail}),
-        &text,
-    )?;
+    match change {
+        AdminChange::Clear => {
+            let text = match previous.as_slice() {
+                [] => "the store named no Envoy admin".to_string(),
+                old => format!(
+                    "cleared the Envoy admin ({}); --apply now only writes the file",
+                    old.join(", ")
+                ),
+            };
+            print(
+                cli,
+                &json!({"admin": null, "previous": admin_json(previous), "admins": []}),
+                &text,
+            )?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        AdminChange::Add(urls) => {
+            let (new, old): (Vec<&String>, Vec<&String>) =
+                urls.iter().partition(|u| !previous.contains(u));
+            let mut text = String::new();
+            if !new.is_empty() {
+                text = format!(
+                    "added {}",
+                    new.iter()
+                        .map(|u| u.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            if !old.is_empty() {
+                if !text.is_empty() {
+                    text += "; ";
+                }
+                text += &format!(
+                    "already named: {}",
+                    old.iter()
+                        .map(|u| u.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            lines.push(format!("{text}; the store names {}", count(admins.len())));
+        }
+        AdminChange::Remove(urls) => {
+            let mut text = format!(
+                "removed {}; the store names {}",
+                urls.join(", "),
+                count(admins.len())
+            );
+            if admins.is_empty() {
+                text += ": --apply now only writes the file";
+            }
+            lines.push(text);
+        }
+        AdminChange::Set(_) => {}
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let answers = store::admin::subscriptions_of_all(admins, deadline);
+    let mut each = Vec::new();
+    for (url, answer) in admins.iter().zip(answers) {
+        let (status, detail) = probe(answer);
+        lines.push(format!("Envoy admin: {url}; {detail}"));
+        each.push(json!({"admin": url, "status": status, "detail": detail}));
+    }
+    let mut out = json!({
+        "admin": admin_json(admins), "previous": admin_json(previous), "admins": each,
+    });
+    // One admin: its answer at the top too, as before fleets.
+    if let ([one], Some(fields)) = (each.as_slice(), out.as_object_mut()) {
+        fields.insert("status".into(), one["status"].clone());
+        fields.insert("detail".into(), one["detail"].clone());
+    }
+    print(cli, &out, &lines.join("\n"))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `keygate status --json`.
+fn status_json(status: &Status) -> Value {
+    let envoys: Vec<Value> = status
+        .envoys
+        .iter()
+        .map(|envoy| {
+            let error = match &envoy.state {
+                EnvoyState::Answered(subs) if subs.is_empty() => Some(format!(
+                    "no ECDS subscription for the filter {:?}",
+                    store::FILTER_NAME
+                )),
+                EnvoyState::Answered(_) => None,
+                EnvoyState::Unreachable(why) => Some(why.clone()),
+                EnvoyState::NotEnvoy(why) => Some(format!("not Envoy's admin: {why}")),
+            };
+            json!({
+                "admin": envoy.admin, "reachable": envoy.reachable(), "serves": envoy.serves(),
+                "current": envoy.is_current(&status.version), "rejected": envoy.rejected(),
+                "error": error,
+            })
+        })
+        .collect();
+    json!({
+        "version": status.version, "keys": status.keys,
+        "ecds": status.ecds.as_ref().map(|f| json!({"path": f.path, "version": f.version})),
+        "in_sync": status.in_sync(), "envoys": envoys,
+    })
+}
+
+/// `keygate status`: the store's version, the ECDS file's, a table of the Envoys, and a
+/// verdict.
+fn status_text(status: &Status) -> String {
+    let mut lines = vec![format!(
+        "store: version {} ({} keys)",
+        status.version, status.keys
+    )];
+    let file_differs = status
+        .ecds
+        .as_ref()
+        .is_some_and(|f| f.version.as_deref() != Some(status.version.as_str()));
+    lines.push(match &status.ecds {
+        None => "ECDS file: none named (envoy.ecds)".to_string(),
+        Some(f) => match &f.version {
+            None => format!(
+                "ECDS file: {} is not written yet (keygate apply writes it)",
+                f.path.display()
+            ),
+            Some(v) if v == &status.version => {
+                format!("ECDS file: {} holds version {v}", f.path.display())
+            }
+            Some(v) => format!(
+                "ECDS file: {} holds version {v}, not the store's (keygate apply writes it)",
+                f.path.display()
+            ),
+        },
+    });
+    let header = ["ENVOY", "REACHABLE", "SERVES", "CURRENT", "NOTE"].map(String::from);
+    let rows: Vec<[String; 5]> = status
+        .envoys
+        .iter()
+        .map(|envoy| {
+            let serves = envoy.serves();
+            let serves = if serves.is_empty() {
+                "-".to_string()
+            } else {
+                serves
+                    .iter()
+                    .map(|v| if v.is_empty() { "(no version)" } else { v })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let note = match &envoy.state {
+                EnvoyState::Answered(subs) if subs.is_empty() => format!(
+                    "no ECDS subscription for the filter {:?}",
+                    store::FILTER_NAME
+                ),
+                EnvoyState::Answered(_) => match envoy.rejected() {
+                    0 => String::new(),
+                    n => format!("{n} updates rejected since it started"),
+                },
+                EnvoyState::Unreachable(why) => why.clone(),
+                EnvoyState::NotEnvoy(why) => format!("not Envoy's admin: {why}"),
+            };
+            let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+            [
+                envoy.admin.clone(),
+                yes(envoy.reachable()),
+                serves,
+                yes(envoy.is_current(&status.version)),
+                note,
+            ]
+        })
+        .collect();
+    let mut widths = [0usize; 5];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        lines.push(cells.join("  ").trim_end().to_string());
+    }
+    let n = status.envoys.len();
+    let behind = status
+        .envoys
+        .iter()
+        .filter(|e| !e.is_current(&status.version))
+        .count();
+    lines.push(if behind == 0 {
+        format!(
+            "in sync: {} the store's version",
+            if n == 1 {
+                "the Envoy serves".to_string()
+            } else {
+                format!("all {n} Envoys serve")
+            }
+        )
+    } else {
+        format!(
+            "not in sync: {behind} of {n} Envoys do not serve the store's version{}",
+            if file_differs {
+                " (keygate apply writes it)"
+            } else {
+                ""
+            }
+        )
+    });
+    lines.join("\n")
 }
 
 /// `check`'s look at the module the store names: an error when it is there and is not

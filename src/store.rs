@@ -1358,11 +1358,19 @@ impl Pending {
                 .filter(|c| matches!(c, Confirmation::Confirmed { .. }))
                 .map(Confirmation::admin)
                 .collect();
-            if !took_up.is_empty() {
-                reason += &format!(
-                    " (Envoy at {} had taken it up, and goes back to the previous version with the file)",
-                    took_up.join(", ")
-                );
+            match took_up.as_slice() {
+                [] => {}
+                [one] => {
+                    reason += &format!(
+                        "; Envoy at {one} had taken it up, and goes back to the previous version with the file"
+                    )
+                }
+                many => {
+                    reason += &format!(
+                        "; Envoys at {} had taken it up, and go back to the previous version with the file",
+                        many.join(", ")
+                    )
+                }
             }
             return Err(fail(&self, reason));
         }

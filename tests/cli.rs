@@ -1862,3 +1862,488 @@ fn doctor_prints_the_report_and_exits_by_its_verdict() {
     let err = env.fail(&["doctor", "/nonexistent/envoy.yaml"], 2);
     assert!(err.contains("/nonexistent/envoy.yaml"), "{err}");
 }
+
+// ---------------------------------------------------------------- a fleet of Envoys
+
+/// envoyproxy/ratelimit's configuration, with only the keys its loader accepts.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RatelimitRoot {
+    domain: String,
+    descriptors: Vec<RatelimitDescriptor>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RatelimitDescriptor {
+    key: String,
+    value: Option<String>,
+    rate_limit: Option<RatelimitLimit>,
+    #[serde(default)]
+    descriptors: Vec<RatelimitDescriptor>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RatelimitLimit {
+    unit: String,
+    requests_per_unit: u32,
+}
+
+/// A Limitador limit, as its limits file gives it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitadorLimit {
+    namespace: String,
+    name: Option<String>,
+    max_value: u64,
+    seconds: u64,
+    conditions: Vec<String>,
+    variables: Vec<String>,
+}
+
+#[test]
+fn render_gives_the_plans_to_envoyproxy_ratelimit_and_limitador() {
+    let env = Env::new();
+    let policy = env.dir.path().join("policy.json");
+    fs::write(
+        &policy,
+        r#"{"default_plan": "free", "plans": {
+            "pro": {"requests": 50, "per": "hour", "burst": 10},
+            "burst": {"requests": 5, "per": "second"}}}"#,
+    )
+    .unwrap();
+    env.ok(&["init", "--policy", policy.to_str().unwrap()]);
+    // name, requests, unit, seconds: the built-in plans, pro overridden, one added.
+    let want = [
+        ("burst", 5, "second", 1),
+        ("enterprise", 6000, "minute", 60),
+        ("free", 60, "minute", 60),
+        ("pro", 50, "hour", 3600),
+    ];
+
+    // No key is needed: only the plans are rendered.
+    let text = env.ok(&["render", "--format", "envoy-ratelimit"]);
+    assert!(
+        text.starts_with('#') && text.contains("fixed windows"),
+        "{text}"
+    );
+    assert!(
+        text.contains("#   pro: burst 10 not expressed; 50 requests per hour window\n"),
+        "{text}"
+    );
+    let root: RatelimitRoot = serde_norway::from_str(&text).unwrap();
+    assert_eq!(root.domain, "keygate");
+    let got: Vec<(String, u64, String)> = root
+        .descriptors
+        .iter()
+        .map(|d| {
+            assert_eq!(d.key, "plan");
+            assert!(d.rate_limit.is_none());
+            assert_eq!(d.descriptors.len(), 1);
+            let per_key = &d.descriptors[0];
+            assert_eq!((per_key.key.as_str(), &per_key.value), ("key_id", &None));
+            let limit = per_key.rate_limit.as_ref().unwrap();
+            (
+                d.value.clone().unwrap(),
+                u64::from(limit.requests_per_unit),
+                limit.unit.clone(),
+            )
+        })
+        .collect();
+    let expect: Vec<(String, u64, String)> = want
+        .iter()
+        .map(|(n, r, u, _)| (n.to_string(), *r, u.to_string()))
+        .collect();
+    assert_eq!(got, expect);
+
+    let text = env.ok(&["render", "--format", "limitador"]);
+    assert!(text.contains("limitador-server 2.4.0"), "{text}");
+    assert!(text.contains("fixed windows"), "{text}");
+    let limits: Vec<LimitadorLimit> = serde_norway::from_str(&text).unwrap();
+    let got: Vec<(String, u64, u64)> = limits
+        .iter()
+        .map(|l| {
+            assert_eq!(l.namespace, "keygate");
+            assert_eq!(l.variables, ["descriptors[0]['key_id']"]);
+            assert_eq!(l.conditions.len(), 1);
+            let plan = l.conditions[0]
+                .strip_prefix("descriptors[0]['plan'] == '")
+                .and_then(|c| c.strip_suffix('\''))
+                .unwrap()
+                .to_string();
+            assert_eq!(l.name.clone().unwrap(), format!("keygate plan {plan}"));
+            (plan, l.max_value, l.seconds)
+        })
+        .collect();
+    let expect: Vec<(String, u64, u64)> = want
+        .iter()
+        .map(|(n, r, _, s)| (n.to_string(), *r, *s))
+        .collect();
+    assert_eq!(got, expect);
+
+    // A store the filter would refuse renders nothing.
+    env.edit_store(|doc| doc["policy"]["plans"]["pro"]["requests"] = 0.into());
+    let err = env.fail(&["render", "--format", "limitador"], 1);
+    assert!(err.contains("plans.pro.requests"), "{err}");
+}
+
+/// Runs `keygate status`; returns its exit code and stdout.
+fn status(env: &Env, json_out: bool) -> (Option<i32>, String) {
+    let args: &[&str] = if json_out {
+        &["--json", "status"]
+    } else {
+        &["status"]
+    };
+    let out = env.run(args, "");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), String::from_utf8(out.stdout).unwrap())
+}
+
+#[test]
+fn set_admin_names_a_fleet_and_adds_and_removes_admins() {
+    let env = Env::init();
+    let (a, b, c) = (closed_admin(), closed_admin(), closed_admin());
+    let out = env.ok(&["set-admin", &a, &b]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(out.starts_with(&format!(
+        "Envoy admin: {a}; Envoy is not reachable there now"
+    )));
+    assert_eq!(
+        env.store_json()["envoy"]["admin"],
+        serde_json::json!([a, b])
+    );
+
+    let out = env.json(&["set-admin", "--add", &c, &a]);
+    assert_eq!(out["admin"], serde_json::json!([a, b, c]));
+    assert_eq!(out["previous"], serde_json::json!([a, b]));
+    assert_eq!(out["admins"].as_array().unwrap().len(), 3);
+    assert_eq!(out["admins"][2]["status"], "unreachable");
+    let out = env.ok(&["set-admin", "--add", &b]);
+    assert_eq!(
+        out.lines().next().unwrap(),
+        format!("already named: {b}; the store names 3 Envoy admins")
+    );
+
+    let out = env.ok(&["set-admin", "--remove", &b]);
+    assert_eq!(
+        out.lines().next().unwrap(),
+        format!("removed {b}; the store names 2 Envoy admins")
+    );
+    assert_eq!(
+        env.store_json()["envoy"]["admin"],
+        serde_json::json!([a, c])
+    );
+    let before = env.store_text();
+    let err = env.fail(&["set-admin", "--remove", &b], 1);
+    assert_eq!(
+        err,
+        format!(
+            "keygate: the store names no Envoy admin {b} (it names {a}, {c}); nothing was changed"
+        )
+    );
+    assert_eq!(env.store_text(), before);
+    // One admin left: written as a string, the form an older keygate reads.
+    env.ok(&["set-admin", "--remove", &c]);
+    assert_eq!(env.store_json()["envoy"]["admin"], a.as_str());
+    let out = env.ok(&["set-admin", "--remove", &a]);
+    assert_eq!(
+        out.trim(),
+        format!("removed {a}; the store names no Envoy admin: --apply now only writes the file")
+    );
+    assert!(env.store_json()["envoy"].get("admin").is_none());
+
+    // The same admin twice (a trailing slash is the same URL) is named once.
+    env.ok(&["set-admin", &a, &format!("{a}/")]);
+    assert_eq!(env.store_json()["envoy"]["admin"], a.as_str());
+    // One change at a time.
+    for args in [
+        &["set-admin", a.as_str(), "--add", b.as_str()][..],
+        &["set-admin", "--clear", "--remove", a.as_str()],
+        &["set-admin", "--add", "ftp://h:1"],
+    ] {
+        env.fail(args, 2);
+    }
+
+    let fleet = Env::new();
+    fleet.ok(&["init", "--envoy-admin", &a, "--envoy-admin", &b]);
+    assert_eq!(
+        fleet.store_json()["envoy"]["admin"],
+        serde_json::json!([a, b])
+    );
+    // A hand-edited list is checked entry by entry.
+    fleet.edit_store(|doc| doc["envoy"]["admin"] = serde_json::json!([a, format!("{a}/")]));
+    let err = fleet.fail(&["create", "--name", "n", "--role", "client"], 1);
+    assert!(
+        err.contains(&format!(
+            "invalid store: envoy.admin[1]: {a} is named twice"
+        )),
+        "{err}"
+    );
+    fleet.edit_store(|doc| doc["envoy"]["admin"] = serde_json::json!(["http://h:1/x"]));
+    let err = fleet.fail(&["create", "--name", "n", "--role", "client"], 1);
+    assert!(err.contains("invalid store: envoy.admin:"), "{err}");
+    fleet.edit_store(|doc| doc["envoy"]["admin"] = serde_json::json!(7));
+    let err = fleet.fail(&["list"], 1);
+    assert!(err.contains("envoy.admin: invalid type: integer"), "{err}");
+}
+
+#[test]
+fn a_fleet_confirms_with_every_envoy() {
+    let env = Env::init();
+    env.create(&["--apply"]);
+    let admins: Vec<String> = (0..3).map(|_| fake_admin(&env, Admin::Accepts)).collect();
+    let out = env.ok(&["set-admin", &admins[0], &admins[1], &admins[2]]);
+    assert_eq!(
+        out.matches("Envoy answers there and serves version sha256:")
+            .count(),
+        3,
+        "{out}"
+    );
+    let out = env.ok(&["create", "--name", "n", "--role", "client", "--apply"]);
+    let last = out.lines().last().unwrap();
+    let prefix = format!(
+        "applied: all 3 Envoys serve version {} from {} (confirmed after ",
+        env.ecds_version(),
+        env.ecds_path().display()
+    );
+    assert!(last.starts_with(&prefix), "{last}");
+    assert!(
+        last.ends_with(&format!(": {})", admins.join(", "))),
+        "{last}"
+    );
+    env.accepted(out.lines().nth(2).unwrap());
+
+    let (id, _) = env.create(&[]);
+    let out = env.json(&["revoke", &id, "--apply"]);
+    let envoy = &out["envoy"];
+    assert_eq!(envoy["status"], "confirmed");
+    assert!(envoy["admin"].is_null());
+    assert!(envoy["seconds"].as_f64().unwrap() < 5.0);
+    let each = envoy["envoys"].as_array().unwrap();
+    assert_eq!(each.len(), 3);
+    for (e, admin) in each.iter().zip(&admins) {
+        assert_eq!(
+            (&e["admin"], &e["status"]),
+            (&admin.as_str().into(), &"confirmed".into())
+        );
+    }
+
+    let (code, text) = status(&env, false);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.ends_with("in sync: all 3 Envoys serve the store's version\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn one_envoy_rejecting_undoes_the_change_for_the_whole_fleet() {
+    let env = Env::init();
+    let (id, key) = env.create(&["--apply"]);
+    let rejects = fake_admin(&env, Admin::Rejects);
+    let accepts = fake_admin(&env, Admin::Accepts);
+    env.ok(&["set-admin", &accepts, &rejects]);
+    let (store, ecds) = (env.store_text(), env.ecds_bytes());
+    let version = env.ecds_version();
+
+    let err = env.fail(&["revoke", &id, "--apply"], 1);
+    assert!(
+        err.starts_with(&format!(
+            "keygate: Envoy at {rejects} rejected version sha256:"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("Envoy keeps serving version {version}"))
+            && !err.contains(&format!("Envoy at {accepts} rejected"))
+            && err.ends_with(&format!(
+                "nothing was changed: {} and {} are as they were",
+                env.store.display(),
+                env.ecds_path().display()
+            )),
+        "{err}"
+    );
+    assert_eq!(env.store_text(), store);
+    assert_eq!(env.ecds_bytes(), ecds);
+    env.accepted(&key);
+    let out = env.run(
+        &["create", "--name", "n", "--role", "client", "--apply"],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stdout.is_empty(),
+        "a key the fleet does not accept is not shown"
+    );
+    assert_eq!(env.store_text(), store);
+}
+
+#[test]
+fn an_unreachable_envoy_in_the_fleet_is_reported_and_the_change_stays_written() {
+    let env = Env::init();
+    let accepts = fake_admin(&env, Admin::Accepts);
+    let down = closed_admin();
+    env.ok(&["set-admin", &accepts, &down]);
+    let out = env.ok(&["create", "--name", "n", "--role", "client", "--apply"]);
+    let last = out.lines().last().unwrap();
+    let version = env.ecds_version();
+    assert!(
+        last.starts_with(&format!(
+            "applied: 1 of 2 Envoys serve version {version} from {} (confirmed after ",
+            env.ecds_path().display()
+        )),
+        "{last}"
+    );
+    assert!(
+        last.ends_with(&format!(
+            "s: {accepts}); not confirmed at {down} (connection refused): not reachable; the \
+             change is written, and that Envoy takes it up when it reads the file"
+        )),
+        "{last}"
+    );
+    env.accepted(out.lines().nth(2).unwrap());
+    let (id, _) = env.create(&[]);
+    let out = env.json(&["suspend", &id, "--apply"]);
+    assert_eq!(out["envoy"]["status"], "partial");
+    assert_eq!(out["envoy"]["envoys"][0]["status"], "confirmed");
+    assert_eq!(
+        out["envoy"]["envoys"][1],
+        serde_json::json!({"admin": down, "status": "unreachable", "reason": "connection refused"})
+    );
+
+    // None reachable: written only, each named.
+    let other = closed_admin();
+    env.ok(&["set-admin", &down, &other]);
+    let out = env.ok(&["reactivate", &id, "--apply"]);
+    assert_eq!(
+        out.lines().last().unwrap(),
+        format!(
+            "written to {} (not confirmed: no Envoy is reachable: {down} (connection refused), \
+             {other} (connection refused); the change is only written, and the Envoys take it up \
+             when they read the file)",
+            env.ecds_path().display()
+        )
+    );
+    assert_eq!(env.json(&["apply"])["envoy"]["status"], "unreachable");
+    assert_ne!(env.ecds_version(), version);
+}
+
+#[test]
+fn status_compares_every_envoy_with_the_store() {
+    let env = Env::init();
+    let err = env.fail(&["status"], 1);
+    assert!(
+        err.contains("the store names no Envoy admin to ask"),
+        "{err}"
+    );
+    env.create(&["--apply"]);
+    let first = env.ecds_version();
+    let accepts = fake_admin(&env, Admin::Accepts);
+    // Ignores keeps serving the version it first saw: an Envoy that missed the changes.
+    let stale = fake_admin(&env, Admin::Ignores);
+    let down = closed_admin();
+    env.ok(&["set-admin", &accepts, &stale, &down]);
+
+    let (code, text) = status(&env, false);
+    assert_eq!(code, Some(1), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], format!("store: version {first} (1 key)"));
+    assert_eq!(
+        lines[1],
+        format!(
+            "ECDS file: {} holds version {first}",
+            env.ecds_path().display()
+        )
+    );
+    let columns = |line: &str| {
+        line.split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        columns(lines[2]),
+        ["ENVOY", "REACHABLE", "SERVES", "CURRENT", "NOTE"]
+    );
+    assert_eq!(columns(lines[3]), [accepts.as_str(), "yes", &first, "yes"]);
+    assert_eq!(columns(lines[4]), [stale.as_str(), "yes", &first, "yes"]);
+    assert_eq!(
+        columns(lines[5]),
+        [down.as_str(), "no", "-", "no", "connection", "refused"]
+    );
+    assert_eq!(
+        lines[6],
+        "not in sync: 1 of 3 Envoys do not serve the store's version"
+    );
+    assert_eq!(lines.len(), 7);
+
+    env.ok(&["set-admin", "--remove", &down]);
+    let (code, text) = status(&env, false);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.ends_with("in sync: all 2 Envoys serve the store's version\n"),
+        "{text}"
+    );
+
+    // A change not applied: the store is ahead of the file and of every Envoy.
+    env.create(&[]);
+    let (code, out) = status(&env, true);
+    assert_eq!(code, Some(1));
+    let out = json(&out);
+    let second = str_of(&out["version"]);
+    assert_ne!(second, first);
+    assert_eq!(out["keys"], 2);
+    assert_eq!(out["in_sync"], false);
+    assert_eq!(out["ecds"]["version"], first.as_str());
+    assert_eq!(
+        out["envoys"][0],
+        serde_json::json!({"admin": accepts, "reachable": true, "serves": [first],
+                           "current": false, "rejected": 0, "error": null})
+    );
+    let (_, text) = status(&env, false);
+    assert!(
+        text.contains("holds version ")
+            && text.contains("not the store's (keygate apply writes it)")
+            && text.ends_with(
+                "not in sync: 2 of 2 Envoys do not serve the store's version (keygate apply writes it)\n"
+            ),
+        "{text}"
+    );
+
+    // Applied where it is taken up; the Envoy that misses it is the one status names.
+    env.ok(&["set-admin", "--remove", &stale]);
+    assert_eq!(env.json(&["apply"])["envoy"]["status"], "confirmed");
+    env.ok(&["set-admin", "--add", &stale]);
+    let (code, out) = status(&env, true);
+    assert_eq!(code, Some(1));
+    let out = json(&out);
+    assert_eq!(out["ecds"]["version"], second.as_str());
+    assert_eq!(out["envoys"][0]["current"], true);
+    assert_eq!(out["envoys"][1]["current"], false);
+    assert_eq!(out["envoys"][1]["serves"], serde_json::json!([first]));
+    env.ok(&["set-admin", &accepts]);
+    assert_eq!(status(&env, false).0, Some(0));
+
+    // Something that is not Envoy's admin is reported as such.
+    let env = Env::init();
+    env.create(&["--apply"]);
+    let not_envoy = fake_admin(&env, Admin::NotEnvoy);
+    let no_keygate = fake_admin(&env, Admin::NoKeygate);
+    env.ok(&["set-admin", &not_envoy, &no_keygate]);
+    let (code, out) = status(&env, true);
+    assert_eq!(code, Some(1));
+    let out = json(&out);
+    assert_eq!(out["envoys"][0]["reachable"], true);
+    assert!(
+        str_of(&out["envoys"][0]["error"]).starts_with("not Envoy's admin: HTTP status 404"),
+        "{out}"
+    );
+    assert_eq!(
+        out["envoys"][1]["error"],
+        "no ECDS subscription for the filter \"keygate\""
+    );
+}

@@ -957,8 +957,10 @@ fn status_json(status: &Status) -> Value {
 /// verdict.
 fn status_text(status: &Status) -> String {
     let mut lines = vec![format!(
-        "store: version {} ({} keys)",
-        status.version, status.keys
+        "store: version {} ({} key{})",
+        status.version,
+        status.keys,
+        if status.keys == 1 { "" } else { "s" }
     )];
     let file_differs = status
         .ecds

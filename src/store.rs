@@ -2224,6 +2224,63 @@ mod tests {
     }
 
     #[test]
+    fn admins_are_stored_as_one_url_or_a_list() {
+        let mut store = Store::new(Some("e.yaml".into()), "f.wasm".into(), "kg".into());
+        let admin_field =
+            |store: &Store| serde_json::to_value(store).unwrap()["envoy"]["admin"].clone();
+        assert_eq!(admin_field(&store), serde_json::Value::Null);
+        let (a, b, c) = (
+            "http://a:1".to_string(),
+            "http://b:1".to_string(),
+            "http://c:1".to_string(),
+        );
+        let previous = store
+            .set_admins(&AdminChange::Set(vec![a.clone(), b.clone(), a.clone()]))
+            .unwrap();
+        assert!(previous.is_empty());
+        assert_eq!(store.envoy.admins, [a.clone(), b.clone()]);
+        assert_eq!(admin_field(&store), serde_json::json!([a, b]));
+        store
+            .set_admins(&AdminChange::Add(vec![b.clone(), c.clone()]))
+            .unwrap();
+        assert_eq!(store.envoy.admins, [a.clone(), b.clone(), c.clone()]);
+        let err = store.set_admins(&AdminChange::Remove(vec![c.clone(), "http://d:1".into()]));
+        assert!(err
+            .unwrap_err()
+            .to_string()
+            .contains("names no Envoy admin http://d:1"));
+        assert_eq!(
+            store.envoy.admins.len(),
+            3,
+            "a refused removal removes nothing"
+        );
+        store
+            .set_admins(&AdminChange::Remove(vec![a.clone(), c.clone()]))
+            .unwrap();
+        // One admin: a string, as a keygate that predates fleets wrote and reads it.
+        assert_eq!(admin_field(&store), serde_json::json!(b));
+        let back: Store = serde_json::from_value(serde_json::to_value(&store).unwrap()).unwrap();
+        assert_eq!(back, store);
+        let mut list = serde_json::to_value(&store).unwrap();
+        list["envoy"]["admin"] = serde_json::json!([a, c]);
+        let back: Store = serde_json::from_value(list).unwrap();
+        assert_eq!(back.envoy.admins, [a.clone(), c.clone()]);
+        assert_eq!(store.set_admins(&AdminChange::Clear).unwrap(), [b]);
+        assert_eq!(admin_field(&store), serde_json::Value::Null);
+    }
+
+    #[test]
+    fn in_parallel_keeps_the_order() {
+        let items: Vec<u64> = (0..8).collect();
+        let out = in_parallel(&items, |&i| {
+            std::thread::sleep(Duration::from_millis(8 - i));
+            i * 10
+        });
+        assert_eq!(out, (0..8).map(|i| i * 10).collect::<Vec<_>>());
+        assert_eq!(in_parallel(&[] as &[u8], |&b| b), Vec::<u8>::new());
+    }
+
+    #[test]
     fn admin_answers_chunked_or_not() {
         let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
                         5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n";

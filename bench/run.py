@@ -15,10 +15,18 @@ same listener and route, upstream a `direct_response` 200), so only filter cost 
   keygate           keygate.wasm with the same keys as SHA-256 digests, IP allow rule, plans,
                     delivered through ECDS from a file, as in envoy/envoy.yaml
   wasm-floor        bench/wasm-floor: a proxy-wasm filter whose callbacks only return Continue
+  keygate-proxied   keygate (local limit only), "/" routed to the second Envoy (smallest key set)
+  fleet             as envoy/fleet/envoy.yaml: keygate with "shared_rate_limit": true, then
+                    Envoy's ratelimit filter calling target/release/keygate-ratelimit, which
+                    counts in a redis-server on loopback (both started and stopped here);
+                    "/" routed to the second Envoy (smallest key set)
 
 For each configuration and scenario h2load sends a fixed number of requests (`--h1 -c 16
 -n N`); the figure is the Envoy process's CPU time (utime+stime, /proc/PID/stat) per
 request. Rounds alternate between configurations; medians and min-max are reported.
+baseline-proxied, keygate-proxied and fleet are also measured over one connection
+(`latency`: one request in flight, h2load's per-request latencies); for fleet, the CPU of
+keygate-ratelimit and Redis over the same h2load runs is recorded too.
 Then, per key-set size and at `--concurrency 2`, keygate and native are started afresh
 for time-to-first-success, RSS (at the first success, settled a few seconds later, peak)
 and per-request CPU. Last, the host-call phase prices single proxy-wasm host calls:
@@ -46,6 +54,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -68,6 +77,8 @@ RBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 API_KEY_AUTH = "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth"
 LOCAL_RL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 STRING_VALUE = "type.googleapis.com/google.protobuf.StringValue"
+RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
+HTTP_PROTOCOL_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 # Paths the scenarios request. /limited is the route whose native rate limit is empty.
 PATH_OPEN = "/bench"
@@ -75,14 +86,26 @@ PATH_LIMITED = "/limited"
 
 # (scenario, configurations, expected status)
 SCENARIOS = {
-    "allowed": (("baseline", "baseline-proxied", "wasm-floor", "native", "keygate"), 200),
+    "allowed": (("baseline", "baseline-proxied", "wasm-floor", "native", "keygate",
+                 "keygate-proxied", "fleet"), 200),
     "401": (("native", "keygate"), 401),
     "429": (("native", "keygate"), 429),
+    # The allowed request again, over one connection (one request in flight): its latency
+    # is the request's own path, without queueing behind 15 others (see LATENCY_CONNECTIONS).
+    "latency": (("baseline-proxied", "keygate-proxied", "fleet"), 200),
 }
-CONFIG_ORDER = ("baseline", "baseline-proxied", "wasm-floor", "native", "keygate")
+CONFIG_ORDER = ("baseline", "baseline-proxied", "wasm-floor", "native", "keygate",
+                "keygate-proxied", "fleet")
 SIZE_DEPENDENT = ("native", "keygate")
 # Configurations that do not depend on the key set (recorded with size None).
 FIXED = ("baseline", "baseline-proxied", "wasm-floor")
+# Configurations measured with the smallest key set only, routed to the upstream Envoy:
+# keygate-proxied is keygate (local limit only) in front of it, fleet the same with the
+# shared limit on (Envoy's ratelimit filter, keygate-ratelimit, Redis).
+MIN_SIZE_ONLY = ("baseline-proxied", "keygate-proxied", "fleet")
+FLEET_CONFIGS = ("keygate-proxied", "fleet")
+# h2load connections of the latency scenario (the others use --connections).
+LATENCY_CONNECTIONS = 1
 
 # The host-call phase: bench/wasm-floor configured as "OP:COUNT" makes host call OP COUNT
 # times per request (see bench/wasm-floor/src/lib.rs). (op, what it calls, expected status)
@@ -315,7 +338,7 @@ def config_native(keys: KeySet, size: int) -> dict:
 KEY_SET_ABOVE = 10_000
 
 
-def keygate_plugin_config(keys: KeySet, size: int) -> str:
+def keygate_plugin_config(keys: KeySet, size: int, shared_rate_limit: bool = False) -> str:
     limited = keys.limited_index(size)
     entries = []
     packed = bytearray()
@@ -334,6 +357,10 @@ def keygate_plugin_config(keys: KeySet, size: int) -> str:
         "plans": {"bench": BENCH_PLAN, "limited": LIMITED_PLAN},
         "default_plan": "bench",
     }
+    if shared_rate_limit:
+        # As envoy/fleet/policy.json: a rate-limit service after keygate holds the shared
+        # limit and reports X-RateLimit-* on admitted requests.
+        plugin["shared_rate_limit"] = True
     if packed:
         # Strings of 1024 prefixes each, as `keygate` writes them.
         step = 1024 * 16
@@ -377,6 +404,77 @@ def keygate_configs(keygate_wasm: Path, keys: KeySet, size: int) -> dict[str, Pa
     if size <= VALIDATE_UP_TO:
         out["inline"] = write_config(f"keygate-{size}-inline", bootstrap([entry]))
     return out
+
+
+def config_keygate_proxied(ecds_file: Path, upstream_port: int) -> dict:
+    """keygate (local limit only, through ECDS as `keygate`), "/" routed to the upstream
+    Envoy: what `fleet` is compared with."""
+    return bootstrap([ecds_filter("keygate", ecds_file)], upstream_port=upstream_port)
+
+
+def shared_limit_bootstrap(cfg: dict, service_port: int) -> dict:
+    """Adds the shared limit of envoy/fleet/envoy.yaml (and of the test harness's
+    SharedLimit) to a bootstrap whose first HTTP filter is keygate: Envoy's ratelimit filter
+    after keygate (domain keygate, 50 ms, fail open), the descriptor (plan, key_id) from the
+    headers keygate sets on admitted requests, RLSE refusals as JSON, and the cluster of the
+    rate-limit service (gRPC, HTTP/2) on 127.0.0.1:service_port."""
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"][0]["rate_limits"] = [{"actions": [
+        {"request_headers": {"header_name": "x-keygate-plan", "descriptor_key": "plan"}},
+        {"request_headers": {"header_name": "x-keygate-key-id", "descriptor_key": "key_id"}},
+    ]}]
+    hcm["local_reply_config"] = {"mappers": [{
+        "filter": {"response_flag_filter": {"flags": ["RLSE"]}},
+        "body_format_override": {"json_format": {
+            "error": "rate_limit_unavailable", "message": "Rate limit service unavailable"}},
+    }]}
+    hcm["http_filters"].insert(1, {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": RATELIMIT,
+            "domain": "keygate",
+            "timeout": "0.05s",
+            "failure_mode_deny": False,
+            "status_on_error": {"code": "ServiceUnavailable"},
+            "rate_limit_service": {
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "keygate_ratelimit"},
+                                 "timeout": "0.05s"},
+            },
+        },
+    })
+    cfg["static_resources"].setdefault("clusters", []).append({
+        "name": "keygate_ratelimit",
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP_PROTOCOL_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {"cluster_name": "keygate_ratelimit", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": service_port}}}}]}]},
+    })
+    return cfg
+
+
+def fleet_configs(keygate_wasm: Path, keys: KeySet, size: int, upstream_port: int,
+                  service_port: int) -> dict[str, Path]:
+    """The fleet configuration: keygate with "shared_rate_limit": true through ECDS (its own
+    directory), then the shared limit, "/" routed to the upstream Envoy; plus the inline
+    equivalent for `envoy --mode validate`."""
+    entry = wasm_filter("keygate", keygate_wasm,
+                        keygate_plugin_config(keys, size, shared_rate_limit=True))
+    ecds_file = write_json(CONFIGS / f"fleet-{size}" / "keygate.json", ecds_resources(entry))
+    return {
+        "fleet": write_config(f"fleet-{size}", shared_limit_bootstrap(bootstrap(
+            [ecds_filter("keygate", ecds_file)], upstream_port=upstream_port), service_port)),
+        "ecds": ecds_file,
+        "inline": write_config(f"fleet-{size}-inline", shared_limit_bootstrap(bootstrap(
+            [entry], upstream_port=upstream_port), service_port)),
+    }
 
 
 # Configurations up to this many keys are checked with `envoy --mode validate` (larger
@@ -570,6 +668,40 @@ class Envoy:
         return self.proc.pid
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_accepts(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Aux:
+    """A process the fleet configuration needs besides Envoy (redis-server, keygate-ratelimit):
+    started on a loopback port, ready when the port accepts connections."""
+    name: str
+    cmd: list[str]
+    port: int
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    state: str = "not started"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
 class Runner:
     def __init__(self, args, envoy_bin: Path):
         self.args = args
@@ -579,6 +711,7 @@ class Runner:
                 setattr(args, name, default)
         self.envoy_bin = envoy_bin
         self.live: list[Envoy] = []
+        self.aux: list[Aux] = []
         # Envoys whose settled RSS is still to be sampled (see poll_settled).
         self.settling: list[Envoy] = []
         self.logs = OUT / ("quick" if args.quick else "full") / "logs"
@@ -707,6 +840,46 @@ class Runner:
     def stop_all(self) -> None:
         for e in list(self.live):
             self.stop(e)
+        for a in list(self.aux):
+            self.stop_aux(a)
+
+    def start_aux(self, a: Aux, cwd: Path, timeout: float = 15.0) -> Aux:
+        """Start an auxiliary process and wait until its port accepts connections."""
+        a.log_path = self.logs / f"{a.name}.log"
+        a.log_path.unlink(missing_ok=True)
+        with open(a.log_path, "ab") as logf:
+            a.proc = subprocess.Popen(a.cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
+        self.aux.append(a)
+        deadline = time.monotonic() + timeout
+        while True:
+            if port_accepts(a.port):
+                a.state = "ready"
+                log(f"{a.name}: listening on 127.0.0.1:{a.port}, pid {a.pid}")
+                return a
+            if a.proc.poll() is not None:
+                a.state = f"exited with status {a.proc.returncode} before listening"
+                break
+            if time.monotonic() > deadline:
+                a.state = f"not listening on 127.0.0.1:{a.port} within {timeout:.0f} s"
+                break
+            time.sleep(0.05)
+        tail = a.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+        a.state += f" (log {rel(a.log_path)}: {' | '.join(tail) or 'empty'})"
+        log(f"{a.name}: {a.state}")
+        self.stop_aux(a)
+        return a
+
+    def stop_aux(self, a: Aux) -> None:
+        if a.proc is not None and a.proc.poll() is None:
+            a.proc.send_signal(signal.SIGTERM)
+            try:
+                a.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                a.proc.kill()
+                a.proc.wait()
+        if a in self.aux:
+            self.aux.remove(a)
 
     def validate(self, config: Path) -> tuple[bool, str]:
         cmd = [str(self.envoy_bin), "--mode", "validate", "-c", str(config),
@@ -820,22 +993,57 @@ def percentile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
 
 
+def ratelimit_stats(admin_port: int) -> dict[str, int]:
+    """Envoy's ratelimit filter counters (cluster.<route cluster>.ratelimit.*), by last name:
+    ok, error, over_limit, failure_mode_allowed."""
+    out: dict[str, int] = {}
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=2)
+        c.request("GET", "/stats?filter=%5C.ratelimit%5C.")
+        body = c.getresponse().read().decode()
+        c.close()
+    except (OSError, http.client.HTTPException):
+        return out
+    for line in body.splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith("cluster.") and value.strip().isdigit():
+            out[name.rsplit(".", 1)[-1]] = out.get(name.rsplit(".", 1)[-1], 0) + int(value)
+    return out
+
+
 def run_h2load(runner: Runner, e: Envoy, key: str, path: str, n: int, expect: int | None,
-               measure: bool) -> dict:
+               measure: bool, conns: int | None = None) -> dict:
     logfile = runner.logs / "h2load.tsv"
     logfile.unlink(missing_ok=True)  # h2load appends
-    cmd = h2load_cmd(e.port, path, n, runner.args.connections, logfile, key)
+    conns = conns or runner.args.connections
+    cmd = h2load_cmd(e.port, path, n, conns, logfile, key)
     if e.proc is None or e.proc.poll() is not None:
         return {"error": f"{e.name} is not running"}
+    # The fleet configuration: the CPU of the rate-limit service and of Redis over the same
+    # run, and Envoy's ratelimit counters (read outside the CPU window: admin costs CPU too).
+    side: dict[str, Aux] = e.extra.get("side", {})
+    rls0 = ratelimit_stats(e.admin_port) if e.extra.get("ratelimit") else None
+    redis0 = redis_script_calls(e.extra["redis_port"]) if "redis_port" in e.extra else None
+    side0 = {k: cpu_seconds(a.pid) for k, a in side.items() if a.running()}
     cpu0 = cpu_seconds(e.pid)
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.monotonic() - t0
     cpu1 = cpu_seconds(e.pid)
+    side1 = {k: cpu_seconds(a.pid) for k, a in side.items() if k in side0 and a.running()}
+    rls1 = ratelimit_stats(e.admin_port) if rls0 is not None else None
+    redis1 = redis_script_calls(e.extra["redis_port"]) if redis0 is not None else None
     runner.trim_log(e)
     out = r.stdout
-    res: dict = {"n": n, "wall_s": wall, "cpu_s": cpu1 - cpu0,
+    res: dict = {"n": n, "connections": conns, "wall_s": wall, "cpu_s": cpu1 - cpu0,
                  "cpu_us_per_req": (cpu1 - cpu0) / n * 1e6}
+    if side:
+        res["side_cpu_us_per_req"] = {k: (side1[k] - side0[k]) / n * 1e6 for k in side1}
+    if rls0 is not None and rls1 is not None:
+        res["ratelimit"] = {k: rls1.get(k, 0) - rls0.get(k, 0)
+                            for k in sorted(set(rls0) | set(rls1))}
+    if redis0 is not None and redis1 is not None:
+        res["redis_scripts"] = redis1 - redis0
     m = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
     res["rps"] = float(m.group(1)) if m else None
     statuses: dict[int, int] = {}
@@ -860,7 +1068,24 @@ def run_h2load(runner: Runner, e: Envoy, key: str, path: str, n: int, expect: in
         res["error"] = f"h2load exit {r.returncode}, {done}/{n} responses: {out.strip()[-300:]}"
     elif expect is not None and statuses.get(expect, 0) != n:
         res["error"] = f"expected {n} x {expect}, got {res['statuses']}"
+    elif side and set(side1) != set(side):
+        res["error"] = "the rate-limit service or Redis is not running: " + ", ".join(
+            f"{k} {a.state}" for k, a in side.items() if k not in side1)
+    elif measure and "ratelimit" in res and res["ratelimit"].get("ok", 0) < FLEET_MIN_OK * n:
+        # Fail open hides a broken service (every request still gets its 200): a measurement
+        # where the service did not answer OK for most requests does not measure the fleet.
+        res["error"] = (f"the rate-limit service answered OK for {res['ratelimit'].get('ok', 0)} "
+                        f"of {n} requests (Envoy ratelimit counters {res['ratelimit']})")
+    elif measure and "redis_port" in e.extra and (res.get("redis_scripts") or 0) < FLEET_MIN_OK * n:
+        res["error"] = (f"Redis ran the service's script for {res.get('redis_scripts')} of {n} "
+                        f"requests: the service did not count in Redis")
     return res
+
+
+# A fleet measurement in which the rate-limit service answered OK for fewer requests than
+# this share (timeouts, errors: Envoy fails open and the request still gets its 200) is
+# an error. The count of those that did not is reported either way.
+FLEET_MIN_OK = 0.9
 
 
 # ------------------------------------------------------------------------------ phases
@@ -876,7 +1101,7 @@ class Target:
 def scenario_request(keys: KeySet, size: int | None, scenario: str) -> tuple[str, str]:
     """(key, path) for a scenario; size None (baseline, floor) uses the 10-key set's key."""
     s = size or 10
-    if scenario == "allowed":
+    if scenario in ("allowed", "latency"):
         return keys.plain[keys.allowed_index(s)], PATH_OPEN
     if scenario == "401":
         return keys.unknown, PATH_OPEN
@@ -887,7 +1112,10 @@ def scenario_request(keys: KeySet, size: int | None, scenario: str) -> tuple[str
 
 def pairs_for(targets: list[Target]) -> list[tuple[Target, str]]:
     pairs = []
+    fleet = any(t.config in FLEET_CONFIGS for t in targets)
     for scenario, (configs, _) in SCENARIOS.items():
+        if scenario == "latency" and not fleet:
+            continue  # the fleet's comparison: not without it
         for t in targets:
             if t.config in configs:
                 pairs.append((t, scenario))
@@ -896,7 +1124,7 @@ def pairs_for(targets: list[Target]) -> list[tuple[Target, str]]:
 
 def warm_up(runner: Runner, keys: KeySet, targets: list[Target]) -> None:
     for t, scenario in pairs_for(targets):
-        if t.envoy.state != "ready":
+        if t.envoy.state != "ready" or scenario == "latency":  # latency: allowed's request
             continue
         key, path = scenario_request(keys, t.size, scenario)
         # The first request of the 429 scenario is admitted (it empties the bucket).
@@ -920,7 +1148,11 @@ def measure_rounds(runner: Runner, keys: KeySet, targets: list[Target], rounds: 
         for t, scenario in order:
             key, path = scenario_request(keys, t.size, scenario)
             expect = SCENARIOS[scenario][1]
-            res = run_h2load(runner, t.envoy, key, path, runner.args.requests, expect, True)
+            if scenario == "latency":
+                res = run_h2load(runner, t.envoy, key, path, runner.args.latency_requests, expect,
+                                 True, conns=LATENCY_CONNECTIONS)
+            else:
+                res = run_h2load(runner, t.envoy, key, path, runner.args.requests, expect, True)
             rec = {"phase": phase, "round": r, "config": t.config, "size": t.size,
                    "concurrency": t.envoy.concurrency, "scenario": scenario,
                    "envoy": t.envoy.name, **res}
@@ -928,9 +1160,130 @@ def measure_rounds(runner: Runner, keys: KeySet, targets: list[Target], rounds: 
             if res.get("error"):
                 log(f"  round {r + 1} {t.envoy.name:<22} {scenario:<7} ERROR {res['error']}")
             else:
+                side = "".join(f"  {k} {v:.2f} us/req" for k, v in
+                               res.get("side_cpu_us_per_req", {}).items())
                 log(f"  round {r + 1} {t.envoy.name:<22} {scenario:<7} "
                     f"{res['cpu_us_per_req']:7.2f} us/req  {res['rps'] or 0:9.0f} req/s  "
-                    f"p50 {res['p50_us']:6.0f} us  p99 {res['p99_us']:6.0f} us")
+                    f"p50 {res['p50_us']:6.0f} us  p99 {res['p99_us']:6.0f} us{side}")
+
+
+def redis_command(port: int, *words: str) -> str | None:
+    """One Redis command over RESP: a simple, integer or bulk reply as text (None on an error
+    or when Redis cannot be reached)."""
+    msg = f"*{len(words)}\r\n" + "".join(f"${len(w.encode())}\r\n{w}\r\n" for w in words)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(msg.encode())
+            data = b""
+            while True:
+                head, sep, rest = data.partition(b"\r\n")
+                if sep and head[:1] != b"$":
+                    break
+                if sep and len(rest) >= int(head[1:]) + 2:
+                    break
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return None
+                data += chunk
+    except (OSError, ValueError):
+        return None
+    head, _, rest = data.partition(b"\r\n")
+    if head[:1] in (b"+", b":"):
+        return head[1:].decode()
+    if head[:1] == b"$" and int(head[1:]) >= 0:
+        return rest[: int(head[1:])].decode(errors="replace")
+    return None
+
+
+def redis_script_calls(port: int) -> int | None:
+    """How many scripts Redis has run (EVAL and EVALSHA calls, from INFO commandstats): the
+    service runs one per descriptor it counts."""
+    info = redis_command(port, "INFO", "commandstats")
+    if info is None:
+        return None
+    calls = 0
+    for line in info.splitlines():
+        m = re.match(r"cmdstat_(eval|evalsha|evalsha_ro|eval_ro):calls=(\d+)", line)
+        if m:
+            calls += int(m.group(2))
+    return calls
+
+
+def fleet_policy(keys: KeySet, size: int) -> dict:
+    """The fleet's policy: keygate's plugin configuration without its keys (what the store
+    holds; the service takes its limits from the store's plans)."""
+    plugin = json.loads(keygate_plugin_config(keys, size, shared_rate_limit=True))
+    for k in ("keys", "key_sets"):
+        plugin.pop(k, None)
+    return plugin
+
+
+def start_fleet(runner: Runner, keys: KeySet, size: int, keygate_wasm: Path,
+                ratelimit_bin: Path, upstream: Envoy, keygate_ecds: Path,
+                check, info: dict) -> list[tuple[Envoy, str]]:
+    """Starts redis-server and keygate-ratelimit (on a store made by `keygate init` with the
+    fleet's policy), then the keygate-proxied and fleet Envoys. Returns the Envoys started;
+    what went wrong goes to info["error"]."""
+    args = runner.args
+    work = runner.logs.parent / "fleet"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    policy = work / "policy.json"
+    policy.write_text(json.dumps(fleet_policy(keys, size), indent=1))
+    store = work / "keygate.json"
+    cli = ratelimit_bin.parent / "keygate"
+    r = subprocess.run([str(cli), "--store", str(store), "init", "--policy", str(policy)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        info["error"] = f"`keygate init --policy` failed: {(r.stdout + r.stderr).strip()[-300:]}"
+        return []
+    redis_port = free_port()
+    redis = runner.start_aux(Aux("redis", [
+        shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
+        "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(work)],
+        redis_port), work)
+    info["redis"] = {"port": redis_port, "state": redis.state, "log": rel(redis.log_path)}
+    if redis.state != "ready":
+        info["error"] = f"redis-server: {redis.state}"
+        return []
+    service_port = free_port()
+    service = runner.start_aux(Aux("keygate-ratelimit", [
+        str(ratelimit_bin), "--store", str(store), "--redis", f"redis://127.0.0.1:{redis_port}",
+        "--listen", f"127.0.0.1:{service_port}"], service_port), work)
+    info["service"] = {"port": service_port, "state": service.state, "log": rel(service.log_path),
+                       "store": rel(store)}
+    if service.state != "ready":
+        info["error"] = f"keygate-ratelimit: {service.state}"
+        return []
+    paths = fleet_configs(keygate_wasm, keys, size, upstream.port, service_port)
+    proxied_path = write_config("keygate-proxied", config_keygate_proxied(keygate_ecds, upstream.port))
+    check(proxied_path, "keygate as `keygate`, routed to the upstream Envoy")
+    check(paths["fleet"], "ECDS bootstrap: structure and ECDS file path only")
+    check(paths["inline"], "the fleet's keygate configuration inline: module and on_configure")
+    out = []
+    for name, path in (("keygate-proxied", proxied_path), ("fleet", paths["fleet"])):
+        e = Envoy(f"{name}-{size}-c1", path, 1)
+        if name == "fleet":
+            e.extra["side"] = {"service": service, "redis": redis}
+            e.extra["ratelimit"] = True
+            e.extra["redis_port"] = redis_port
+        out.append((runner.start(e, keys.plain[keys.allowed_index(size)]), name))
+    return out
+
+
+def fleet_counted(e: Envoy, info: dict) -> None:
+    """After the warm-up: the service must have counted in Redis (a plan it does not know is
+    answered OK without touching Redis, which would measure nothing). With 10^9 requests a
+    second a bucket is full again within a millisecond, so its key expires at once: what is
+    checked is that Redis ran the service's script, not that the key is still there."""
+    n = redis_script_calls(e.extra["redis_port"])
+    info["redis_scripts_after_warmup"] = n
+    rls = ratelimit_stats(e.admin_port)
+    info["ratelimit_after_warmup"] = rls
+    log(f"  fleet after warm-up: Redis ran {n} script(s); Envoy ratelimit counters {rls}")
+    if not n:
+        info["error"] = (f"after the warm-up Redis has run no script ({n!r}): the rate-limit "
+                         f"service did not count (see {info['service']['log']})")
 
 
 def perf_works() -> bool:
@@ -1224,6 +1577,75 @@ def summarize(records: list[dict], phase: str) -> dict:
     return out
 
 
+def mmm(vals: list[float]) -> dict | None:
+    """Median, min and max, or None for no values."""
+    return {"med": med(vals), "min": min(vals), "max": max(vals), "n": len(vals)} if vals else None
+
+
+def fleet_summary(records: list[dict]) -> dict:
+    """The fleet section's figures from the phase-A records: per configuration and scenario
+    (allowed at --connections, latency at one connection), and what the shared limit adds:
+    fleet minus keygate-proxied, paired round by round."""
+    rs = [r for r in records if r.get("phase") == "A" and not r.get("error")
+          and r["config"] in MIN_SIZE_ONLY and r["scenario"] in ("allowed", "latency")]
+    if not any(r["config"] == "fleet" for r in rs):
+        return {}
+    by: dict[tuple, dict[int, dict]] = {}
+    for r in rs:
+        by.setdefault((r["config"], r["scenario"]), {})[r["round"]] = r
+    out: dict = {"size": next(r["size"] for r in rs if r["config"] == "fleet"), "configs": {},
+                 "added": {}, "over_baseline_proxied": {}}
+    for (config, scenario), rounds in by.items():
+        vals = list(rounds.values())
+        row = {
+            "rounds": len(vals),
+            "requests": vals[0]["n"],
+            "connections": vals[0].get("connections"),
+            "cpu": mmm([r["cpu_us_per_req"] for r in vals]),
+            "rps": med([r["rps"] for r in vals if r["rps"]]),
+            "p50": mmm([r["p50_us"] for r in vals]),
+            "p90": mmm([r["p90_us"] for r in vals]),
+            "p99": mmm([r["p99_us"] for r in vals]),
+        }
+        side_keys = sorted({k for r in vals for k in r.get("side_cpu_us_per_req", {})})
+        if side_keys:
+            row["side_cpu"] = {k: mmm([r["side_cpu_us_per_req"][k] for r in vals
+                                       if k in r.get("side_cpu_us_per_req", {})])
+                               for k in side_keys}
+            row["total_cpu"] = mmm([r["cpu_us_per_req"] + sum(r.get("side_cpu_us_per_req", {}).values())
+                                    for r in vals])
+        if any("ratelimit" in r for r in vals):
+            counts: dict[str, int] = {}
+            for r in vals:
+                for k, v in r.get("ratelimit", {}).items():
+                    counts[k] = counts.get(k, 0) + v
+            row["ratelimit"] = counts
+            row["ratelimit_requests"] = sum(r["n"] for r in vals if "ratelimit" in r)
+        if any("redis_scripts" in r for r in vals):
+            row["redis_scripts"] = sum(r.get("redis_scripts", 0) for r in vals)
+        out["configs"].setdefault(config, {})[scenario] = row
+
+    def paired(a: str, b: str, scenario: str, value) -> dict | None:
+        ra, rb = by.get((a, scenario), {}), by.get((b, scenario), {})
+        return mmm([value(ra[k]) - value(rb[k]) for k in ra if k in rb])
+
+    total = lambda r: r["cpu_us_per_req"] + sum(r.get("side_cpu_us_per_req", {}).values())
+    for scenario in ("allowed", "latency"):
+        out["added"][scenario] = {
+            "cpu": paired("fleet", "keygate-proxied", scenario, lambda r: r["cpu_us_per_req"]),
+            "total_cpu": paired("fleet", "keygate-proxied", scenario, total),
+            "p50": paired("fleet", "keygate-proxied", scenario, lambda r: r["p50_us"]),
+            "p99": paired("fleet", "keygate-proxied", scenario, lambda r: r["p99_us"]),
+        }
+        for c in FLEET_CONFIGS:
+            out["over_baseline_proxied"].setdefault(c, {})[scenario] = {
+                "cpu": paired(c, "baseline-proxied", scenario, lambda r: r["cpu_us_per_req"]),
+                "p50": paired(c, "baseline-proxied", scenario, lambda r: r["p50_us"]),
+                "p99": paired(c, "baseline-proxied", scenario, lambda r: r["p99_us"]),
+            }
+    return out
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     # A ratio to a zero or negative overhead (noise around nothing) means nothing.
     if a is None or b is None or b <= 1e-9:
@@ -1281,6 +1703,15 @@ def parse_args(argv=None):
                    help="the larger number of calls per request in the host-call phase; each op "
                         "also runs with 1 (default 10)")
     p.add_argument("--skip-hostcalls", action="store_true", help="skip the host-call phase")
+    p.add_argument("--skip-fleet", action="store_true",
+                   help="skip the fleet configuration (shared limit: ratelimit filter, "
+                        "keygate-ratelimit, redis-server)")
+    p.add_argument("--latency-requests", type=int,
+                   help="requests per latency measurement, over one connection (default 10000; "
+                        "quick 2000)")
+    p.add_argument("--keygate-ratelimit", default=str(ROOT / "target/release/keygate-ratelimit"),
+                   help="the rate-limit service binary; `keygate` next to it makes its store "
+                        "(default: target/release/keygate-ratelimit; `cargo build --release --bins`)")
     p.add_argument("--keep-configs", action="store_true", help="keep generated configs over 10 MB (deleted by default)")
     a = p.parse_args(argv)
     q = a.quick
@@ -1290,6 +1721,7 @@ def parse_args(argv=None):
     a.warmup = a.warmup or (2000 if q else 5000)
     a.hostcall_rounds = a.hostcall_rounds or (1 if q else 5)
     a.hostcall_requests = a.hostcall_requests or (5000 if q else 40000)
+    a.latency_requests = a.latency_requests or (2000 if q else 10000)
     a.sizes = [int(s.replace("_", "")) for s in (a.sizes or ("10,10000" if q else "10,10000,100000,1000000")).split(",")]
     if a.perf is None:
         a.perf = not q and perf_works()
@@ -1334,6 +1766,19 @@ def main(argv=None) -> int:
     if shutil.which("h2load") is None:
         print("bench: h2load not found (Debian package nghttp2-client; `make setup`)", file=sys.stderr)
         return 2
+    ratelimit_src = Path(args.keygate_ratelimit)
+    if not args.skip_fleet:
+        if shutil.which("redis-server") is None:
+            print("bench: redis-server not found: the fleet configuration runs a real Redis "
+                  "(Debian package redis-server: `apt-get install -y redis-server`, which "
+                  "`make setup` does; or --skip-fleet)", file=sys.stderr)
+            return 2
+        for tool in (ratelimit_src, ratelimit_src.parent / "keygate"):
+            if not tool.exists():
+                print(f"bench: {tool} not found: the fleet configuration needs keygate-ratelimit "
+                      f"and keygate (`cargo build --release --bins`, part of `make build`; or "
+                      f"--skip-fleet)", file=sys.stderr)
+                return 2
 
     # Snapshot both modules: a rebuild during the run must not change what is measured.
     wasm_dir = OUT / ("quick" if args.quick else "full") / "wasm"
@@ -1343,6 +1788,12 @@ def main(argv=None) -> int:
     floor_wasm = wasm_dir / "wasm-floor.wasm"
     shutil.copyfile(keygate_src, keygate_wasm)
     shutil.copyfile(floor_src, floor_wasm)
+    # The same for the fleet's native tools (the service, and the CLI that makes its store).
+    ratelimit_bin = wasm_dir.parent / "bin" / "keygate-ratelimit"
+    if not args.skip_fleet:
+        ratelimit_bin.parent.mkdir(parents=True, exist_ok=True)
+        for src in (ratelimit_src, ratelimit_src.parent / "keygate"):
+            shutil.copy2(src, ratelimit_bin.parent / src.name)
 
     runner = Runner(args, envoy_bin)
     facts = {
@@ -1367,6 +1818,13 @@ def main(argv=None) -> int:
         "args": {k: (rel(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "clk_tck": CLK_TCK,
     }
+    if not args.skip_fleet:
+        facts["fleet"] = {
+            "redis": subprocess.run([shutil.which("redis-server") or "redis-server", "--version"],
+                                    capture_output=True, text=True).stdout.strip(),
+            "service": rel(ratelimit_src),
+            "service_sha256": sha256_file(ratelimit_bin),
+        }
     log(f"Envoy {facts['envoy']['version']}; keygate {facts['keygate']['version']} "
         f"@ {facts['keygate']['commit']}{' (dirty)' if facts['keygate']['dirty'] else ''}; "
         f"{facts['machine']['nproc']} CPUs, {facts['machine']['cpu_model']}")
@@ -1384,6 +1842,8 @@ def main(argv=None) -> int:
     profile: dict = {"native_check": []}
     problems: list[str] = []
     hostcalls: dict | None = None
+    # The fleet configuration's processes and anything that went wrong with them.
+    fleet_info: dict = {"skipped": bool(args.skip_fleet)}
 
     log(f"generating {human(max(args.sizes))} keys (seed {args.seed!r})")
     keys = KeySet(args.seed, max(args.sizes))
@@ -1467,10 +1927,32 @@ def main(argv=None) -> int:
                     targets.append(Target(name, e, size))
                 else:
                     problems.append(f"{e.name}: {e.state}")
+            # The fleet (shared limit on) and keygate alone, both routed to the upstream
+            # Envoy, smallest key set only.
+            if size == min(args.sizes) and not args.skip_fleet:
+                if upstream.state == "ready":
+                    fleet_started = start_fleet(runner, keys, size, keygate_wasm, ratelimit_bin,
+                                                upstream, sized[size]["ecds"], check, fleet_info)
+                else:
+                    fleet_started = []
+                    fleet_info["error"] = f"the upstream Envoy is not running ({upstream.state})"
+                for e, name in fleet_started:
+                    started.append((e, name))
+                    if e.state == "ready":
+                        targets.append(Target(name, e, size))
+                    else:
+                        problems.append(f"{e.name}: {e.state}")
             runner.wait_settled()
             for e, name in started:
                 starts.append(start_record(e, name, size, "A"))
             warm_up(runner, keys, targets)
+            fl = next((t for t in targets if t.config == "fleet"), None)
+            if fl:
+                fleet_counted(fl.envoy, fleet_info)
+                if fleet_info.get("error"):
+                    targets.remove(fl)
+            if fleet_info.get("error") and not any("fleet:" in p for p in problems):
+                problems.append(f"fleet: {fleet_info['error']}")
             n0 = len(records)
             measure_rounds(runner, keys, targets, args.rounds, "A", tuple(SCENARIOS), records)
             for r in records[n0:]:
@@ -1481,9 +1963,14 @@ def main(argv=None) -> int:
             if size == min(args.sizes) and not args.quick and kg and args.log_level != "warning":
                 profile["log_cost"] = log_cost(runner, keys, size, sized[size]["keygate"], kg, 3)
             for t in targets:
-                if t.config in SIZE_DEPENDENT:
+                if t.config in SIZE_DEPENDENT + FLEET_CONFIGS:
                     runner.stop(t.envoy)
             if size == min(args.sizes):
+                for e, name in started:
+                    if name in FLEET_CONFIGS:
+                        runner.stop(e)
+                for a in list(runner.aux):
+                    runner.stop_aux(a)
                 for e in (proxied, upstream):
                     if e:
                         runner.stop(e)
@@ -1553,6 +2040,8 @@ def main(argv=None) -> int:
               "profile": profile, "problems": problems,
               # A summary of the host-call phase (re-rendering recomputes it from records).
               "hostcalls": hostcalls}
+    # The fleet's processes, and a summary of its figures (re-rendering recomputes it).
+    report["fleet"] = {**fleet_info, "summary": fleet_summary(records)}
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "results.json", "w") as f:
         json.dump(report, f, indent=1)
@@ -1574,7 +2063,7 @@ def main(argv=None) -> int:
     small_not_ready = any(s["state"] != "ready" for s in starts
                           if s["size"] is None or s["size"] <= 10_000)
     failed = (not measured or any(r.get("error") for r in records)
-              or validations_failed(report) or small_not_ready)
+              or validations_failed(report) or small_not_ready or bool(fleet_info.get("error")))
     return 1 if failed else 0
 
 
@@ -1634,6 +2123,9 @@ class Summary:
         self.b = summarize(report["records"], "B")
         self.sizes = report["facts"]["args"]["sizes"]
         self.hostcalls = hostcall_table(report["records"])
+        self.fleet = fleet_summary(report["records"])
+        # The fleet's processes (results before the fleet existed: none).
+        self.fleet_info = report.get("fleet") or {}
 
     def get(self, phase: str, config: str, size: int, scenario: str = "allowed") -> dict | None:
         table = self.a if phase == "A" else self.b
@@ -1761,8 +2253,54 @@ def headline_lines(S: Summary) -> list[str]:
                 f"{config} --concurrency 2, {size_label(large)} vs {size_label(small)} keys: {ready}; {rss}; "
                 f"CPU/request {fmt(c1)} vs {fmt(c0)} us ({fmt_ratio(ratio(c1, c0))}), "
                 f"overhead {fmt(o1)} vs {fmt(o0)} us ({fmt_ratio(ratio(o1, o0))})")
+    lines.append(fleet_headline(S))
     lines.append(hostcall_headline(S.hostcalls))
     return lines
+
+
+def pm(d: dict | None, digits: int = 2) -> str:
+    """A paired difference with its sign: '+1.23' (or 'n/a')."""
+    if not d or d.get("med") is None:
+        return "n/a"
+    return f"{round(d['med'], digits) + 0.0:+.{digits}f}"
+
+
+def fleet_headline(S: Summary) -> str:
+    fs, info = S.fleet, S.fleet_info
+    head = "Fleet, an allowed request with the shared limit on"
+    if not fs:
+        if not info:
+            return f"{head}: - (no fleet configuration in this run)"
+        if info.get("skipped"):
+            return f"{head}: - (skipped, --skip-fleet)"
+        return f"{head}: not measured ({info.get('error') or 'no successful measurement'})"
+    c = fs["configs"]
+    fa, ka = c.get("fleet", {}).get("allowed"), c.get("keygate-proxied", {}).get("allowed")
+    fl, kl = c.get("fleet", {}).get("latency"), c.get("keygate-proxied", {}).get("latency")
+    v = lambda row, key: None if not row or not row.get(key) else row[key]["med"]
+    add = fs["added"]
+    side = (fa or {}).get("side_cpu", {})
+    parts = [
+        f"Envoy CPU {fmt(v(fa, 'cpu'))} us/request vs {fmt(v(ka, 'cpu'))} us for keygate alone "
+        f"({pm(add['allowed']['cpu'])} us, {fmt_ratio(ratio(v(fa, 'cpu'), v(ka, 'cpu')))})",
+        f"plus keygate-ratelimit {fmt(v(side, 'service') if side else None)} us and Redis "
+        f"{fmt(v(side, 'redis') if side else None)} us per request (Envoy + service + Redis "
+        f"{fmt(v(fa, 'total_cpu'))} us, {pm(add['allowed']['total_cpu'])} us over keygate alone; "
+        f"all on the same {S.report['facts']['machine']['nproc']} cores)",
+    ]
+    if fl or kl:
+        parts.append(
+            f"latency at {LATENCY_CONNECTIONS} connection p50 {fmt(v(fl, 'p50'), 0)} vs "
+            f"{fmt(v(kl, 'p50'), 0)} us ({pm(add['latency']['p50'], 0)} us), p99 "
+            f"{fmt(v(fl, 'p99'), 0)} vs {fmt(v(kl, 'p99'), 0)} us ({pm(add['latency']['p99'], 0)} us)")
+    parts.append(
+        f"at {(fa or {}).get('connections') or '-'} connections p50 {fmt(v(fa, 'p50'), 0)} vs "
+        f"{fmt(v(ka, 'p50'), 0)} us ({pm(add['allowed']['p50'], 0)} us), p99 {fmt(v(fa, 'p99'), 0)} vs "
+        f"{fmt(v(ka, 'p99'), 0)} us ({pm(add['allowed']['p99'], 0)} us)")
+    n = (fa or {}).get("rounds", 0)
+    return (f"{head} ({size_label(fs['size'])} keys, --concurrency 1, against keygate alone "
+            f"(local limit only), both routed to an upstream Envoy, {n} round(s), medians): "
+            + "; ".join(parts))
 
 
 def hostcall_headline(hc: dict) -> str:
@@ -1928,12 +2466,25 @@ def write_report(report: dict, args) -> list[str]:
     w(f"{f['envoy']['path']} --mode validate -c bench/configs/<config>.json --disable-hot-restart")
     w(" ".join(h2load_cmd(0, PATH_OPEN, n, args.connections, Path("<tsv>"), "<key>")).replace(
         "127.0.0.1:0", "127.0.0.1:<port>").replace("x-api-key: <key>", "'x-api-key: <key>'"))
+    if S.fleet_info and not S.fleet_info.get("skipped"):
+        lat_n = f["args"].get("latency_requests") or 0
+        w(" ".join(h2load_cmd(0, PATH_OPEN, lat_n, LATENCY_CONNECTIONS, Path("<tsv>"), "<key>"))
+          .replace("127.0.0.1:0", "127.0.0.1:<port>")
+          .replace("x-api-key: <key>", "'x-api-key: <key>'") + "   # latency")
+        w("redis-server --port <port> --bind 127.0.0.1 --save '' --appendonly no --dir bench/out/<mode>/fleet")
+        w("target/release/keygate --store bench/out/<mode>/fleet/keygate.json init --policy "
+          "bench/out/<mode>/fleet/policy.json")
+        w("target/release/keygate-ratelimit --store bench/out/<mode>/fleet/keygate.json "
+          "--redis redis://127.0.0.1:<port> --listen 127.0.0.1:<port>")
     w("```")
     w("")
     w("## Phase A: CPU per request, `--concurrency 1`")
     w("")
+    has_latency = any(r.get("scenario") == "latency" for r in report["records"])
     w("CPU and overhead in microseconds of Envoy CPU time per request: median (min to max) over "
-      "rounds; requests/s and h2load latency percentiles (microseconds, 16 connections) are medians.")
+      f"rounds; requests/s and h2load latency percentiles (microseconds, {args.connections} "
+      "connections" + (f"; `latency`: the allowed request over {LATENCY_CONNECTIONS} connection, "
+                       "see the fleet section" if has_latency else "") + ") are medians.")
     for size in S.sizes:
         w("")
         w(f"### {human(size)} keys")
@@ -1945,11 +2496,13 @@ def write_report(report: dict, args) -> list[str]:
                 if config not in configs:
                     continue
                 row = S.get("A", config, size, scenario)
-                if row is None and config == "baseline-proxied" and (
-                        size != min(S.sizes) or not has_proxied):
+                if row is None and config in MIN_SIZE_ONLY and (
+                        size != min(S.sizes) or S.start(
+                            "A", config, None if config in FIXED else size) is None
+                        or (scenario == "latency" and not has_latency)):
                     continue
                 if row is None:
-                    st = S.start("A", config, size if config in SIZE_DEPENDENT else None)
+                    st = S.start("A", config, None if config in FIXED else size)
                     why = st["state"] if st and st["state"] != "ready" else "no successful measurement"
                     w(f"| {config} | {scenario} | {why} | | | | | |")
                     continue
@@ -1971,6 +2524,7 @@ def write_report(report: dict, args) -> list[str]:
         if s["phase"] == "A":
             w(f"| {s['config']} | {size_label(s['size'])} | {s['state']} | {fmt(s['ready_s'])} | "
               f"{mib(s['rss_kb'])} | {start_mib(s, 'settled_kb')} | {mib(peak_kb(s))} |")
+    write_fleet_section(w, S, args)
     if any(s["phase"] == "B" for s in report["starts"]):
         w("")
         w("## Phase B: scale, `--concurrency 2`")
@@ -2077,6 +2631,116 @@ def write_report(report: dict, args) -> list[str]:
       "keygate's logging cost at info level.")
     (args.out / "results.md").write_text("\n".join(L) + "\n")
     return heads
+
+
+def write_fleet_section(w, S: Summary, args) -> None:
+    """The fleet configuration against keygate alone (issue 12)."""
+    fs, info = S.fleet, S.fleet_info
+    if not info:
+        return  # results from before the fleet configuration existed
+    f = S.report["facts"]
+    w("")
+    w("## Fleet: the shared limit on the allowed path (`--concurrency 1`)")
+    w("")
+    if info.get("skipped"):
+        w("- (skipped: --skip-fleet)")
+        return
+    ff = f.get("fleet", {})
+    nproc = f["machine"]["nproc"]
+    w("Two more Envoys in phase A, with the smallest key set only, both routing `/` to the "
+      "upstream Envoy of `baseline-proxied` (Envoy's ratelimit filter calls the service only for "
+      "a route that goes to a cluster, so neither can use the `direct_response` of the other "
+      "configurations):")
+    w("")
+    w("- `keygate-proxied`: keygate alone, its own per-instance bucket as the only limit: the "
+      "same ECDS file as `keygate`.")
+    w("- `fleet`: as `envoy/fleet/envoy.yaml`: keygate with `\"shared_rate_limit\": true` "
+      "(else the same plugin configuration, through ECDS), then `envoy.filters.http.ratelimit` "
+      "(domain keygate, timeout 50 ms, fail open, descriptor `plan` + `key_id` from the "
+      "`x-keygate-plan` / `x-keygate-key-id` headers keygate sets on the requests it admits), "
+      "calling `keygate-ratelimit` over gRPC (a `STATIC` HTTP/2 cluster on loopback), which "
+      "counts in a real `redis-server` on loopback (no persistence; "
+      f"{ff.get('redis', 'version not recorded')}). The harness starts and stops both: the "
+      "store the service reads is made by `keygate init --policy` with the plugin configuration's "
+      "plans (`bench`: 1,000,000,000 requests per second, so nothing is refused; the key's "
+      "plan is the default one) and a fresh Redis per run, so the counts start at zero.")
+    w("")
+    w(f"Measured in the same rounds as the rest of phase A, alternating with the other "
+      f"configurations: `allowed` is the same h2load run as everywhere ({args.connections} "
+      f"connections, the CPU figure); `latency` is the allowed request over "
+      f"{LATENCY_CONNECTIONS} connection ({human(args.latency_requests)} requests, one in "
+      f"flight at a time: the request's own path, no queueing behind other requests), "
+      f"latencies from h2load's per-request log (`--log-file`). CPU per request of "
+      f"keygate-ratelimit and Redis comes from their /proc/PID/stat over the same h2load run. "
+      f"The machine has {nproc} cores: Envoy (`--concurrency 1`), h2load, the upstream Envoy, "
+      f"keygate-ratelimit (a multi-threaded tokio runtime) and Redis all compete for them, so "
+      f"the service's and Redis's CPU and the gRPC round trip take time from Envoy and h2load; "
+      f"a fleet on separate machines would spread it. Fail open would hide a broken service "
+      f"(every request still gets its 200), so each fleet measurement also reads Envoy's "
+      f"ratelimit counters (how many requests the service answered OK) and how many scripts "
+      f"Redis ran (INFO commandstats: one per request counted); a measurement where either "
+      f"is below {100 * FLEET_MIN_OK:.0f}% of its requests is an error.")
+    w("")
+    if not fs:
+        w(f"- not measured: {info.get('error') or 'no successful measurement'}")
+        return
+    w("CPU in microseconds per request (Envoy; keygate-ratelimit and Redis where they run), "
+      "median (min to max) over rounds; over baseline-proxied = minus baseline-proxied's CPU "
+      "in the same round; requests/s and latency percentiles in microseconds, medians.")
+    w("")
+    w("| configuration | scenario | connections | Envoy CPU us/request | over baseline-proxied | "
+      "keygate-ratelimit CPU | Redis CPU | Envoy + service + Redis | requests/s | p50 us | p90 us | p99 us |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def sp(d, digits=2):
+        return "n/a" if not d else spread(d["med"], d["min"], d["max"], digits)
+
+    for scenario in ("allowed", "latency"):
+        for config in MIN_SIZE_ONLY:
+            row = fs["configs"].get(config, {}).get(scenario)
+            if row is None:
+                continue
+            over = ("-" if config == "baseline-proxied" else
+                    sp(fs["over_baseline_proxied"].get(config, {}).get(scenario, {}).get("cpu")))
+            side = row.get("side_cpu", {})
+            w(f"| {config} | {scenario} | {row.get('connections') or '-'} | {sp(row['cpu'])} | {over} | "
+              f"{sp(side.get('service')) if side else '-'} | {sp(side.get('redis')) if side else '-'} | "
+              f"{sp(row.get('total_cpu')) if side else '-'} | {fmt(row['rps'], 0)} | "
+              f"{fmt(row['p50']['med'], 0)} | {fmt(row['p90']['med'], 0)} | {fmt(row['p99']['med'], 0)} |")
+    w("")
+    w("What the shared limit adds: `fleet` minus `keygate-proxied`, paired round by round, "
+      "median (min to max):")
+    w("")
+    w("| scenario | connections | Envoy CPU us/request | Envoy + service + Redis us/request | p50 us | p99 us |")
+    w("|---|---|---|---|---|---|")
+    for scenario in ("allowed", "latency"):
+        a = fs["added"].get(scenario)
+        row = fs["configs"].get("fleet", {}).get(scenario)
+        if not a or not row:
+            continue
+        w(f"| {scenario} | {row.get('connections') or '-'} | {sp(a['cpu'])} | {sp(a['total_cpu'])} | "
+          f"{sp(a['p50'], 0)} | {sp(a['p99'], 0)} |")
+    w("")
+    counts = {}
+    n = 0
+    for scenario in ("allowed", "latency"):
+        row = fs["configs"].get("fleet", {}).get(scenario) or {}
+        for k, v in row.get("ratelimit", {}).items():
+            counts[k] = counts.get(k, 0) + v
+        n += row.get("ratelimit_requests", 0)
+    if counts:
+        w(f"Envoy's ratelimit counters over the fleet's {human(n)} measured requests: "
+          + ", ".join(f"{k} {human(v)}" for k, v in sorted(counts.items()))
+          + (" (`error`: the service did not answer in time or answered UNAVAILABLE, and the "
+             "request went on, fail open)." if counts.get("error") else "."))
+    scripts = sum((fs["configs"].get("fleet", {}).get(sc) or {}).get("redis_scripts", 0)
+                  for sc in ("allowed", "latency"))
+    if scripts:
+        w(f"Redis ran the service's GCRA script {human(scripts)} times during those requests "
+          f"(INFO commandstats), one per request counted.")
+    logs = [x.get("log") for x in (info.get("redis"), info.get("service")) if x]
+    if logs:
+        w("Logs: " + ", ".join(f"`{x}`" for x in logs) + ".")
 
 
 def vm_configure_times(tl: dict) -> dict:

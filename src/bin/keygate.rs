@@ -739,8 +739,9 @@ fn apply_line(applied: &Applied) -> String {
 }
 
 /// `envoy` in the JSON of an applied change: `status` (`confirmed` by every Envoy named,
-/// `partial`, `unreachable`, `no_admin`), each Envoy under `envoys`, and, as before fleets,
-/// `admin` and `reason` when the store names one Envoy, `seconds` the longest wait.
+/// `partial`, `unreachable`, `no_admin`), `seconds` (the longest wait), `admin` and
+/// `reason` when the store names one Envoy (the shape from before fleets), and each
+/// Envoy's answer under `envoys` when it names several.
 fn add_confirmation(out: &mut Value, applied: &Applied) {
     let confirmed = applied.confirmed().count();
     let status = match (confirmed, applied.envoys.len()) {
@@ -773,12 +774,14 @@ fn add_confirmation(out: &mut Value, applied: &Applied) {
         [one] => (Some(one.admin()), None),
         _ => (None, None),
     };
+    let mut envoy = json!({"status": status, "admin": admin, "seconds": seconds, "reason": reason});
+    if envoys.len() > 1 {
+        // A fleet: each Envoy's answer. A store naming one admin keeps the shape it had.
+        envoy["envoys"] = Value::from(envoys);
+    }
     if let Some(fields) = out.as_object_mut() {
         fields.insert("version".into(), json!(applied.version));
-        fields.insert(
-            "envoy".into(),
-            json!({"status": status, "admin": admin, "seconds": seconds, "reason": reason, "envoys": envoys}),
-        );
+        fields.insert("envoy".into(), envoy);
     }
 }
 
@@ -1004,6 +1007,7 @@ fn status_text(status: &Status) -> String {
                 ),
                 EnvoyState::Answered(_) => match envoy.rejected() {
                     0 => String::new(),
+                    1 => "1 update rejected since it started".to_string(),
                     n => format!("{n} updates rejected since it started"),
                 },
                 EnvoyState::Unreachable(why) => why.clone(),

@@ -2299,7 +2299,8 @@ def fleet_headline(S: Summary) -> str:
         f"{fmt(v(ka, 'p99'), 0)} us ({pm(add['allowed']['p99'], 0)} us)")
     n = (fa or {}).get("rounds", 0)
     return (f"{head} ({size_label(fs['size'])} keys, --concurrency 1, against keygate alone "
-            f"(local limit only), both routed to an upstream Envoy, {n} round(s), medians): "
+            f"(local limit only), both routed to an upstream Envoy, {n} round(s), medians; the "
+            f"differences are medians of the per-round differences): "
             + "; ".join(parts))
 
 

@@ -2347,3 +2347,61 @@ fn status_compares_every_envoy_with_the_store() {
         "no ECDS subscription for the filter \"keygate\""
     );
 }
+
+#[test]
+fn policy_show_check_and_set_change_plans_in_place() {
+    let env = Env::init();
+    let policy = env.dir.path().join("policy.json");
+    fs::write(
+        &policy,
+        r#"{"plans": {"tiny": {"requests": 5, "per": "minute"}}, "default_plan": "free"}"#,
+    )
+    .unwrap();
+    env.ok(&["policy", "set", policy.to_str().unwrap()]);
+    let (id, _) = env.create(&["--plan", "tiny"]);
+    let shown = json(&env.ok(&["policy", "show"]));
+    assert_eq!(shown["plans"]["tiny"]["requests"], 5);
+    assert!(shown.get("keys").is_none(), "{shown}");
+
+    // A policy that drops a plan a key uses is refused, naming the key's field; nothing changes.
+    let before = env.store_text();
+    let dropped = env.dir.path().join("dropped.json");
+    fs::write(&dropped, r#"{"default_plan": "free"}"#).unwrap();
+    let e = env.fail(&["policy", "check", dropped.to_str().unwrap()], 1);
+    assert!(
+        e.contains("keys[0].plan: unknown plan \"tiny\""),
+        "{e} ({id})"
+    );
+    let e = env.fail(&["policy", "set", dropped.to_str().unwrap()], 1);
+    assert!(e.contains("keys[0].plan: unknown plan \"tiny\""), "{e}");
+    assert_eq!(env.store_text(), before);
+
+    // A policy file with keys is not a policy.
+    let with_keys = env.dir.path().join("with-keys.json");
+    fs::write(
+        &with_keys,
+        format!(
+            r#"{{"keys": [{{"id": "x", "hash": "{}", "role": "r"}}]}}"#,
+            keys::hash_string(b"some-legacy-key-123")
+        ),
+    )
+    .unwrap();
+    let e = env.fail(&["policy", "set", with_keys.to_str().unwrap()], 1);
+    assert!(e.contains("keys: a policy holds no keys"), "{e}");
+    assert_eq!(env.store_text(), before);
+
+    // A changed plan goes through, and again is a no-op.
+    fs::write(
+        &policy,
+        r#"{"plans": {"tiny": {"requests": 9, "per": "minute"}}, "default_plan": "free"}"#,
+    )
+    .unwrap();
+    let out = env.ok(&["policy", "check", policy.to_str().unwrap()]);
+    assert!(out.contains("valid with the store's 1 keys"), "{out}");
+    assert_eq!(env.store_text(), before);
+    let out = env.ok(&["policy", "set", policy.to_str().unwrap()]);
+    assert!(out.starts_with("policy replaced from"), "{out}");
+    assert_eq!(env.store_json()["policy"]["plans"]["tiny"]["requests"], 9);
+    let out = env.ok(&["policy", "set", policy.to_str().unwrap()]);
+    assert!(out.starts_with("the policy is already"), "{out}");
+}

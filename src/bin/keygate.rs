@@ -38,6 +38,25 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum PolicyAction {
+    /// Print the store's policy (JSON).
+    Show,
+    /// Check a policy file with the filter's own code, against the store's keys (a key's
+    /// plan must still exist); changes nothing.
+    Check {
+        /// A plugin configuration JSON without keys.
+        file: PathBuf,
+    },
+    /// Replace the store's policy with a file, after the same checks.
+    Set {
+        /// A plugin configuration JSON without keys.
+        file: PathBuf,
+        #[command(flatten)]
+        apply: ApplyFlags,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Create a new store with the default policy (refuses to overwrite one).
     Init {
@@ -81,6 +100,12 @@ enum Command {
     Show {
         /// Key id, as `list` shows it.
         id: String,
+    },
+    /// Show, check or replace the store's policy (routes, plans, IP rules, ...: the
+    /// plugin configuration without keys).
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
     },
     /// Revoke a key for good (401 key_revoked).
     Revoke {
@@ -426,6 +451,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             let key = s.find(id)?;
             print(cli, &describe(&s, key, now), &show_text(&s, key, now))?;
         }
+        Command::Policy { action } => return policy(cli, action),
         Command::Revoke { id, apply } => {
             return transition(cli, id, Transition::Revoke, apply.options(), now)
         }
@@ -1103,6 +1129,63 @@ fn note_tightened(path: &std::path::Path, mode: u32) {
          at 0600 (it holds the digests of imported keys), and has set it so",
         path.display()
     );
+}
+
+/// Reads a policy file: a plugin configuration without keys (they live in the store).
+fn read_policy_file(file: &std::path::Path) -> Result<keygate::config::PluginConfig, Error> {
+    let policy = store::read_policy(file)?;
+    if !policy.keys.is_empty() || !policy.key_sets.is_empty() {
+        return Err(Error::Other(format!(
+            "invalid policy {}: keys: a policy holds no keys (keys are managed with keygate create, import, revoke ...)",
+            file.display()
+        )));
+    }
+    Ok(policy)
+}
+
+fn policy(cli: &Cli, action: &PolicyAction) -> Result<ExitCode, Error> {
+    match action {
+        PolicyAction::Show => {
+            let s = store::load(&cli.store)?;
+            let mut value = serde_json::to_value(&s.policy)
+                .map_err(|e| Error::Other(format!("cannot serialise: {e}")))?;
+            // The keys are the store's, not the policy's.
+            if let Some(fields) = value.as_object_mut() {
+                fields.remove("keys");
+            }
+            emit(&pretty(&value))?;
+        }
+        PolicyAction::Check { file } => {
+            let mut s = store::load(&cli.store)?;
+            s.policy = read_policy_file(file)?;
+            s.validate()?;
+            print(
+                cli,
+                &json!({"file": file.display().to_string(), "valid": true}),
+                &format!(
+                    "{}: valid with the store's {} keys",
+                    file.display(),
+                    s.keys.len()
+                ),
+            )?;
+        }
+        PolicyAction::Set { file, apply } => {
+            let policy = read_policy_file(file)?;
+            let done = store::update(&cli.store, apply.options(), |s| {
+                let changed = s.policy != policy;
+                s.policy = policy;
+                Ok(changed)
+            })?;
+            let changed = done.value;
+            let text = if changed {
+                format!("policy replaced from {}", file.display())
+            } else {
+                format!("the policy is already {}", file.display())
+            };
+            return committed(cli, &done, json!({"changed": changed}), text);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn transition(

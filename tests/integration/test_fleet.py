@@ -23,6 +23,7 @@ POLICY = {
     "plans": {
         "hourly50": {"requests": 50, "per": "hour"},
         "hourly5": {"requests": 5, "per": "hour"},
+        "flex": {"requests": 5, "per": "hour"},
     },
     "default_plan": "free",
     "shared_rate_limit": True,
@@ -138,6 +139,26 @@ def test_one_quota_per_key_across_two_envoys(fleet):
     assert headers.get("x-ratelimit-remaining") is not None
     # Public routes never reach the service: nothing to count.
     assert get(a, None, "/healthz")[0] == 200
+
+
+def test_a_plan_changed_with_the_tool_is_enforced_without_a_restart(fleet, tmp_path):
+    a, b = fleet.envoys["a"], fleet.envoys["b"]
+    pid = fleet.service.proc.pid
+    policy = json.loads(json.dumps(POLICY))
+    policy["plans"]["flex"] = {"requests": 8, "per": "hour"}
+    (tmp_path / "policy.json").write_text(json.dumps(policy))
+    fleet.tool.run("policy", "set", str(tmp_path / "policy.json"), "--apply")
+    # The service follows the store: a probe key sees the new limit within seconds.
+    probe = fleet.key("flex", a)
+    deadline = time.monotonic() + 5
+    while get(a, probe)[1].get("x-ratelimit-limit") != "8":
+        assert time.monotonic() < deadline, "the service did not take up the changed plan"
+        time.sleep(0.2)
+    key = fleet.key("flex", a, b)  # 2 of the shared 8
+    statuses = [get((a, b)[i % 2], key)[0] for i in range(12)]
+    assert statuses.count(200) == 6, statuses
+    assert fleet.service.proc.pid == pid and fleet.service.proc.poll() is None
+    assert "plans" in fleet.service.log()
 
 
 def over_limit(envoy) -> int:

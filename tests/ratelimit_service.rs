@@ -382,7 +382,7 @@ async fn hits_addend_and_descriptors_that_are_not_limited() {
         &store,
         &[
             ("tiny", 5, Per::Minute, None),
-            ("burst", 10, Per::Second, Some(3)),
+            ("burst", 2, Per::Second, Some(3)),
         ],
     );
     let mut service = Service::start(dir.path(), "svc", &store, &redis.url(), "250ms").await;
@@ -417,27 +417,34 @@ async fn hits_addend_and_descriptors_that_are_not_limited() {
     assert_eq!(r.overall_code, Code::Ok as i32);
     assert_eq!(header(&r, "x-ratelimit-remaining"), Some("0"));
 
-    // A plan with burst 3 of 10 per second: 3 at once, then one every 100 ms.
+    // A plan of 2 per second with a burst of 3: 3 at once, then one every 500 ms.
     for expected in [2, 1, 0] {
         let r = ask(&mut client, request("burst", "k_b", 1)).await;
         assert_eq!(r.overall_code, Code::Ok as i32);
         assert_eq!(number(&r, "x-ratelimit-remaining"), expected);
+        let limit = r.statuses[0].current_limit.as_ref().unwrap();
         assert_eq!(
-            r.statuses[0].current_limit.as_ref().unwrap().unit,
-            Unit::Second as i32
+            (limit.requests_per_unit, limit.unit),
+            (2, Unit::Second as i32)
         );
+        assert_eq!(header(&r, "x-ratelimit-limit"), Some("2"));
     }
     let r = ask(&mut client, request("burst", "k_b", 1)).await;
     assert_eq!(r.overall_code, Code::OverLimit as i32);
     assert_eq!(
         header(&r, "retry-after"),
         Some("1"),
-        "100 ms rounds up to 1 s"
+        "under 500 ms rounds up to 1 s"
     );
-    assert_eq!(header(&r, "x-ratelimit-reset"), Some("1"));
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(
+        header(&r, "x-ratelimit-reset"),
+        Some("2"),
+        "under 1.5 s rounds up to 2 s"
+    );
+    tokio::time::sleep(Duration::from_millis(550)).await;
     let r = ask(&mut client, request("burst", "k_b", 1)).await;
     assert_eq!(r.overall_code, Code::Ok as i32, "a token refilled: {r:?}");
+    assert_eq!(header(&r, "x-ratelimit-remaining"), Some("0"));
 
     // Not keygate's: another domain, a descriptor without both entries, an unknown plan.
     let mut other_domain = request("tiny", "k_hits", 1);

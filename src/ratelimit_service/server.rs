@@ -140,16 +140,17 @@ impl RateLimitService for Service {
         let mut replies = replies.into_iter();
         let outcomes: Vec<Outcome> = selections
             .into_iter()
-            .map(|selection| match (selection, &mut replies) {
-                (Selection::Limited(bucket), replies) => match replies.next() {
-                    Some(reply) => Outcome::Limited {
-                        plan: bucket.plan,
-                        rate: bucket.rate,
-                        reply,
-                    },
-                    None => Outcome::Unlimited,
-                },
-                _ => Outcome::Unlimited,
+            .map(|selection| match selection {
+                Selection::Limited(bucket) => {
+                    replies
+                        .next()
+                        .map_or(Outcome::Unlimited, |reply| Outcome::Limited {
+                            plan: bucket.plan,
+                            rate: bucket.rate,
+                            reply,
+                        })
+                }
+                Selection::UnknownPlan(_) | Selection::Ignored => Outcome::Unlimited,
             })
             .collect();
         Ok(Response::new(decide::response(&outcomes)))

@@ -40,9 +40,9 @@ impl std::fmt::Display for PathError {
 ///
 /// - `as_sent`: the path as the client wrote it (what an upstream that routes on the raw
 ///   path sees);
-/// - `decoded`: percent-escapes decoded once (`%2F` included), `\` read as `/`, repeated
-///   slashes merged, `.` and `..` segments resolved (what Flask, Express, FastAPI and Go
-///   route on, give or take);
+/// - `decoded`: percent-escapes decoded once (`%2F` included), cut at a decoded `?` or
+///   `#`, `\` read as `/`, repeated slashes merged, `.` and `..` segments resolved (what
+///   Flask, Express, FastAPI and Go route on, give or take);
 /// - `without_params`: `decoded` with every segment's `;` parameters dropped (what
 ///   servlet containers route on).
 ///
@@ -91,7 +91,13 @@ pub fn forms(raw: &[u8]) -> Result<Forms<'_>, PathError> {
             forms: vec![Cow::Borrowed(path)],
         });
     }
-    let decoded = normalise(&percent_decode(path)?, false);
+    let mut decoded = percent_decode(path)?;
+    // An upstream that decodes before it splits off the query string reads `%3F` (and
+    // `%23`) as the end of the path: so does this form (only ever stricter).
+    if let Some(end) = decoded.iter().position(|&b| b == b'?' || b == b'#') {
+        decoded.truncate(end);
+    }
+    let decoded = normalise(&decoded, false);
     let without_params = normalise(&decoded, true);
     let mut forms: Vec<Cow<'_, [u8]>> = vec![Cow::Borrowed(path)];
     for form in [decoded, without_params] {

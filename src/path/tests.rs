@@ -38,6 +38,8 @@ fn forms_of_tricky_paths() {
         ["/v1/admin%3bx", "/v1/admin;x", "/v1/admin"]
     );
     assert_eq!(all("/v1/%zz"), ["/v1/%zz"]);
+    assert_eq!(all("/v1/admin%3Fx"), ["/v1/admin%3Fx", "/v1/admin"]);
+    assert_eq!(all("/v1/admin%23/x"), ["/v1/admin%23/x", "/v1/admin"]);
     assert_eq!(all("/%2e%2e"), ["/%2e%2e", "/"]);
 }
 

@@ -114,6 +114,8 @@ fn variants_of_admin() -> Vec<String> {
         "/v1/x/%2E%2E/admin".into(),
         "/v1/x/.%2e/admin".into(),
         "/v1/admin%3bx".into(),
+        "/v1/admin%3Fx=1".into(),
+        "/v1/admin%23frag".into(),
         "/v1/admin?role=client".into(),
         "/public/../v1/admin".into(),
         "/healthz/..;/v1/admin".into(),

@@ -6,6 +6,8 @@
 # when `keygate ... --apply` replaces that file; the store names Envoy's admin, so --apply
 # returns once Envoy serves the change (or undoes it if Envoy rejects it). Each start
 # issues a fresh demo key and revokes the previous run's one; only hashes are stored.
+# Envoy's access log (a line per request, with the decision and the key id) goes to
+# $RUN/access.log.
 #
 # Settings for running several stacks side by side (the integration tests do):
 #   KEYGATE_RUN_DIR (.run), KEYGATE_PORT (10000), KEYGATE_ADMIN_PORT (9901),
@@ -52,6 +54,7 @@ sed -e "s#envoy/ecds#$RUN/ecds#g" \
     -e "s/port_value: 10000/port_value: $PORT/" \
     -e "s/port_value: 9901/port_value: $ADMIN_PORT/" \
     -e "s/port_value: 8081/port_value: $UPSTREAM_PORT/" \
+    -e "s#path: /dev/stdout#path: $RUN/access.log#" \
     envoy/envoy.yaml > "$RUN/envoy.yaml"
 
 pids=()
@@ -93,8 +96,10 @@ Demo key $key_id (client "demo", tenant demo-tenant, role client, scopes jobs:re
   curl -si http://$LISTEN/v1/jobs
 403, the client role may not use the admin routes:
   curl -si -H 'Authorization: Bearer $key' http://$LISTEN/v1/admin/users
-Counters:
+Counters (by outcome, reason and route):
   curl -s http://$ADMIN/stats/prometheus | grep '^keygate_'
+Access log (a line per request: decision, key id, client; never the key):
+  tail -f $RUN/access.log
 Manage keys while it runs (--apply returns once Envoy serves the change, within about a second):
   export KEYGATE_STORE=$KEYGATE_STORE
   $KEYGATE list

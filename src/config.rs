@@ -68,6 +68,13 @@ pub struct PluginConfig {
     /// probe that fails whenever the filter does not run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_path: Option<String>,
+    /// Count requests per key id (`keygate_key_requests_total{key_id,...}` and
+    /// `keygate_key_last_used_seconds{key_id}`); off by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_key_metrics: Option<bool>,
+    /// Most key ids each worker defines per-key series for (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_key_metrics_max: Option<u32>,
 }
 
 /// The shape of keys `keygate create` generates.
@@ -365,6 +372,9 @@ pub enum KeyStatus {
 pub struct RouteSpec {
     /// Path prefix (query string excluded).
     pub prefix: String,
+    /// Name of the rule in metrics (the `route` label); the prefix when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// No key needed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub public: bool,
@@ -527,6 +537,13 @@ impl<'c> Matched<'c> {
         }
     }
 
+    /// The rule a request is counted under in metrics: the first restricting rule any
+    /// reading of its path selects, else the first public one; `None` when no rule covers it.
+    pub fn label_rule(&self) -> Option<&'c Route> {
+        let selected = || self.selections[..self.len].iter().flatten().copied();
+        selected().find(|r| !r.public).or_else(|| selected().next())
+    }
+
     /// No key needed: every reading of the path lands on a public rule.
     pub fn is_public(&self) -> bool {
         self.len > 0
@@ -550,6 +567,10 @@ impl<'c> Matched<'c> {
 pub struct Route {
     /// Path prefix.
     pub prefix: String,
+    /// Position in the configuration's `routes`.
+    pub index: usize,
+    /// The `route` label of its metrics: its `name`, or else its prefix.
+    pub label: String,
     /// No key needed.
     pub public: bool,
     /// Allowed methods; empty means any.
@@ -599,7 +620,14 @@ pub struct Config {
     pub needs_client_ip: bool,
     /// Prefix whose keys must pass the checksum, when checking is on.
     pub checksum_prefix: Option<String>,
+    /// Most key ids given per-key metrics by each worker; `None` when per-key metrics are off.
+    pub per_key_metrics: Option<usize>,
 }
+
+/// `per_key_metrics_max` when not given.
+pub const DEFAULT_PER_KEY_METRICS_MAX: u32 = 1000;
+/// Largest `per_key_metrics_max` accepted.
+pub const MAX_PER_KEY_METRICS: u32 = 100_000;
 
 /// Largest `requests` or `burst` accepted: far above any real plan, and small enough
 /// that bucket arithmetic in nano-tokens never saturates.
@@ -810,6 +838,17 @@ impl Config {
             }
             other => other.clone(),
         };
+        let per_key_metrics = match (doc.per_key_metrics, doc.per_key_metrics_max) {
+            (_, Some(n)) if !(1..=MAX_PER_KEY_METRICS).contains(&n) => {
+                return Err(ConfigError::new(
+                    "per_key_metrics_max",
+                    format!("must be between 1 and {MAX_PER_KEY_METRICS}, got {n}"),
+                ))
+            }
+            (Some(true), max) => Some(max.unwrap_or(DEFAULT_PER_KEY_METRICS_MAX) as usize),
+            // A cap without per-key metrics is allowed (it is kept for when they are on).
+            _ => None,
+        };
         let needs_client_ip = !allow_ips.is_empty()
             || !deny_ips.is_empty()
             || failed_auth_limit.is_some()
@@ -824,6 +863,7 @@ impl Config {
             shared_rate_limit: doc.shared_rate_limit.unwrap_or(false),
             needs_client_ip,
             checksum_prefix,
+            per_key_metrics,
             www_authenticate: format!("ApiKey realm=\"{realm}\""),
             realm,
             key_sources,
@@ -1253,8 +1293,25 @@ fn compile_routes(specs: &[RouteSpec]) -> Result<Vec<Route>, ConfigError> {
                 }
                 Ok(values.clone())
             };
+        let label = match &spec.name {
+            Some(name) => {
+                check_route_name(name).map_err(|reason| ConfigError::new(at("name"), reason))?;
+                if let Some(j) = routes.iter().position(|r| &r.label == name) {
+                    return Err(ConfigError::new(
+                        at("name"),
+                        format!(
+                            "duplicate name {name:?} (also routes[{j}].name); names must be unique"
+                        ),
+                    ));
+                }
+                name.clone()
+            }
+            None => spec.prefix.clone(),
+        };
         let route = Route {
             prefix: spec.prefix.clone(),
+            index: i,
+            label,
             public: spec.public,
             methods: list("methods", &spec.methods, check_method)?,
             roles: list("roles", &spec.roles, check_word)?,
@@ -1271,6 +1328,27 @@ fn compile_routes(specs: &[RouteSpec]) -> Result<Vec<Route>, ConfigError> {
         routes.push(route);
     }
     Ok(routes)
+}
+
+/// A route's metric name: 1 to 64 of `[A-Za-z0-9_-]`, and not `none` (the label of
+/// requests no rule covers).
+fn check_route_name(v: &str) -> Result<(), String> {
+    if v.is_empty()
+        || v.len() > 64
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "{v:?} is not a valid route name: use 1 to 64 letters, digits, _ or -"
+        ));
+    }
+    if v == crate::metrics::NO_ROUTE {
+        return Err(format!(
+            "{v:?} is reserved: it labels the requests no rule covers"
+        ));
+    }
+    Ok(())
 }
 
 // RFC 9110 token characters.

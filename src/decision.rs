@@ -58,6 +58,22 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order (`reason as usize` is its position).
+    pub const ALL: [Reason; 12] = [
+        Reason::InvalidRequest,
+        Reason::MissingApiKey,
+        Reason::InvalidApiKey,
+        Reason::KeyRevoked,
+        Reason::KeyExpired,
+        Reason::KeySuspended,
+        Reason::InsufficientPermissions,
+        Reason::TenantMismatch,
+        Reason::IpNotAllowed,
+        Reason::ClientAddressUnknown,
+        Reason::RateLimited,
+        Reason::TooManyFailedAttempts,
+    ];
+
     /// HTTP status sent.
     pub fn status(self) -> u32 {
         match self {
@@ -123,6 +139,41 @@ impl Reason {
     }
 }
 
+/// The requirement a refused request failed, for the log line (403s, and
+/// `client_address_unknown`: the rule that needed the address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requirement {
+    /// The route's `roles`.
+    Role,
+    /// The route's `scopes`.
+    Scope,
+    /// The route's `methods`.
+    Method,
+    /// The key's tenant against X-Tenant-ID.
+    Tenant,
+    /// The configuration's `ip_rules`.
+    IpRules,
+    /// The key's `allowed_ips`.
+    AllowedIps,
+    /// The `failed_auth_limit`, which counts per client address.
+    FailedAuthLimit,
+}
+
+impl Requirement {
+    /// The name in log lines: the configuration field it comes from.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Requirement::Role => "role",
+            Requirement::Scope => "scope",
+            Requirement::Method => "method",
+            Requirement::Tenant => "tenant",
+            Requirement::IpRules => "ip_rules",
+            Requirement::AllowedIps => "allowed_ips",
+            Requirement::FailedAuthLimit => "failed_auth_limit",
+        }
+    }
+}
+
 /// Who a denial is about, for the log line: never the whole key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Subject<'c> {
@@ -175,6 +226,97 @@ pub struct Denial<'c> {
     pub detail: Option<&'static str>,
     /// Why the client address is unknown (client_address_unknown).
     pub unknown_address: Option<ip::Unknown>,
+    /// The requirement that failed (403s; client_address_unknown: the rule that needed it).
+    pub requirement: Option<Requirement>,
+    /// The rule the request is counted under (see `Matched::label_rule`); `None` when no
+    /// rule covers the path or it could not be read.
+    pub route: Option<&'c Route>,
+}
+
+impl<'c> Denial<'c> {
+    /// A denial with nothing but its reason and subject.
+    pub fn new(reason: Reason, subject: Subject<'c>) -> Denial<'c> {
+        Denial {
+            reason,
+            subject,
+            retry_after_s: None,
+            quota: None,
+            limiter_failure: None,
+            client_ip: None,
+            detail: None,
+            unknown_address: None,
+            requirement: None,
+            route: None,
+        }
+    }
+
+    /// The key id the denial is about, when the key is a configured one (never the key).
+    pub fn key_id(&self) -> Option<&str> {
+        match &self.subject {
+            Subject::Key(id) => Some(id),
+            Subject::Nobody | Subject::Unknown(_) => None,
+        }
+    }
+
+    /// Whether the request authenticated as a configured key before it was refused (every
+    /// refusal about a key but revoked and expired ones).
+    pub fn authenticated(&self) -> bool {
+        self.key_id().is_some() && !matches!(self.reason, Reason::KeyRevoked | Reason::KeyExpired)
+    }
+
+    /// The log line of the refusal of a request with this `method` and `path` (as sent):
+    ///
+    /// `keygate: denied STATUS CODE[ (REQUIREMENT[: WHY])] METHOD PATH[ key_id=ID |
+    /// key_prefix="PREFIX"][ client_ip=IP][ (N earlier denials not logged: over R a second)]`
+    ///
+    /// The path without its query string, at most [`LOG_PATH_CHARS`] characters, bytes
+    /// outside visible ASCII as `?` (see [`log_path`]); an unknown key by its first 8
+    /// characters only; never the key. `skipped` is the number of denials left unlogged
+    /// since the last line, over the budget of `per_second` lines a second.
+    pub fn log_line(&self, method: &[u8], path: &[u8], skipped: u64, per_second: u32) -> String {
+        let who = match &self.subject {
+            Subject::Nobody => String::new(),
+            Subject::Key(id) => format!(" key_id={id}"),
+            Subject::Unknown(prefix) => format!(" key_prefix={prefix:?}"),
+        };
+        let skipped = match skipped {
+            0 => String::new(),
+            n => format!(" ({n} earlier denials not logged: over {per_second} a second)"),
+        };
+        let why = self
+            .detail
+            .or_else(|| self.unknown_address.map(unknown_text));
+        let detail = match (self.requirement, why) {
+            (Some(r), Some(why)) => format!(" ({}: {why})", r.as_str()),
+            (Some(r), None) => format!(" ({})", r.as_str()),
+            (None, Some(why)) => format!(" ({why})"),
+            (None, None) => String::new(),
+        };
+        let client = self
+            .client_ip
+            .map(|ip| format!(" client_ip={ip}"))
+            .unwrap_or_default();
+        format!(
+            "keygate: denied {} {}{detail} {} {}{who}{client}{skipped}",
+            self.reason.status(),
+            self.reason.code(),
+            log_method(method),
+            log_path(path),
+        )
+    }
+}
+
+/// Why the client address is unknown, for the log line.
+fn unknown_text(why: ip::Unknown) -> &'static str {
+    match why {
+        ip::Unknown::NoPeer => "Envoy reported no client address",
+        ip::Unknown::FromRequest => {
+            "Envoy took the client address from X-Forwarded-For: set use_remote_address: true"
+        }
+        ip::Unknown::MalformedForwardedFor => {
+            "the X-Forwarded-For entry that decides is not an address"
+        }
+    }
 }
 
 /// An admitted request and what to change before it goes upstream.
@@ -187,6 +329,8 @@ pub struct Admission<'c> {
     pub remove: Vec<String>,
     /// The key's quota, when it has a plan and headers are on.
     pub quota: Option<Quota>,
+    /// The rule the request is counted under (see `Matched::label_rule`).
+    pub route: Option<&'c Route>,
 }
 
 impl Admission<'_> {
@@ -237,23 +381,9 @@ pub fn decide<'c, S: Store + ?Sized>(
     leases: &mut Leases,
 ) -> Decision<'c> {
     let now_s = i64::try_from(now_ns / 1_000_000_000).unwrap_or(i64::MAX);
-    let deny = |reason: Reason, subject: Subject<'c>, client_ip: Option<IpAddr>| Denial {
-        reason,
-        subject,
-        retry_after_s: None,
-        quota: None,
-        limiter_failure: None,
-        client_ip,
-        detail: None,
-        unknown_address: None,
-    };
     let unreadable = |detail: &'static str| Denial {
         detail: Some(detail),
-        ..deny(Reason::InvalidRequest, Subject::Nobody, None)
-    };
-    let unknown_address = |why: ip::Unknown| Denial {
-        unknown_address: Some(why),
-        ..deny(Reason::ClientAddressUnknown, Subject::Nobody, None)
+        ..Denial::new(Reason::InvalidRequest, Subject::Nobody)
     };
 
     // What keygate cannot read is refused, never matched as something else.
@@ -276,14 +406,22 @@ pub fn decide<'c, S: Store + ?Sized>(
         }
     };
 
-    let mut remove: Vec<String> = req
-        .headers
-        .iter()
-        .filter(|(name, _)| is_spoofed_identity(name))
-        .map(|(name, _)| name.to_ascii_lowercase())
-        .collect();
-    remove.sort();
-    remove.dedup();
+    // The rules are chosen before anything else refuses, so that every refusal after this
+    // point is counted under its route.
+    let rules = config.rules_for(&forms);
+    let route = rules.label_rule();
+    let deny = |reason: Reason, subject: Subject<'c>, client_ip: Option<IpAddr>| Denial {
+        client_ip,
+        route,
+        ..Denial::new(reason, subject)
+    };
+    let unknown_address = |why: ip::Unknown, needed_by: Requirement| Denial {
+        unknown_address: Some(why),
+        requirement: Some(needed_by),
+        ..deny(Reason::ClientAddressUnknown, Subject::Nobody, None)
+    };
+
+    let mut remove = spoofed_identity(req.headers);
 
     // The client address is read only when a rule needs it; a rule that needs it and
     // finds it unknown refuses (see each use below).
@@ -295,11 +433,14 @@ pub fn decide<'c, S: Store + ?Sized>(
     };
     let client_ip = client.ok();
     if !config.allow_ips.is_empty() || !config.deny_ips.is_empty() {
-        let ip = client.map_err(unknown_address)?;
+        let ip = client.map_err(|why| unknown_address(why, Requirement::IpRules))?;
         if config.deny_ips.contains(ip)
             || (!config.allow_ips.is_empty() && !config.allow_ips.contains(ip))
         {
-            return Err(deny(Reason::IpNotAllowed, Subject::Nobody, client_ip));
+            return Err(Denial {
+                requirement: Some(Requirement::IpRules),
+                ..deny(Reason::IpNotAllowed, Subject::Nobody, client_ip)
+            });
         }
     }
 
@@ -308,21 +449,25 @@ pub fn decide<'c, S: Store + ?Sized>(
             key: None,
             remove,
             quota: None,
+            route,
         });
     }
 
-    let rules = config.rules_for(&forms);
     let credential = credentials::extract(&config.key_sources, req.headers);
     if rules.is_public() && credential == Credential::Missing {
         return Ok(Admission {
             key: None,
             remove,
             quota: None,
+            route,
         });
     }
 
     let failures = match config.failed_auth_limit {
-        Some(rate) => Some((client.map_err(unknown_address)?, rate)),
+        Some(rate) => Some((
+            client.map_err(|why| unknown_address(why, Requirement::FailedAuthLimit))?,
+            rate,
+        )),
         None => None,
     };
     if let Some((ip, rate)) = &failures {
@@ -361,22 +506,26 @@ pub fn decide<'c, S: Store + ?Sized>(
     if key.status == KeyStatus::Suspended {
         return Err(deny(Reason::KeySuspended, who(), client_ip));
     }
+    let failed = |reason: Reason, requirement: Requirement| Denial {
+        requirement: Some(requirement),
+        ..deny(reason, who(), client_ip)
+    };
     if !key.allowed_ips.is_empty() {
         let ip = client.map_err(|why| Denial {
             subject: who(),
-            ..unknown_address(why)
+            ..unknown_address(why, Requirement::AllowedIps)
         })?;
         if !key.allowed_ips.contains(ip) {
-            return Err(deny(Reason::IpNotAllowed, who(), client_ip));
+            return Err(failed(Reason::IpNotAllowed, Requirement::AllowedIps));
         }
     }
     if !tenant_matches(key, req.headers) {
-        return Err(deny(Reason::TenantMismatch, who(), client_ip));
+        return Err(failed(Reason::TenantMismatch, Requirement::Tenant));
     }
     // Every rule any reading of the path selects must be met.
-    for route in rules.restricting() {
-        if !permitted(route, key, method) {
-            return Err(deny(Reason::InsufficientPermissions, who(), client_ip));
+    for rule in rules.restricting() {
+        if let Some(requirement) = unmet(rule, key, method) {
+            return Err(failed(Reason::InsufficientPermissions, requirement));
         }
     }
 
@@ -414,6 +563,7 @@ pub fn decide<'c, S: Store + ?Sized>(
         remove,
         // With a shared limit after keygate, that limit's service reports the quota.
         quota: quota.filter(|_| config.rate_limit_headers && !config.shared_rate_limit),
+        route,
     })
 }
 
@@ -480,6 +630,20 @@ fn authenticate<'c, 'h>(
     Ok((entry, carriers))
 }
 
+/// The client-sent headers that pose as keygate's identity headers (see
+/// `is_spoofed_identity`), lowercase, sorted, once each: removed before forwarding, and
+/// from refused requests so that access logs never show them.
+pub fn spoofed_identity(headers: &[Header<'_>]) -> Vec<String> {
+    let mut out: Vec<String> = headers
+        .iter()
+        .filter(|(name, _)| is_spoofed_identity(name))
+        .map(|(name, _)| name.to_ascii_lowercase())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// A header the client may not send: `x-keygate-*`, or an identity header written with
 /// underscores (`x_keygate_role`, `x_tenant_id`), which CGI-style upstreams (WSGI, Rack,
 /// PHP) read as the real one because they fold `-` and `_` together.
@@ -532,10 +696,60 @@ fn tenant_matches(key: &Key, headers: &[Header<'_>]) -> bool {
     header(headers, TENANT_HEADER).all(|v| v.trim_ascii() == tenant.as_bytes())
 }
 
-fn permitted(route: &Route, key: &Key, method: &str) -> bool {
-    (route.methods.is_empty() || route.methods.iter().any(|m| m == method))
-        && (route.roles.is_empty() || route.roles.contains(&key.role))
-        && route.scopes.iter().all(|s| key.scopes.contains(s))
+/// The first of the rule's requirements the key or method does not meet (roles, then
+/// scopes, then methods), or `None` when all are met.
+fn unmet(route: &Route, key: &Key, method: &str) -> Option<Requirement> {
+    if !route.roles.is_empty() && !route.roles.contains(&key.role) {
+        Some(Requirement::Role)
+    } else if !route.scopes.iter().all(|s| key.scopes.contains(s)) {
+        Some(Requirement::Scope)
+    } else if !route.methods.is_empty() && !route.methods.iter().any(|m| m == method) {
+        Some(Requirement::Method)
+    } else {
+        None
+    }
+}
+
+/// How a path is written in a log line: the query string (and anything after a `#`)
+/// left out, bytes outside visible ASCII as `?`, and at most [`LOG_PATH_CHARS`]
+/// characters (a longer path ends in `...`).
+pub fn log_path(path: &[u8]) -> String {
+    let end = path
+        .iter()
+        .position(|&b| b == b'?' || b == b'#')
+        .unwrap_or(path.len());
+    log_text(&path[..end], LOG_PATH_CHARS)
+}
+
+/// How a method is written in a log line: as [`log_path`] does, in at most
+/// [`LOG_METHOD_CHARS`] characters; `-` when empty.
+pub fn log_method(method: &[u8]) -> String {
+    log_text(method, LOG_METHOD_CHARS)
+}
+
+/// Most characters of a path in a log line.
+pub const LOG_PATH_CHARS: usize = 200;
+/// Most characters of a method in a log line.
+pub const LOG_METHOD_CHARS: usize = 20;
+
+fn log_text(bytes: &[u8], max: usize) -> String {
+    if bytes.is_empty() {
+        return "-".to_string();
+    }
+    let visible = |&b: &u8| {
+        if (0x21..0x7f).contains(&b) {
+            char::from(b)
+        } else {
+            '?'
+        }
+    };
+    if bytes.len() <= max {
+        bytes.iter().map(visible).collect()
+    } else {
+        let mut out: String = bytes[..max.saturating_sub(3)].iter().map(visible).collect();
+        out.push_str("...");
+        out
+    }
 }
 
 #[cfg(test)]

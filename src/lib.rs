@@ -18,6 +18,7 @@ pub mod fleet;
 pub mod ip;
 pub mod keys;
 pub mod logbudget;
+pub mod metrics;
 pub mod path;
 pub mod ratelimit;
 #[cfg(not(target_arch = "wasm32"))]

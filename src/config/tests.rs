@@ -538,3 +538,73 @@ fn reading_in_chunks_gives_the_same_configuration_and_errors() {
     assert_eq!(e.path, "configuration");
     assert!(e.reason.contains("empty"), "{e}");
 }
+
+#[test]
+fn per_key_metrics_are_off_unless_asked_for_and_capped() {
+    let c = parse(&one_key("")).unwrap();
+    assert_eq!(c.per_key_metrics, None);
+    let with = |extra: &str| {
+        format!(r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "client"}}]{extra}}}"#)
+    };
+    assert_eq!(
+        parse(&with(r#", "per_key_metrics": true"#))
+            .unwrap()
+            .per_key_metrics,
+        Some(1000)
+    );
+    assert_eq!(
+        parse(&with(
+            r#", "per_key_metrics": true, "per_key_metrics_max": 2"#
+        ))
+        .unwrap()
+        .per_key_metrics,
+        Some(2)
+    );
+    assert_eq!(
+        parse(&with(
+            r#", "per_key_metrics": false, "per_key_metrics_max": 2"#
+        ))
+        .unwrap()
+        .per_key_metrics,
+        None
+    );
+    assert_eq!(
+        parse(&with(
+            r#", "per_key_metrics": true, "per_key_metrics_max": 100000"#
+        ))
+        .unwrap()
+        .per_key_metrics,
+        Some(100_000)
+    );
+    for bad in ["0", "100001"] {
+        let e = err(&with(&format!(
+            r#", "per_key_metrics": true, "per_key_metrics_max": {bad}"#
+        )));
+        assert!(
+            e.starts_with("per_key_metrics_max: must be between 1 and 100000"),
+            "{e}"
+        );
+    }
+    let e = err(&with(r#", "per_key_metrics": "yes""#));
+    assert!(e.starts_with("per_key_metrics:"), "{e}");
+}
+
+#[test]
+fn route_names_round_trip_and_label_the_rule() {
+    let json = format!(
+        r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "client"}}],
+            "routes": [{{"prefix": "/v1/jobs", "name": "jobs"}}, {{"prefix": "/v1"}}]}}"#
+    );
+    let doc = PluginConfig::from_json(json.as_bytes()).unwrap();
+    assert_eq!(doc.routes[0].name.as_deref(), Some("jobs"));
+    let back = serde_json::to_string(&doc).unwrap();
+    assert!(back.contains(r#""name":"jobs""#) && !back.contains(r#""name":null"#));
+    let c = Config::compile(&doc).unwrap();
+    assert_eq!(
+        c.routes
+            .iter()
+            .map(|r| (r.index, r.label.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(0, "jobs"), (1, "/v1")]
+    );
+}

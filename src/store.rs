@@ -1775,8 +1775,10 @@ pub mod admin {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
     use std::time::{Duration, Instant};
 
-    /// The largest answer read; Envoy's filtered stats are a few kilobytes.
-    const MAX_RESPONSE: usize = 8 << 20;
+    /// The largest answer read: Envoy's filtered stats are a few kilobytes, but its
+    /// Prometheus page for `keygate usage` holds a few series per key in use (about
+    /// 200 bytes a key), so a large key set in use may take tens of megabytes.
+    const MAX_RESPONSE: usize = 256 << 20;
 
     /// Checks an admin URL: `http://HOST:PORT` and nothing more (a trailing `/` is
     /// dropped). Returns it as stored.

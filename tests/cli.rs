@@ -2405,3 +2405,572 @@ fn policy_show_check_and_set_change_plans_in_place() {
     let out = env.ok(&["policy", "set", policy.to_str().unwrap()]);
     assert!(out.starts_with("the policy is already"), "{out}");
 }
+
+// ---------------------------------------------------------------- usage from Envoy's counters
+//
+// A stand-in for Envoy's admin answering /stats/prometheus (chunked, as Envoy 1.40 does)
+// with a page of the filter's series; the real Envoy is exercised by
+// tests/integration/test_usage.py.
+
+/// Starts a stand-in admin serving `page` at /stats/prometheus (404 elsewhere); returns
+/// its URL.
+fn prometheus_admin(page: String) -> String {
+    use std::io::Read as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let head = String::from_utf8_lossy(&head);
+            let reply = if head.starts_with("GET /stats/prometheus") {
+                let (a, b) = page.split_at(page.len() / 2);
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=UTF-8\r\nserver: envoy\r\n\
+                     transfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                    a.len(),
+                    b.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_string()
+            };
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+    url
+}
+
+/// A key on a [`page`]: id, allowed, denied by reason, last used.
+type PageKey<'a> = (&'a str, u64, &'a [(&'a str, u64)], Option<i64>);
+
+/// A page of the filter's series: for each (key id, allowed, [(reason, denied)], last
+/// used), Envoy's TYPE lines and stats of its own around them.
+fn page(keys: &[PageKey], uptime: i64) -> String {
+    let escape = |id: &str| id.replace('\\', r"\\").replace('"', "\\\"");
+    let mut out = String::from(
+        "# TYPE envoy_cluster_upstream_rq counter\n\
+         envoy_cluster_upstream_rq{envoy_response_code=\"200\",envoy_cluster_name=\"upstream\"} 7\n\
+         # TYPE keygate_key_requests_total counter\n",
+    );
+    let mut all_allowed = 0;
+    for (id, allowed, denied, _) in keys {
+        all_allowed += allowed;
+        out += &format!(
+            "keygate_key_requests_total{{key_id=\"{}\",outcome=\"allowed\",reason=\"none\"}} {allowed}\n",
+            escape(id)
+        );
+        for (reason, n) in *denied {
+            out += &format!(
+                "keygate_key_requests_total{{reason=\"{reason}\",outcome=\"denied\",key_id=\"{}\"}} {n}\n",
+                escape(id)
+            );
+        }
+    }
+    out += "# TYPE keygate_key_last_used_seconds gauge\n";
+    for (id, _, _, last) in keys {
+        if let Some(at) = last {
+            out += &format!(
+                "keygate_key_last_used_seconds{{key_id=\"{}\"}} {at}\n",
+                escape(id)
+            );
+        }
+    }
+    out += &format!(
+        "# TYPE keygate_requests_total counter\n\
+         keygate_requests_total{{outcome=\"allowed\",reason=\"none\",status_class=\"2xx\",route=\"/v1\"}} {all_allowed}\n\
+         keygate_requests_total{{outcome=\"denied\",reason=\"missing_api_key\",status_class=\"4xx\",route=\"/v1\"}} 2\n\
+         # TYPE envoy_server_uptime gauge\n\
+         envoy_server_uptime{{}} {uptime}\n"
+    );
+    out
+}
+
+/// Runs a command that must succeed; returns stdout and stderr.
+fn ok_with_stderr(env: &Env, args: &[&str]) -> (String, String) {
+    let out = env.run(args, "");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "keygate {args:?}: {stderr}");
+    (String::from_utf8(out.stdout).unwrap(), stderr)
+}
+
+fn columns(line: &str) -> Vec<String> {
+    line.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Three keys of which the first is renamed to an id with `.`, `:`, `@` and `-`.
+fn usage_env() -> (Env, [String; 3]) {
+    let env = Env::init();
+    env.create(&[]);
+    let (used, _) = env.create(&[]);
+    let (never, _) = env.create(&[]);
+    let dotted = "svc.payments:eu-1@acme-prod".to_string();
+    env.edit_store(|doc| doc["keys"][0]["id"] = dotted.clone().into());
+    (env, [dotted, used, never])
+}
+
+#[test]
+fn usage_with_one_admin_shows_each_key_and_flags_the_unused() {
+    let (env, [dotted, used, never]) = usage_env();
+    let now = now();
+    let admin = prometheus_admin(page(
+        &[
+            (
+                &dotted,
+                12,
+                &[("rate_limited", 3), ("insufficient_permissions", 1)],
+                Some(now - 180),
+            ),
+            (&used, 5, &[], Some(now - 40 * 86_400)),
+            ("k_removed0001", 2, &[("key_revoked", 4)], Some(now - 7200)),
+        ],
+        7200,
+    ));
+    let (text, stderr) = ok_with_stderr(&env, &["usage", "--envoy-admin", &admin]);
+    assert_eq!(stderr, "");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        columns(lines[0]),
+        [
+            "ID",
+            "NAME",
+            "STATUS",
+            "LAST USED",
+            "AT",
+            "ALLOWED",
+            "DENIED",
+            "DENIALS",
+            "FLAG"
+        ]
+    );
+    let at = |t: i64| keygate::time::format_rfc3339(t);
+    assert_eq!(
+        columns(lines[1]),
+        [
+            dotted.as_str(),
+            "test",
+            "active",
+            "3 min ago",
+            &at(now - 180),
+            "12",
+            "4",
+            "insufficient_permissions=1,rate_limited=3"
+        ]
+    );
+    assert_eq!(
+        columns(lines[2]),
+        [
+            used.as_str(),
+            "test",
+            "active",
+            "40 days ago",
+            &at(now - 40 * 86_400),
+            "5",
+            "0",
+            "-"
+        ]
+    );
+    assert_eq!(
+        columns(lines[3]),
+        [
+            never.as_str(),
+            "test",
+            "active",
+            "never",
+            "-",
+            "0",
+            "0",
+            "-",
+            "never used"
+        ]
+    );
+    assert_eq!(lines[4], "");
+    assert_eq!(
+        lines[5],
+        "in Envoy's counters, not in the store (removed keys):"
+    );
+    assert_eq!(
+        columns(lines[6]),
+        ["ID", "LAST USED", "AT", "ALLOWED", "DENIED", "DENIALS"]
+    );
+    assert_eq!(
+        columns(lines[7]),
+        [
+            "k_removed0001",
+            "2 h ago",
+            &at(now - 7200),
+            "2",
+            "4",
+            "key_revoked=4"
+        ]
+    );
+    assert_eq!(lines[8], "");
+    assert_eq!(lines[9], "3 keys: 2 used, 1 never used");
+    assert_eq!(
+        lines[10],
+        format!("never used since Envoy started 2 h ago: {never}")
+    );
+    assert_eq!(lines[11], format!("counters of Envoy {admin} (up 2 h)"));
+    assert_eq!(lines.len(), 12, "{text}");
+    assert!(!text.contains("kg_"), "no key, nor a prefix: {text}");
+
+    // --unused-for flags the key last used 40 days ago too; a key used 3 min ago is not.
+    let out = env.ok(&["usage", "--envoy-admin", &admin, "--unused-for", "30d"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(columns(lines[1]).len(), 8, "{out}");
+    assert_eq!(columns(lines[2])[8], "not used for 30d");
+    assert_eq!(columns(lines[3])[8], "never used");
+    assert!(
+        out.contains("\n3 keys: 2 used, 1 never used, 1 not used for 30d\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("\nnot used for 30d: {used}\n")),
+        "{out}"
+    );
+    let out = env.ok(&["usage", "--envoy-admin", &admin, "--unused-for", "41d"]);
+    assert!(out.contains(", 0 not used for 41d\n"), "{out}");
+    assert!(!out.contains("not used for 41d:"), "{out}");
+
+    // A revoked key that was never used is not flagged: it cannot be used any more.
+    env.ok(&["revoke", &never]);
+    let out = env.json(&["usage", "--envoy-admin", &admin]);
+    assert_eq!(out["keys"][2]["status"], "revoked");
+    assert_eq!(out["keys"][2]["flag"], Value::Null);
+    assert_eq!(out["never_used"], serde_json::json!([]));
+
+    // Bad durations are usage errors.
+    let e = env.fail(
+        &["usage", "--envoy-admin", &admin, "--unused-for", "30x"],
+        2,
+    );
+    assert!(e.contains("not a duration"), "{e}");
+    let e = env.fail(&["usage", "--envoy-admin", &admin, "--unused-for", "0d"], 2);
+    assert!(e.contains("over zero"), "{e}");
+}
+
+#[test]
+fn usage_json_has_every_key_the_removed_ones_and_each_envoy() {
+    let (env, [dotted, used, never]) = usage_env();
+    let now = now();
+    let admin = prometheus_admin(page(
+        &[
+            (&dotted, 12, &[("rate_limited", 3)], Some(now - 180)),
+            (&used, 5, &[], Some(now - 40 * 86_400)),
+            ("k_removed0001", 2, &[], Some(now - 7200)),
+        ],
+        7200,
+    ));
+    let out = env.json(&["usage", "--envoy-admin", &admin, "--unused-for", "30d"]);
+    let at = |t: i64| keygate::time::format_rfc3339(t);
+    assert_eq!(
+        out["keys"][0],
+        serde_json::json!({
+            "id": dotted, "name": "test", "status": "active",
+            "last_used": at(now - 180), "last_used_unix": now - 180,
+            "allowed": 12, "denied": 3, "denials": {"rate_limited": 3}, "flag": null,
+        })
+    );
+    assert_eq!(out["keys"][1]["flag"], "unused");
+    assert_eq!(
+        out["keys"][2],
+        serde_json::json!({
+            "id": never, "name": "test", "status": "active", "last_used": null,
+            "last_used_unix": null, "allowed": 0, "denied": 0, "denials": {},
+            "flag": "never_used",
+        })
+    );
+    assert_eq!(out["never_used"], serde_json::json!([never]));
+    assert_eq!(out["unused"], serde_json::json!([used]));
+    assert_eq!(out["unused_for"], "30d");
+    assert_eq!(
+        out["removed"],
+        serde_json::json!([{
+            "id": "k_removed0001", "last_used": at(now - 7200), "last_used_unix": now - 7200,
+            "allowed": 2, "denied": 0, "denials": {},
+        }])
+    );
+    assert_eq!(out["key_sets"], serde_json::json!([]));
+    assert_eq!(out["per_key_series"], true);
+    assert_eq!(out["dropped"], Value::Null);
+    assert_eq!(
+        out["totals"],
+        serde_json::json!({"allowed": 19, "denied": 2, "denials": {"missing_api_key": 2}})
+    );
+    assert_eq!(
+        out["envoys"],
+        serde_json::json!([{
+            "admin": admin, "reachable": true, "uptime_seconds": 7200,
+            "keygate_metrics": true, "error": null,
+        }])
+    );
+    assert!(unix(&out["now"]) >= now);
+    // Without --unused-for, nothing is unused, only never used.
+    let out = env.json(&["usage", "--envoy-admin", &admin]);
+    assert_eq!(out["unused"], serde_json::json!([]));
+    assert_eq!(out["unused_for"], Value::Null);
+    assert_eq!(out["keys"][1]["flag"], Value::Null);
+}
+
+#[test]
+fn usage_of_a_fleet_sums_counters_and_keeps_the_latest_use() {
+    let (env, [dotted, used, never]) = usage_env();
+    let now = now();
+    let a = prometheus_admin(page(
+        &[
+            (&dotted, 10, &[("rate_limited", 1)], Some(now - 600)),
+            (&used, 1, &[], Some(now - 86_400)),
+        ],
+        9000,
+    ));
+    let b = prometheus_admin(page(
+        &[
+            (
+                &dotted,
+                5,
+                &[("rate_limited", 2), ("key_suspended", 1)],
+                Some(now - 60),
+            ),
+            ("k_removed0001", 3, &[], Some(now - 100)),
+        ],
+        300,
+    ));
+    // The store names both: usage asks them without flags.
+    env.ok(&["set-admin", &a, &b]);
+    let out = env.json(&["usage"]);
+    assert_eq!(out["keys"][0]["allowed"], 15);
+    assert_eq!(out["keys"][0]["denied"], 4);
+    assert_eq!(
+        out["keys"][0]["denials"],
+        serde_json::json!({"key_suspended": 1, "rate_limited": 3})
+    );
+    assert_eq!(out["keys"][0]["last_used_unix"], now - 60);
+    assert_eq!(out["keys"][1]["allowed"], 1);
+    assert_eq!(out["keys"][1]["last_used_unix"], now - 86_400);
+    assert_eq!(out["keys"][2]["flag"], "never_used");
+    assert_eq!(out["never_used"], serde_json::json!([never]));
+    assert_eq!(out["removed"][0]["id"], "k_removed0001");
+    assert_eq!(out["totals"]["allowed"], 11 + 8);
+    assert_eq!(out["totals"]["denials"]["missing_api_key"], 4);
+    let admins: Vec<&Value> = out["envoys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["admin"])
+        .collect();
+    assert_eq!(admins, [&Value::from(a.clone()), &Value::from(b.clone())]);
+
+    let text = env.ok(&["usage"]);
+    assert!(
+        text.contains(&format!(
+            "never used since the Envoys started (the last 5 min ago): {never}\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(&format!(
+            "counters of 2 Envoys, summed; last use the latest: {a} (up 2 h), {b} (up 5 min)\n"
+        )),
+        "{text}"
+    );
+    // --envoy-admin overrides the store's admins (each asked once).
+    let out = env.json(&["usage", "--envoy-admin", &b, "--envoy-admin", &b]);
+    assert_eq!(out["keys"][0]["allowed"], 5);
+    assert_eq!(out["envoys"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn usage_reports_an_unreachable_admin_and_fails_only_when_none_answers() {
+    let (env, [dotted, _, _]) = usage_env();
+    let now = now();
+    let up = prometheus_admin(page(&[(&dotted, 3, &[], Some(now - 5))], 60));
+    let down = closed_admin();
+    let not_envoy = fake_admin(&env, Admin::NotEnvoy);
+    env.ok(&["set-admin", &up, &down]);
+    let (text, stderr) = ok_with_stderr(&env, &["usage"]);
+    assert_eq!(
+        stderr,
+        format!(
+            "keygate: warning: Envoy admin {down} did not answer (connection refused); usage is from the other Envoy\n"
+        )
+    );
+    assert!(
+        text.contains(&format!("\ncounters of Envoy {up} (up 1 min)\n")),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(&format!("\nnot answering: {down} (connection refused)\n")),
+        "{text}"
+    );
+    let (out, _) = ok_with_stderr(&env, &["--json", "usage"]);
+    let out = json(&out);
+    assert_eq!(out["keys"][0]["allowed"], 3);
+    assert_eq!(
+        out["envoys"][1],
+        serde_json::json!({
+            "admin": down, "reachable": false, "uptime_seconds": null,
+            "keygate_metrics": null, "error": "connection refused",
+        })
+    );
+
+    // None answers: exit 1, one line naming each.
+    let e = env.fail(&["usage", "--envoy-admin", &down], 1);
+    assert_eq!(
+        e,
+        format!("keygate: no usage: the Envoy admin did not answer: {down} (connection refused)")
+    );
+    let e = env.fail(&["usage", "--envoy-admin", &down, &not_envoy], 1);
+    assert!(
+        e.starts_with(&format!(
+            "keygate: no usage: no Envoy admin answered: {down} (connection refused), "
+        )),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("{not_envoy} (not Envoy's admin: HTTP status 404")),
+        "{e}"
+    );
+
+    // No admin anywhere: say how to name one.
+    env.ok(&["set-admin", "--clear"]);
+    let e = env.fail(&["usage"], 1);
+    assert!(
+        e.contains("no Envoy admin to ask: give --envoy-admin"),
+        "{e}"
+    );
+    let e = env.fail(&["usage", "--envoy-admin", "https://x:1"], 2);
+    assert!(e.contains("plain HTTP"), "{e}");
+}
+
+#[test]
+fn usage_without_per_key_series_says_why() {
+    let (env, _) = usage_env();
+    // Envoy with keygate, but no per-key series (per_key_metrics off).
+    let admin = prometheus_admin(page(&[], 60));
+    let (text, stderr) = ok_with_stderr(&env, &["usage", "--envoy-admin", &admin]);
+    assert!(
+        stderr.starts_with("keygate: note: Envoy's counters hold no per-key series: the policy's \"per_key_metrics\" is off"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1);
+    assert!(text.contains("3 keys: 0 used, 3 never used"), "{text}");
+    // An Envoy without keygate's stats_tags: flat names, and a warning that says so.
+    let flat = prometheus_admin(
+        "keygate_key_requests_total_outcome_allowed_reason_none_key_id_k_1{} 3\n".into(),
+    );
+    let (_, stderr) = ok_with_stderr(&env, &["usage", "--envoy-admin", &flat]);
+    assert!(
+        stderr.starts_with(&format!(
+            "keygate: warning: Envoy at {flat} exports keygate's series without labels"
+        )) && stderr.contains("stats_tags"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1);
+    // Requests beyond the per-key cap: never used is not certain.
+    let capped = prometheus_admin(page(&[], 60) + "keygate_key_metrics_dropped_total{} 7\n");
+    let (text, _) = ok_with_stderr(&env, &["usage", "--envoy-admin", &capped]);
+    assert!(
+        text.contains("\n7 requests were of keys beyond the policy's per_key_metrics_max"),
+        "{text}"
+    );
+    assert_eq!(env.json(&["usage", "--envoy-admin", &capped])["dropped"], 7);
+    // Not keygate's Envoy at all.
+    let bare = prometheus_admin("envoy_server_live{} 1\n".into());
+    let (_, stderr) = ok_with_stderr(&env, &["usage", "--envoy-admin", &bare]);
+    assert_eq!(
+        stderr,
+        format!("keygate: warning: Envoy at {bare} exports no keygate metrics: is the keygate filter loaded there?\n")
+    );
+}
+
+#[test]
+fn list_shows_last_used_when_the_store_names_admins() {
+    let (env, [dotted, used, never]) = usage_env();
+    // No admin: the table and JSON as before, last_used null.
+    let (text, stderr) = ok_with_stderr(&env, &["list"]);
+    assert_eq!(stderr, "");
+    assert_eq!(
+        columns(text.lines().next().unwrap()),
+        ["ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "EXPIRES"]
+    );
+    let out = env.json(&["list"]);
+    assert_eq!(out[0]["last_used"], Value::Null);
+
+    let now = now();
+    let a = prometheus_admin(page(&[(&dotted, 1, &[], Some(now - 400))], 60));
+    let b = prometheus_admin(page(
+        &[
+            (&dotted, 1, &[], Some(now - 180)),
+            (&used, 0, &[("rate_limited", 1)], None),
+        ],
+        60,
+    ));
+    env.ok(&["set-admin", &a, &b]);
+    let (text, stderr) = ok_with_stderr(&env, &["list"]);
+    assert_eq!(stderr, "");
+    let lines: Vec<Vec<String>> = text.lines().map(columns).collect();
+    assert_eq!(lines[0].last().unwrap(), "LAST USED");
+    assert_eq!(lines[1].last().unwrap(), "3 min ago");
+    // Counted but without a last-use time: used, when unknown.
+    assert_eq!(lines[2].last().unwrap(), "?");
+    assert_eq!(lines[3].last().unwrap(), "never");
+    let out = env.json(&["list"]);
+    assert_eq!(out[0]["id"], dotted.as_str());
+    assert_eq!(unix(&out[0]["last_used"]), now - 180);
+    assert_eq!(out[1]["last_used"], Value::Null);
+    assert_eq!(out[2]["id"], never.as_str());
+    assert_eq!(out[2]["last_used"], Value::Null);
+
+    // One admin down: the other's answer, and one note.
+    let down = closed_admin();
+    env.ok(&["set-admin", &a, &down]);
+    let (text, stderr) = ok_with_stderr(&env, &["list"]);
+    assert_eq!(
+        stderr,
+        format!("keygate: note: LAST USED from 1 of 2 Envoys; not answering: {down} (connection refused)\n")
+    );
+    assert_eq!(
+        columns(text.lines().nth(1).unwrap()).last().unwrap(),
+        "6 min ago"
+    );
+
+    // Every admin down: "?" everywhere, one note, exit 0, and quickly.
+    env.ok(&["set-admin", &down]);
+    let started = Instant::now();
+    let (text, stderr) = ok_with_stderr(&env, &["list"]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        stderr,
+        format!("keygate: note: LAST USED unknown: the Envoy admin did not answer: {down} (connection refused)\n")
+    );
+    for line in text.lines().skip(1) {
+        assert_eq!(columns(line).last().unwrap(), "?", "{text}");
+    }
+    let (out, _) = ok_with_stderr(&env, &["--json", "list"]);
+    assert!(json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k["last_used"].is_null()));
+
+    // Envoy answers without per-key series, and the policy does not ask for them.
+    let bare = prometheus_admin(page(&[], 60));
+    env.ok(&["set-admin", &bare]);
+    let (text, stderr) = ok_with_stderr(&env, &["list"]);
+    assert!(
+        stderr.contains("Envoy exports no per-key series"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1);
+    assert_eq!(columns(text.lines().nth(1).unwrap()).last().unwrap(), "?");
+}

@@ -5,16 +5,18 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use keygate::fleet::{self, EnvoyState, Status};
+use keygate::store::admin::GetError;
 use keygate::store::{
     self, AdminChange, Applied, ApplyOptions, Committed, Confirmation, Error, Module, NewKey,
-    Store, StoredKey, Transition,
+    State, Store, StoredKey, Transition,
 };
+use keygate::usage::{self, Flag, KeyUsage, Usage};
 use keygate::{config, decision, keys, time};
 use serde_json::{json, Value};
 use std::io::{Read, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Manage keygate's API keys: a store of SHA-256 hashes and metadata, never plaintext
 /// keys, rendered into the filter's configuration and checked with the filter's rules.
@@ -202,6 +204,22 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = parse_timeout, default_value = "2s")]
         timeout: Duration,
     },
+    /// Per key of the store: when it was last used, and its requests and denials, from the
+    /// counters of Envoy's admin (/stats/prometheus; the policy's "per_key_metrics": true);
+    /// keys never used, or unused for --unused-for, are flagged. With several admins (a
+    /// fleet) the counters are summed and the latest use kept.
+    Usage {
+        /// Envoy's admin interface (http://HOST:PORT), repeatable [default: the store's
+        /// admins, envoy.admin].
+        #[arg(long, value_name = "URL", value_parser = parse_admin_url, num_args = 1..)]
+        envoy_admin: Vec<String>,
+        /// Also flag keys last used longer ago than this: 30d, 12h, ...
+        #[arg(long, value_name = "DURATION", value_parser = parse_unused_for)]
+        unused_for: Option<i64>,
+        /// How long each admin has to answer (they are asked at once).
+        #[arg(long, value_name = "DURATION", value_parser = parse_timeout, default_value = "5s")]
+        timeout: Duration,
+    },
     /// Validate the store (or, given FILE, a plugin configuration) with the filter's rules.
     Check {
         /// A plugin configuration JSON file to check instead of the store.
@@ -250,6 +268,13 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: from 1s to 1h"));
     }
     Ok(Duration::from_secs(secs.unsigned_abs()))
+}
+
+fn parse_unused_for(s: &str) -> Result<i64, String> {
+    match store::parse_duration(s)? {
+        0 => Err(format!("{s:?}: a duration over zero, such as 30d")),
+        secs => Ok(secs),
+    }
 }
 
 fn parse_admin_url(s: &str) -> Result<String, String> {
@@ -593,6 +618,14 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             if !status.in_sync() {
                 return Ok(ExitCode::from(1));
             }
+        }
+        Command::Usage {
+            envoy_admin,
+            unused_for,
+            timeout,
+        } => {
+            let s = store::load(path)?;
+            return usage(cli, &s, envoy_admin, *unused_for, *timeout, now);
         }
         Command::Doctor { envoy_yaml } => {
             let report = match keygate::doctor::doctor(envoy_yaml) {
@@ -1283,7 +1316,127 @@ fn show_text(s: &Store, key: &StoredKey, now: i64) -> String {
         .join("\n")
 }
 
+/// Lines of a table: a header and rows, each column as wide as its widest cell, two
+/// spaces apart, without trailing blanks.
+fn table(header: &[&str], rows: &[Vec<String>]) -> Vec<String> {
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let mut widths = vec![0usize; header.len()];
+    for row in std::iter::once(&header).chain(rows) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    std::iter::once(&header)
+        .chain(rows)
+        .map(|row| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, &w)| format!("{cell:<w$}"))
+                .collect();
+            cells.join("  ").trim_end().to_string()
+        })
+        .collect()
+}
+
+/// What `list` knows of last uses, when the store names Envoy admins.
+enum LastUsed {
+    /// The merged usage of the Envoys that answered.
+    Known(Usage),
+    /// No Envoy answered, or none exports per-key series: every cell says "?".
+    Unknown,
+}
+
+/// How long `list` waits for the admins: a listing should not hang on a dead Envoy.
+const LIST_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Whether the store's policy turns the filter's per-key series on.
+fn per_key_metrics(s: &Store) -> bool {
+    serde_json::to_value(&s.policy)
+        .ok()
+        .and_then(|v| v.get("per_key_metrics").and_then(Value::as_bool))
+        .unwrap_or(false)
+}
+
+/// Why an Envoy's page names no key: its bootstrap has no tag extraction for keygate.
+fn untagged(url: &str) -> String {
+    format!(
+        "Envoy at {url} exports keygate's series without labels (flat names): its bootstrap \
+         lacks keygate's stats_config.stats_tags (see envoy/envoy.yaml), so no key id can be read"
+    )
+}
+
+/// An admin's failure, in words.
+fn admin_error(e: &GetError) -> String {
+    match e {
+        GetError::Unreachable(why) => why.clone(),
+        GetError::Failed(why) => format!("not Envoy's admin: {why}"),
+    }
+}
+
+/// Last uses for `list`: `None` when the store names no admin. Says on stderr, in one
+/// line, what it could not learn.
+fn last_used_for_list(s: &Store) -> Option<LastUsed> {
+    if s.envoy.admins.is_empty() {
+        return None;
+    }
+    let answers = usage::fetch_all(&s.envoy.admins, Instant::now() + LIST_TIMEOUT);
+    let mut merged = Usage::default();
+    let mut failed: Vec<String> = Vec::new();
+    for (url, answer) in s.envoy.admins.iter().zip(&answers) {
+        match answer {
+            Ok(u) => merged.merge(u),
+            Err(e) => failed.push(format!("{url} ({})", admin_error(e))),
+        }
+    }
+    let total = s.envoy.admins.len();
+    if failed.len() == total {
+        eprintln!(
+            "keygate: note: LAST USED unknown: {}: {}",
+            if total == 1 {
+                "the Envoy admin did not answer"
+            } else {
+                "no Envoy admin answered"
+            },
+            failed.join(", ")
+        );
+        return Some(LastUsed::Unknown);
+    }
+    if let Some(url) = s
+        .envoy
+        .admins
+        .iter()
+        .zip(&answers)
+        .find_map(|(url, answer)| matches!(answer, Ok(u) if u.untagged).then_some(url))
+    {
+        eprintln!("keygate: note: LAST USED unknown: {}", untagged(url));
+        return Some(LastUsed::Unknown);
+    }
+    if !merged.per_key() && !per_key_metrics(s) {
+        eprintln!(
+            "keygate: note: LAST USED unknown: Envoy exports no per-key series; \"per_key_metrics\": true \
+             in the policy turns them on (keygate policy set)"
+        );
+        return Some(LastUsed::Unknown);
+    }
+    if !failed.is_empty() {
+        eprintln!(
+            "keygate: note: LAST USED from {} of {total} Envoys; not answering: {}",
+            total - failed.len(),
+            failed.join(", ")
+        );
+    }
+    Some(LastUsed::Known(merged))
+}
+
 fn list(cli: &Cli, s: &Store, now: i64) -> Result<(), Error> {
+    let last_used = last_used_for_list(s);
+    let of = |id: &str| -> Option<&KeyUsage> {
+        match &last_used {
+            Some(LastUsed::Known(u)) => u.keys.get(id),
+            _ => None,
+        }
+    };
     if cli.json {
         let out: Vec<Value> = s
             .keys
@@ -1293,16 +1446,37 @@ fn list(cli: &Cli, s: &Store, now: i64) -> Result<(), Error> {
                     "id": k.id, "name": k.name, "prefix": k.prefix, "role": k.role,
                     "plan": k.effective_plan(&s.policy), "status": k.state(now).as_str(),
                     "expires_at": k.expires_at,
+                    "last_used": of(&k.id).and_then(usage::last_used_rfc3339),
                 })
             })
             .collect();
         return emit(&pretty(&Value::from(out)));
     }
-    let rows: Vec<[String; 7]> = s
+    if s.keys.is_empty() {
+        return emit(&format!(
+            "no keys in {}; add one with keygate create",
+            cli.store.display()
+        ));
+    }
+    let cell = |id: &str| -> String {
+        match (&last_used, of(id)) {
+            (
+                Some(LastUsed::Known(_)),
+                Some(KeyUsage {
+                    last_used: Some(at),
+                    ..
+                }),
+            ) => usage::ago(now, *at),
+            (Some(LastUsed::Known(_)), Some(k)) if k.used() => "?".into(),
+            (Some(LastUsed::Known(_)), _) => "never".into(),
+            _ => "?".into(),
+        }
+    };
+    let rows: Vec<Vec<String>> = s
         .keys
         .iter()
         .map(|k| {
-            [
+            let mut row = vec![
                 k.id.clone(),
                 k.name.clone(),
                 k.prefix.clone(),
@@ -1310,31 +1484,329 @@ fn list(cli: &Cli, s: &Store, now: i64) -> Result<(), Error> {
                 k.effective_plan(&s.policy).unwrap_or("-").into(),
                 k.state(now).as_str().into(),
                 k.expires_at.clone().unwrap_or_else(|| "never".into()),
+            ];
+            if last_used.is_some() {
+                row.push(cell(&k.id));
+            }
+            row
+        })
+        .collect();
+    let mut header = vec!["ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "EXPIRES"];
+    if last_used.is_some() {
+        header.push("LAST USED");
+    }
+    let lines = table(&header, &rows);
+    emit(&lines.join("\n"))
+}
+
+/// `keygate usage`.
+fn usage(
+    cli: &Cli,
+    s: &Store,
+    flags: &[String],
+    unused_for: Option<i64>,
+    timeout: Duration,
+    now: i64,
+) -> Result<ExitCode, Error> {
+    let mut admins: Vec<String> = Vec::new();
+    for url in if flags.is_empty() {
+        &s.envoy.admins
+    } else {
+        flags
+    } {
+        if !admins.contains(url) {
+            admins.push(url.clone());
+        }
+    }
+    if admins.is_empty() {
+        return Err(Error::Other(
+            "no Envoy admin to ask: give --envoy-admin http://HOST:PORT, or name the store's \
+             with keygate set-admin URL [URL ...]"
+                .into(),
+        ));
+    }
+    let answers = usage::fetch_all(&admins, Instant::now() + timeout);
+    let mut merged = Usage::default();
+    let mut envoys: Vec<Value> = Vec::new();
+    let mut answered: Vec<(&str, Option<i64>)> = Vec::new();
+    let mut failed: Vec<(&str, String)> = Vec::new();
+    for (url, answer) in admins.iter().zip(&answers) {
+        match answer {
+            Ok(u) => {
+                merged.merge(u);
+                answered.push((url, u.uptime));
+                envoys.push(json!({
+                    "admin": url, "reachable": true, "uptime_seconds": u.uptime,
+                    "keygate_metrics": u.keygate, "error": null,
+                }));
+            }
+            Err(e) => {
+                let why = admin_error(e);
+                envoys.push(json!({
+                    "admin": url, "reachable": matches!(e, GetError::Failed(_)),
+                    "uptime_seconds": null, "keygate_metrics": null, "error": why,
+                }));
+                failed.push((url, why));
+            }
+        }
+    }
+    if answered.is_empty() {
+        let list = failed
+            .iter()
+            .map(|(url, why)| format!("{url} ({why})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(Error::Other(format!(
+            "no usage: {}: {list}",
+            if admins.len() == 1 {
+                "the Envoy admin did not answer"
+            } else {
+                "no Envoy admin answered"
+            }
+        )));
+    }
+    for (url, why) in &failed {
+        eprintln!(
+            "keygate: warning: Envoy admin {url} did not answer ({why}); usage is from the other {}",
+            if answered.len() == 1 {
+                "Envoy".to_string()
+            } else {
+                format!("{} Envoys", answered.len())
+            }
+        );
+    }
+    for (url, answer) in admins.iter().zip(&answers) {
+        match answer {
+            Ok(u) if !u.keygate => eprintln!(
+                "keygate: warning: Envoy at {url} exports no keygate metrics: is the keygate filter loaded there?"
+            ),
+            Ok(u) if u.untagged => eprintln!("keygate: warning: {}", untagged(url)),
+            _ => {}
+        }
+    }
+    if merged.keygate && !merged.untagged && !merged.per_key() {
+        eprintln!(
+            "keygate: note: Envoy's counters hold no per-key series: the policy's \"per_key_metrics\" \
+             is off (keygate policy set turns it on), or no key was used since Envoy started"
+        );
+    }
+    let report = usage::report(s, &merged, now, unused_for);
+    let ids = |flag: Flag| -> Vec<&str> {
+        report
+            .keys
+            .iter()
+            .filter(|r| r.flag == Some(flag))
+            .map(|r| r.id.as_str())
+            .collect()
+    };
+    let (never, unused) = (ids(Flag::NeverUsed), ids(Flag::Unused));
+    let unused_text = unused_for.map(usage::duration_text);
+    if cli.json {
+        let key_json = |r: &usage::Row| -> Value {
+            let mut v = json!({
+                "id": r.id,
+                "last_used": usage::last_used_rfc3339(&r.usage),
+                "last_used_unix": r.usage.last_used,
+                "allowed": r.usage.counts.allowed,
+                "denied": r.usage.counts.denied_total(),
+                "denials": r.usage.counts.denied,
+            });
+            if let Some(fields) = v.as_object_mut() {
+                if let Some(name) = &r.name {
+                    fields.insert("name".into(), json!(name));
+                }
+                if let Some(state) = r.state {
+                    fields.insert("status".into(), json!(state.as_str()));
+                    fields.insert("flag".into(), json!(r.flag.map(Flag::as_str)));
+                }
+                if let Some(set) = &r.key_set {
+                    fields.insert("key_set".into(), json!(set));
+                }
+            }
+            v
+        };
+        let totals = merged.totals.as_ref().map(
+            |t| json!({"allowed": t.allowed, "denied": t.denied_total(), "denials": t.denied}),
+        );
+        let out = json!({
+            "now": time::format_rfc3339(now),
+            "keys": report.keys.iter().map(key_json).collect::<Vec<_>>(),
+            "never_used": never,
+            "unused_for": unused_text,
+            "unused": unused,
+            "removed": report.removed.iter().map(key_json).collect::<Vec<_>>(),
+            "key_sets": report.key_sets.iter().map(key_json).collect::<Vec<_>>(),
+            "per_key_series": merged.per_key(),
+            "dropped": merged.dropped,
+            "totals": totals,
+            "envoys": envoys,
+        });
+        emit(&pretty(&out))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let last = |u: &KeyUsage| -> [String; 2] {
+        match u.last_used {
+            Some(at) => [usage::ago(now, at), time::format_rfc3339(at)],
+            None if u.used() => ["?".into(), "-".into()],
+            None => ["never".into(), "-".into()],
+        }
+    };
+    let denials = |u: &KeyUsage| -> String {
+        if u.counts.denied.is_empty() {
+            "-".into()
+        } else {
+            u.counts
+                .denied
+                .iter()
+                .map(|(reason, n)| format!("{reason}={n}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    };
+    let rows: Vec<Vec<String>> = report
+        .keys
+        .iter()
+        .map(|r| {
+            let [ago, at] = last(&r.usage);
+            let flag = match (r.flag, &unused_text) {
+                (Some(Flag::NeverUsed), _) => "never used".to_string(),
+                (Some(Flag::Unused), Some(d)) => format!("not used for {d}"),
+                _ => String::new(),
+            };
+            vec![
+                r.id.clone(),
+                r.name.clone().unwrap_or_default(),
+                r.state.map_or("-", State::as_str).to_string(),
+                ago,
+                at,
+                r.usage.counts.allowed.to_string(),
+                r.usage.counts.denied_total().to_string(),
+                denials(&r.usage),
+                flag,
             ]
         })
         .collect();
-    if rows.is_empty() {
-        return emit(&format!(
+    let mut lines = if rows.is_empty() {
+        vec![format!(
             "no keys in {}; add one with keygate create",
             cli.store.display()
+        )]
+    } else {
+        table(
+            &[
+                "ID",
+                "NAME",
+                "STATUS",
+                "LAST USED",
+                "AT",
+                "ALLOWED",
+                "DENIED",
+                "DENIALS",
+                "FLAG",
+            ],
+            &rows,
+        )
+    };
+    let others = |title: &str, rows: &[usage::Row], lines: &mut Vec<String>| {
+        if rows.is_empty() {
+            return;
+        }
+        lines.push(String::new());
+        lines.push(title.to_string());
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                let [ago, at] = last(&r.usage);
+                vec![
+                    r.id.clone(),
+                    ago,
+                    at,
+                    r.usage.counts.allowed.to_string(),
+                    r.usage.counts.denied_total().to_string(),
+                    denials(&r.usage),
+                ]
+            })
+            .collect();
+        lines.extend(table(
+            &["ID", "LAST USED", "AT", "ALLOWED", "DENIED", "DENIALS"],
+            &cells,
+        ));
+    };
+    others(
+        "in Envoy's counters, not in the store (removed keys):",
+        &report.removed,
+        &mut lines,
+    );
+    others(
+        "members of the policy's key sets:",
+        &report.key_sets,
+        &mut lines,
+    );
+    lines.push(String::new());
+    let used = report.keys.iter().filter(|r| r.usage.used()).count();
+    let mut summary = format!(
+        "{} key{}: {used} used, {} never used",
+        report.keys.len(),
+        if report.keys.len() == 1 { "" } else { "s" },
+        never.len()
+    );
+    if let Some(d) = &unused_text {
+        summary += &format!(", {} not used for {d}", unused.len());
+    }
+    lines.push(summary);
+    let since = merged.uptime.map(|up| {
+        if answered.len() == 1 {
+            format!(" since Envoy started {} ago", usage::span(up))
+        } else {
+            format!(
+                " since the Envoys started (the last {} ago)",
+                usage::span(up)
+            )
+        }
+    });
+    if !never.is_empty() {
+        lines.push(format!(
+            "never used{}: {}",
+            since.as_deref().unwrap_or_default(),
+            never.join(", ")
         ));
     }
-    let header = ["ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "EXPIRES"].map(String::from);
-    let mut widths = [0usize; 7];
-    for row in std::iter::once(&header).chain(&rows) {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
+    if let (Some(d), false) = (&unused_text, unused.is_empty()) {
+        lines.push(format!("not used for {d}: {}", unused.join(", ")));
     }
-    for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        emit(cells.join("  ").trim_end())?;
+    if let Some(n @ 1..) = merged.dropped {
+        lines.push(format!(
+            "{n} request{} of keys beyond the policy's per_key_metrics_max counted for no key: \
+             a key shown as never used may have been used",
+            if n == 1 { " was" } else { "s were" }
+        ));
     }
-    Ok(())
+    let up = |uptime: Option<i64>| {
+        uptime.map_or_else(String::new, |u| format!(" (up {})", usage::span(u)))
+    };
+    lines.push(match answered.as_slice() {
+        [(url, uptime)] => format!("counters of Envoy {url}{}", up(*uptime)),
+        many => format!(
+            "counters of {} Envoys, summed; last use the latest: {}",
+            many.len(),
+            many.iter()
+                .map(|(url, uptime)| format!("{url}{}", up(*uptime)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    });
+    if !failed.is_empty() {
+        lines.push(format!(
+            "not answering: {}",
+            failed
+                .iter()
+                .map(|(url, why)| format!("{url} ({why})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    emit(&lines.join("\n"))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn verify(cli: &Cli, now: i64) -> Result<ExitCode, Error> {

@@ -10,22 +10,25 @@ WASM          := target/wasm32-wasip1/release/keygate.wasm
 VENV          := .venv
 PYTHON        := $(VENV)/bin/python
 ENVOY         := $(VENV)/bin/envoy
-DEBIAN_TOOLS  := curl nghttp2-client python3-venv
+# redis-server: the fleet (make fleet-run, its tests and benchmark) counts in Redis.
+DEBIAN_TOOLS  := curl nghttp2-client python3-venv redis-server
 # The Debian route to a wasm32-wasip1 standard library, for machines whose rustup cannot
 # download the target: a current rustc with its exact std source, and WASI's libc.
 DEBIAN_WASM   := rustc-web cargo-web rust-web-src wasi-libc
 
-.PHONY: help setup build run test test-unit test-envoy fuzz-build fuzz-smoke fuzz bench bench-quick compose-up compose-down compose-test lint fmt clean
+.PHONY: help setup build run fleet-run fleet-compose-up fleet-compose-down test test-unit test-envoy fuzz-build fuzz-smoke fuzz bench bench-quick compose-up compose-down compose-test lint fmt clean
 
 help:
 	@echo "make run     build the filter and start Envoy with it on 127.0.0.1:10000"
 	@echo "make test    unit tests, a fuzz smoke run, then integration tests against a real Envoy"
 	@echo "make fuzz-smoke  every fuzz target briefly (fixed seed, committed corpus; part of make test)"
 	@echo "make fuzz    every fuzz target for FUZZ_SECONDS (default $(FUZZ_SECONDS)) each; FUZZ_TARGETS to choose"
+	@echo "make fleet-run  Redis, keygate-ratelimit and two Envoys (127.0.0.1:10000, :10001) sharing one quota per key"
 	@echo "make build   build $(WASM) and the native tools"
 	@echo "make bench   keygate against Envoy's native filters (about 16 minutes; bench-quick: 1)"
 	@echo "make compose-test  the docker-compose stack on local images, end to end"
 	@echo "make compose-up / compose-down  the docker-compose stack (envoy/docker-compose.yaml)"
+	@echo "make fleet-compose-up / fleet-compose-down  the fleet stack (envoy/fleet/docker-compose.yaml)"
 	@echo "make lint    rustfmt and clippy, native and wasm32"
 	@echo "make setup   install what the other targets need (idempotent)"
 
@@ -33,7 +36,8 @@ help:
 
 setup: .make/debian-tools .make/wasm-toolchain $(ENVOY)
 
-.make/debian-tools:
+# Re-checked whenever this Makefile changes, so a package added to the list gets installed.
+.make/debian-tools: Makefile
 	@mkdir -p .make
 	@missing=""; for p in $(DEBIAN_TOOLS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -94,6 +98,9 @@ build: setup
 
 run: build
 	@bash envoy/run.sh
+
+fleet-run: build
+	@bash envoy/fleet/run.sh
 
 # ---------------------------------------------------------------- test
 
@@ -231,6 +238,13 @@ compose-down:
 
 compose-test: build
 	bash envoy/docker/compose-test.sh
+	bash envoy/fleet/compose-test.sh
+
+fleet-compose-up: build
+	bash envoy/fleet/docker/compose-up.sh
+
+fleet-compose-down:
+	cd envoy/fleet && docker-compose down --remove-orphans
 
 # ---------------------------------------------------------------- hygiene
 

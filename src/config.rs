@@ -522,10 +522,10 @@ impl Route {
 }
 
 /// The rules one request is held to, one selection per form of its path and way of
-/// comparing (at most 3 forms x exact/ignoring case); `None` is "no rule covers it".
+/// comparing (at most 4 forms x exact/ignoring case); `None` is "no rule covers it".
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Matched<'c> {
-    selections: [Option<&'c Route>; 6],
+    selections: [Option<&'c Route>; 8],
     len: usize,
 }
 

@@ -404,6 +404,9 @@ pub fn decide<'c, S: Store + ?Sized>(
         Err(path::PathError::EncodedControl(_)) => {
             return Err(unreadable(":path encodes a control character"))
         }
+        Err(path::PathError::DoubleEncoded) => {
+            return Err(unreadable(":path is percent-encoded twice"))
+        }
     };
 
     // The rules are chosen before anything else refuses, so that every refusal after this

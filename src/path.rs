@@ -24,6 +24,9 @@ pub enum PathError {
     ForbiddenByte(u8),
     /// A percent-escape that decodes to a control character or DEL.
     EncodedControl(u8),
+    /// Once decoded, the path still holds an escape (`%2561` is `%61`): an upstream that
+    /// decodes twice would read another path than keygate.
+    DoubleEncoded,
 }
 
 impl std::fmt::Display for PathError {
@@ -32,6 +35,7 @@ impl std::fmt::Display for PathError {
             PathError::NotOriginForm => f.write_str("path does not start with /"),
             PathError::ForbiddenByte(b) => write!(f, "path holds byte 0x{b:02x}"),
             PathError::EncodedControl(b) => write!(f, "path encodes control byte 0x{b:02x}"),
+            PathError::DoubleEncoded => f.write_str("path is percent-encoded twice"),
         }
     }
 }
@@ -40,7 +44,8 @@ impl std::fmt::Display for PathError {
 ///
 /// - `as_sent`: the path as the client wrote it (what an upstream that routes on the raw
 ///   path sees);
-/// - `decoded`: percent-escapes decoded once (`%2F` included), cut at a decoded `?` or
+/// - `decoded`, with dot segments kept, and resolved: percent-escapes decoded once (`%2F`
+///   included; a path that still holds an escape then is refused), cut at a decoded `?` or
 ///   `#`, `\` read as `/`, repeated slashes merged, `.` and `..` segments resolved (what
 ///   Flask, Express, FastAPI and Go route on, give or take);
 /// - `without_params`: `decoded` with every segment's `;` parameters dropped (what
@@ -97,10 +102,16 @@ pub fn forms(raw: &[u8]) -> Result<Forms<'_>, PathError> {
     if let Some(end) = decoded.iter().position(|&b| b == b'?' || b == b'#') {
         decoded.truncate(end);
     }
-    let decoded = normalise(&decoded, false);
-    let without_params = normalise(&decoded, true);
+    if holds_escape(&decoded) {
+        return Err(PathError::DoubleEncoded);
+    }
+    // `%2F..%2F` resolved is one thing; an upstream that decodes `%2F` and then routes
+    // without resolving dot segments reads it below the segment before: both are held.
+    let decoded_unresolved = normalise(&decoded, false, false);
+    let decoded = normalise(&decoded, false, true);
+    let without_params = normalise(&decoded, true, true);
     let mut forms: Vec<Cow<'_, [u8]>> = vec![Cow::Borrowed(path)];
-    for form in [decoded, without_params] {
+    for form in [decoded_unresolved, decoded, without_params] {
         if !forms.iter().any(|f| f.as_ref() == form.as_slice()) {
             forms.push(Cow::Owned(form));
         }
@@ -153,6 +164,13 @@ fn percent_decode(path: &[u8]) -> Result<Vec<u8>, PathError> {
     Ok(out)
 }
 
+/// Whether `bytes` hold a valid `%XX` escape.
+fn holds_escape(bytes: &[u8]) -> bool {
+    bytes
+        .windows(3)
+        .any(|w| w[0] == b'%' && hex(w[1]).is_some() && hex(w[2]).is_some())
+}
+
 fn hex(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -164,7 +182,7 @@ fn hex(b: u8) -> Option<u8> {
 
 /// `\` as `/`, repeated slashes merged, dot segments resolved (never above the root),
 /// and with `drop_params` each segment cut at its first `;`. Keeps a trailing slash.
-fn normalise(path: &[u8], drop_params: bool) -> Vec<u8> {
+fn normalise(path: &[u8], drop_params: bool, resolve_dots: bool) -> Vec<u8> {
     let slashed: Vec<u8> = path
         .iter()
         .map(|&b| if b == b'\\' { b'/' } else { b })
@@ -179,8 +197,9 @@ fn normalise(path: &[u8], drop_params: bool) -> Vec<u8> {
         };
         trailing_slash = false;
         match seg {
-            b"" | b"." => trailing_slash = true,
-            b".." => {
+            b"" => trailing_slash = true,
+            b"." if resolve_dots => trailing_slash = true,
+            b".." if resolve_dots => {
                 segments.pop();
                 trailing_slash = true;
             }

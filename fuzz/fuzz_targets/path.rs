@@ -3,7 +3,8 @@
 //! `path::forms` must never panic. When it reads a path:
 //! - every form starts with `/` and holds no `?` (the query string is not part of it);
 //! - the first form is the input up to the first `?`, and no form is held twice;
-//! - normalising is idempotent: the normalised form reads again, to itself.
+//! - normalising is idempotent: the normalised form reads again, to itself (unless it
+//!   holds a decoded space or non-ASCII byte, which only an escape can carry).
 //!
 //! An error is a refusal, which is fine.
 #![no_main]
@@ -53,6 +54,9 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(all.last().copied(), Some(normalised));
     let again = match path::forms(normalised) {
         Ok(again) => again,
+        // A decoded space or byte above 0x7e is only valid escaped in a request line: the
+        // normalised form holds it raw, so it cannot be sent as it is. Fine.
+        Err(path::PathError::ForbiddenByte(b)) if b == b' ' || b >= 0x7f => return,
         Err(e) => panic!(
             "the normalised form {:?} of {:?} does not read again: {e}",
             show(normalised),

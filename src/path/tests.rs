@@ -38,9 +38,13 @@ fn forms_of_tricky_paths() {
         ["/v1/admin%3bx", "/v1/admin;x", "/v1/admin"]
     );
     assert_eq!(all("/v1/%zz"), ["/v1/%zz"]);
+    assert_eq!(
+        all("/v1/admin%2f..%2fjobs"),
+        ["/v1/admin%2f..%2fjobs", "/v1/admin/../jobs", "/v1/jobs"]
+    );
     assert_eq!(all("/v1/admin%3Fx"), ["/v1/admin%3Fx", "/v1/admin"]);
     assert_eq!(all("/v1/admin%23/x"), ["/v1/admin%23/x", "/v1/admin"]);
-    assert_eq!(all("/%2e%2e"), ["/%2e%2e", "/"]);
+    assert_eq!(all("/%2e%2e"), ["/%2e%2e", "/..", "/"]);
 }
 
 #[test]
@@ -53,6 +57,9 @@ fn unreadable_paths() {
     assert_eq!(forms(b"/a#b"), Err(PathError::ForbiddenByte(b'#')));
     assert_eq!(forms(b"/a%00"), Err(PathError::EncodedControl(0)));
     assert_eq!(forms(b"/a%7F"), Err(PathError::EncodedControl(0x7f)));
+    assert_eq!(forms(b"/v1/%2561dmin"), Err(PathError::DoubleEncoded));
+    assert_eq!(forms(b"/v1/%%361dmin"), Err(PathError::DoubleEncoded));
+    assert_eq!(forms(b"/100%25/x"), Ok(forms(b"/100%25/x").unwrap()));
     // A control escape in the query string is the query's business.
     assert!(forms(b"/a?x=%00").is_ok());
 }

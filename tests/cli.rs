@@ -2620,8 +2620,12 @@ fn usage_with_one_admin_shows_each_key_and_flags_the_unused() {
         lines[10],
         format!("never used since Envoy started 2 h ago: {never}")
     );
-    assert_eq!(lines[11], format!("counters of Envoy {admin} (up 2 h)"));
-    assert_eq!(lines.len(), 12, "{text}");
+    assert_eq!(
+        lines[11],
+        "every request, with a key or not: 19 allowed, 2 denied (missing_api_key=2)"
+    );
+    assert_eq!(lines[12], format!("counters of Envoy {admin} (up 2 h)"));
+    assert_eq!(lines.len(), 13, "{text}");
     assert!(!text.contains("kg_"), "no key, nor a prefix: {text}");
 
     // --unused-for flags the key last used 40 days ago too; a key used 3 min ago is not.

@@ -1781,6 +1781,25 @@ fn usage(
             if n == 1 { " was" } else { "s were" }
         ));
     }
+    if let Some(t) = &merged.totals {
+        lines.push(format!(
+            "every request, with a key or not: {} allowed, {} denied{}",
+            t.allowed,
+            t.denied_total(),
+            if t.denied.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({})",
+                    t.denied
+                        .iter()
+                        .map(|(reason, n)| format!("{reason}={n}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            }
+        ));
+    }
     let up = |uptime: Option<i64>| {
         uptime.map_or_else(String::new, |u| format!(" (up {})", usage::span(u)))
     };

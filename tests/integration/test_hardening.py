@@ -211,6 +211,27 @@ def test_a_broken_module_refuses_to_start_inline(start_envoy, paths, tmp_path):
     assert "Unable to create Wasm plugin keygate" in envoy.log()
 
 
+def write_ecds(ecds, wasm) -> None:
+    """The ECDS file Envoy watches, naming `wasm`, written as `keygate apply` does it (a
+    new file in the directory, then a rename over the old one)."""
+    tmp = ecds.parent / ".next.yaml"
+    tmp.write_text(json.dumps({"resources": [{
+        "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+        "name": "keygate",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "keygate", "root_id": "keygate", "fail_open": False,
+                "vm_config": {"vm_id": "keygate", "runtime": "envoy.wasm.runtime.v8",
+                              "code": {"local": {"filename": str(wasm)}}},
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                  "value": json.dumps(CONFIG)},
+            },
+        },
+    }]}))
+    tmp.rename(ecds)
+
+
 @pytest.mark.parametrize("module", ["garbage", "empty"])
 def test_a_broken_module_through_ecds_fails_the_health_path(start_envoy, tmp_path, module):
     """Through ECDS, Envoy starts and calls itself ready with a module it cannot load,
@@ -222,20 +243,7 @@ def test_a_broken_module_through_ecds_fails_the_health_path(start_envoy, tmp_pat
     bad.write_bytes(b"\x00asm\x01\x00\x00\x00garbage" if module == "garbage" else b"")
     ecds = tmp_path / "ecds" / "keygate.yaml"
     ecds.parent.mkdir()
-    ecds.write_text(json.dumps({"resources": [{
-        "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-        "name": "keygate",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "keygate", "root_id": "keygate", "fail_open": False,
-                "vm_config": {"vm_id": "keygate", "runtime": "envoy.wasm.runtime.v8",
-                              "code": {"local": {"filename": str(bad)}}},
-                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                  "value": json.dumps(CONFIG)},
-            },
-        },
-    }]}))
+    write_ecds(ecds, bad)
     envoy = start_envoy(Ecds(ecds))
     assert envoy.admin_get("/ready").strip() == "LIVE"
     for path in [b"/keygate/health", b"/healthz", b"/v1/jobs"]:
@@ -249,30 +257,12 @@ def test_the_health_path_goes_from_500_to_200_when_a_good_module_arrives(start_e
     ecds = tmp_path / "ecds" / "keygate.yaml"
     ecds.parent.mkdir()
 
-    def write(wasm):
-        tmp = ecds.parent / ".next.yaml"
-        tmp.write_text(json.dumps({"resources": [{
-            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-            "name": "keygate",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                "config": {
-                    "name": "keygate", "root_id": "keygate", "fail_open": False,
-                    "vm_config": {"vm_id": "keygate", "runtime": "envoy.wasm.runtime.v8",
-                                  "code": {"local": {"filename": str(wasm)}}},
-                    "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                      "value": json.dumps(CONFIG)},
-                },
-            },
-        }]}))
-        tmp.rename(ecds)
-
     bad = tmp_path / "bad.wasm"
     bad.write_bytes(b"nope")
-    write(bad)
+    write_ecds(ecds, bad)
     envoy = start_envoy(Ecds(ecds))
     assert raw_h1(envoy.port, b"GET", b"/keygate/health").status == 500
-    write(paths.wasm)
+    write_ecds(ecds, paths.wasm)
     deadline = time.time() + 10
     while time.time() < deadline:
         r = raw_h1(envoy.port, b"GET", b"/keygate/health")

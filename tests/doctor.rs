@@ -637,3 +637,43 @@ fn unreadable_or_unparsable_files_are_errors_naming_the_file() {
     let err = doctor(&missing).unwrap_err();
     assert!(err.contains("missing.yaml"), "{err}");
 }
+
+/// Every Envoy bootstrap the repository ships (found by walking envoy/, so a new one is
+/// covered without naming it here), with its ECDS file in place: nothing unsafe.
+#[test]
+fn every_shipped_envoy_configuration_is_safe() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy");
+    let mut found = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml")
+                && fs::read_to_string(&path)
+                    .unwrap()
+                    .contains("static_resources:")
+            {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    assert!(found.len() >= 4, "{found:?}");
+    for path in &found {
+        let text = fs::read_to_string(path).unwrap();
+        let dir = ["/etc/keygate/ecds", "envoy/fleet/ecds", "envoy/ecds"]
+            .into_iter()
+            .find(|d| text.contains(&format!("path: {d}/keygate.yaml")))
+            .unwrap_or_else(|| panic!("{} names no known ECDS directory", path.display()));
+        let setup = Setup::shipped(path.to_str().unwrap(), dir, serde_json::json!({}));
+        let report = setup.report();
+        assert!(
+            report.is_safe(),
+            "{}:\n{}",
+            path.display(),
+            report.render_text()
+        );
+    }
+}

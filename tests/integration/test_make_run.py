@@ -111,8 +111,17 @@ def test_make_run_prints_a_demo_key_and_curl_lines_that_work(make_run):
     assert '"error":"insufficient_permissions"' in forbidden
 
     time.sleep(0.4)  # counters lag requests by up to 250 ms (README, Observability)
-    counters = shell(line_after(banner, "Counters:"))
+    counters = shell(line_after(banner, "Counters"))
     assert re.search(r"^keygate_allowed\S* 1$", counters, re.M), counters
+    # The access log the banner names has a line per request, naming the demo key's id.
+    access_log = line_after(banner, "Access log").split()[-1]
+    key_id = re.search(r"Demo key (\S+)", banner).group(1)
+    deadline = time.monotonic() + 5  # Envoy flushes access logs about once a second
+    logged = ""
+    while time.monotonic() < deadline and "keygate_missing_api_key" not in logged:
+        time.sleep(0.2)
+        logged = Path(access_log).read_text()
+    assert key_id in logged and "keygate_missing_api_key" in logged, logged
 
     # The key-management lines, with the store the banner names: an admin key created
     # while Envoy runs is accepted within about a second.

@@ -72,7 +72,8 @@ trap 'exit 0' INT TERM
 pids+=($!)
 # Envoy's own chatter at warning; keygate's lines (one per denial) at info. No hot
 # restart: this Envoy shares no shared memory with another one started on the machine.
-"$ENVOY" -c "$RUN/envoy.yaml" --concurrency 2 --disable-hot-restart -l warning \
+# Access log lines are written out every second (Envoy's default: every 10 seconds).
+"$ENVOY" -c "$RUN/envoy.yaml" --concurrency 2 --disable-hot-restart -l warning --file-flush-interval-msec 1000 \
   --component-log-level wasm:info --log-format '[%Y-%m-%d %T.%e][%l] %v' &
 pids+=($!)
 

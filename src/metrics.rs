@@ -194,21 +194,16 @@ pub fn stats_tags() -> serde_json::Value {
 
 /// The access log line of `envoy/envoy.yaml` (Envoy's format string): the decision
 /// (`%RESPONSE_CODE_DETAILS%`: `via_upstream`, or `keygate_<code>` for keygate's refusals),
-/// the key id (`key_id=`: the `x-keygate-key-id` keygate forwards with an allowed request;
-/// `refused_key_id=`: the filter state keygate sets when it refuses a configured key, 401
-/// revoked or expired, 403, 429), the key's client and the client address. No header that
+/// the key id (`x-keygate-key-id`, which keygate forwards with an allowed request and also
+/// sets on a request it refuses after identifying a configured key: 401 revoked or expired,
+/// 403, 429), the key's client (allowed requests) and the client address. No header that
 /// can carry a key.
 pub const ACCESS_LOG_FORMAT: &str = concat!(
     r#"[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" "#,
     "%RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %RESPONSE_FLAGS% key_id=%REQ(X-KEYGATE-KEY-ID)% ",
-    "refused_key_id=%FILTER_STATE(wasm.keygate_key_id:PLAIN)% ",
     r#"client="%REQ(X-KEYGATE-CLIENT)%" ip=%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %DURATION%ms"#,
     "\n"
 );
-
-/// The filter-state name the filter sets (as `wasm.` + it) to the key id of a refused
-/// request, for `%FILTER_STATE(wasm.keygate_key_id:PLAIN)%`.
-pub const ACCESS_LOG_KEY_ID_PROPERTY: &str = "keygate_key_id";
 
 /// Splits a stat name as `/stats` prints it (the names above, with or without the
 /// `wasmcustom.` namespace) into its metric and labels; `None` for other names. For

@@ -92,12 +92,6 @@ extern "C" {
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
     fn proxy_record_metric(id: u32, value: u64) -> u32;
     fn proxy_get_metric(id: u32, value: *mut u64) -> u32;
-    fn proxy_set_property(
-        path: *const u8,
-        path_size: usize,
-        value: *const u8,
-        value_size: usize,
-    ) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
@@ -232,12 +226,6 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
         NOT_FOUND => Ok(None),
         status => Err(HostError(status)),
     }
-}
-
-/// Sets a property of the stream: Envoy keeps it in the stream's filter state as
-/// `wasm.<name>`, where access logs read it with `%FILTER_STATE(wasm.<name>:PLAIN)%`.
-pub fn set_property(name: &str, value: &str) -> Result<(), HostError> {
-    check(unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
 }
 
 /// Proxy-wasm shared data: one key-value space per `vm_id`, shared by all workers,

@@ -16,6 +16,10 @@ use stats::{route_slot, Counter, Counts};
 use std::cell::RefCell;
 use std::rc::Rc;
 
+/// The header that carries the key id, forwarded with allowed requests and set on refused
+/// ones for the access log.
+const ACCESS_LOG_KEY_ID_HEADER: &str = "x-keygate-key-id";
+
 /// Denial lines written per second per worker at most (the rest are counted, see
 /// `LogBudget`): a flood of refused requests must not become a flood of log writes.
 const DENIAL_LINES_PER_SECOND: u32 = 100;
@@ -306,7 +310,7 @@ impl Stream {
     /// Refuses the request. `log_line` is `Some(skipped)` when this denial may be logged,
     /// with the number of denials left unlogged since the last line. `spoofed` are the
     /// client-sent identity headers, removed so that access logs never show them as
-    /// keygate's.
+    /// keygate's; the key id of a configured key is set instead.
     fn deny(
         &mut self,
         config: &Config,
@@ -343,9 +347,10 @@ impl Stream {
         }
         let key_id = denial.key_id();
         if let Some(id) = key_id {
-            // For the access log (allowed requests carry x-keygate-key-id instead). Only ids
-            // of configured keys get here, never a presented key.
-            let _ = host::set_property(crate::metrics::ACCESS_LOG_KEY_ID_PROPERTY, id);
+            // For the access log, which reads %REQ(X-KEYGATE-KEY-ID)% of allowed and refused
+            // requests alike (a refused request goes nowhere, and any client-sent one was
+            // removed above). Only ids of configured keys get here, never a presented key.
+            let _ = host::add_request_header(ACCESS_LOG_KEY_ID_HEADER, id);
         }
         self.count_request(
             Verdict::Denied(reason),
@@ -412,4 +417,3 @@ impl Stream {
         Action::Pause
     }
 }
-

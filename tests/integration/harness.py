@@ -128,15 +128,14 @@ STATS_TAGS = [
      "regex": r"^wasmcustom\.keygate_key_(?:requests_total\.outcome\.[a-z]+\.reason\.[a-z_]+|last_used_seconds)(\.key_id\.(.+))$"},
 ]
 
-# The access log line of envoy/envoy.yaml: the key id of an allowed request is the
-# x-keygate-key-id keygate forwards; that of a request keygate refused after identifying
-# the key (401 revoked/expired, 403, 429) is in the filter state keygate sets; the decision
-# is the response code details (via_upstream, or keygate_<code>). Never a header that can
-# carry a key.
+# The access log line of envoy/envoy.yaml (src/metrics.rs ACCESS_LOG_FORMAT): the key id
+# is the x-keygate-key-id keygate forwards with an allowed request and sets on one it
+# refuses after identifying the key (401 revoked/expired, 403, 429); the decision is the
+# response code details (via_upstream, or keygate_<code>). Never a header that can carry a
+# key.
 ACCESS_LOG_FORMAT = (
     '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
     "%RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %RESPONSE_FLAGS% key_id=%REQ(X-KEYGATE-KEY-ID)% "
-    "refused_key_id=%FILTER_STATE(wasm.keygate_key_id:PLAIN)% "
     'client="%REQ(X-KEYGATE-CLIENT)%" ip=%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %DURATION%ms\n'
 )
 

@@ -218,6 +218,7 @@ def test_access_log_lines_name_the_key_of_allowed_and_refused_requests(envoy):
     assert envoy.request("GET", marker, key(CLIENT)).status == 200
     assert envoy.request("POST", marker, key(ADMIN) + [("x-tenant-id", "t1")]).status == 200
     assert envoy.request("GET", marker, key(SUSPENDED)).status == 403
+    assert envoy.request("GET", marker, key(CLIENT) + [("x-tenant-id", "t2")]).status == 403
     assert envoy.request("GET", marker, key(REVOKED), source=next(_addresses)).status == 401
     # A client's own x-keygate-key-id on a refused request is not logged as keygate's.
     r = envoy.request("GET", marker, key(UNKNOWN) + [("x-keygate-key-id", "admin-spoof")],
@@ -225,23 +226,24 @@ def test_access_log_lines_name_the_key_of_allowed_and_refused_requests(envoy):
     assert r.status == 401
     lines = []
     deadline = time.monotonic() + 10
-    while len(lines) < 5 and time.monotonic() < deadline:
+    while len(lines) < 6 and time.monotonic() < deadline:
         lines = [line for line in envoy.access_log().splitlines() if marker in line]
         time.sleep(0.1)
-    assert len(lines) == 5, lines
-    allowed, admin, suspended, revoked, unknown = lines
+    assert len(lines) == 6, lines
+    allowed, admin, suspended, mismatch, revoked, unknown = lines
     assert " 200 via_upstream " in allowed and " key_id=client-1 " in allowed, allowed
-    assert 'client="acme corp"' in allowed and " refused_key_id=- " in allowed, allowed
+    assert 'client="acme corp"' in allowed, allowed
     assert f" key_id={ADMIN_ID} " in admin, admin
     assert " 403 keygate_key_suspended " in suspended, suspended
-    assert " key_id=- " in suspended and " refused_key_id=suspended-1 " in suspended, suspended
-    assert " 401 keygate_key_revoked " in revoked and " refused_key_id=revoked-1 " in revoked, revoked
+    assert " key_id=suspended-1 " in suspended and 'client="-"' in suspended, suspended
+    assert " 403 keygate_tenant_mismatch " in mismatch and " key_id=client-1 " in mismatch
+    assert " 401 keygate_key_revoked " in revoked and " key_id=revoked-1 " in revoked, revoked
     assert " 401 keygate_invalid_api_key " in unknown, unknown
-    assert " key_id=- refused_key_id=- " in unknown and "admin-spoof" not in unknown, unknown
+    assert " key_id=- " in unknown and "admin-spoof" not in unknown, unknown
     for line in lines:
         assert " ip=127.0." in line, line
     # "What did key X do": one grep finds its allowed and refused requests.
-    assert len([line for line in lines if "key_id=client-1 " in line]) == 1
+    assert [line for line in lines if " key_id=client-1 " in line] == [allowed, mismatch]
     # Never a key, in any line of the access log.
     log = envoy.access_log()
     assert not [k[:12] for k in PLAINTEXTS if k in log]

@@ -2978,3 +2978,20 @@ fn list_shows_last_used_when_the_store_names_admins() {
     assert_eq!(stderr.lines().count(), 1);
     assert_eq!(columns(text.lines().nth(1).unwrap()).last().unwrap(), "?");
 }
+
+#[test]
+fn render_envoy_stats_tags_is_the_filters_own_list() {
+    let env = Env::init();
+    let out = json(&env.ok(&["render", "--format", "envoy-stats-tags"]));
+    assert_eq!(
+        out,
+        serde_json::json!({"stats_config": {"stats_tags": keygate::metrics::stats_tags()}})
+    );
+    let tags: Vec<&str> = out["stats_config"]["stats_tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["tag_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(tags, ["outcome", "reason", "status_class", "route", "key_id"]);
+}

@@ -52,6 +52,7 @@ echo "$key_id" > "$RUN/demo-key-id"
 instance() { # NAME PORT ADMIN
   sed -e "s#envoy/fleet/ecds#$RUN/ecds#g" \
       -e "s/id: keygate-edge-a/id: keygate-edge-$1/" \
+      -e "s#path: /dev/stdout#path: $RUN/access-$1.log#" \
       -e "s/port_value: 10000/port_value: $2/" \
       -e "s/port_value: 9901/port_value: $3/" \
       -e "s/port_value: 8081/port_value: $UPSTREAM_PORT/" \
@@ -80,7 +81,7 @@ pids+=($!)
   >"$RUN/ratelimit.log" 2>&1 &
 pids+=($!)
 for name in a b; do
-  "$ENVOY" -c "$RUN/envoy-$name.yaml" --concurrency 2 --disable-hot-restart -l warning \
+  "$ENVOY" -c "$RUN/envoy-$name.yaml" --concurrency 2 --disable-hot-restart -l warning --file-flush-interval-msec 1000 \
     --component-log-level wasm:info --log-format "[%Y-%m-%d %T.%e][$name][%l] %v" &
   pids+=($!)
 done
@@ -100,7 +101,8 @@ cat <<TXT
 
 keygate fleet is running: Envoys on http://127.0.0.1:$PORT_A and http://127.0.0.1:$PORT_B
 (admins $ADMIN_A, $ADMIN_B), keygate-ratelimit on 127.0.0.1:$RLS_PORT, Redis on 127.0.0.1:$REDIS_PORT,
-coordinator on 127.0.0.1:$UPSTREAM_PORT. Logs of the service and Redis: $RUN/ratelimit.log, $RUN/redis.log.
+coordinator on 127.0.0.1:$UPSTREAM_PORT. Logs of the service and Redis: $RUN/ratelimit.log, $RUN/redis.log;
+access logs of the Envoys (a line per request: decision, key id, client): $RUN/access-a.log, $RUN/access-b.log.
 
 Demo key $key_id on plan demo5 (5 requests a minute, for the whole fleet):
   $key

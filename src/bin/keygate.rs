@@ -333,6 +333,9 @@ enum Format {
     EnvoyRatelimit,
     /// Limitador's limits file (YAML) for the store's plans.
     Limitador,
+    /// The bootstrap's `stats_config` block (JSON, which is YAML) that turns keygate's
+    /// metrics into labelled Prometheus series.
+    EnvoyStatsTags,
 }
 
 impl Identity {
@@ -554,6 +557,12 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             return committed(cli, &done, out, text);
         }
         Command::Verify => return verify(cli, now),
+        Command::Render {
+            format: Format::EnvoyStatsTags,
+        } => {
+            let block = json!({"stats_config": {"stats_tags": keygate::metrics::stats_tags()}});
+            emit(&pretty(&block))?;
+        }
         Command::Render {
             format: format @ (Format::EnvoyRatelimit | Format::Limitador),
         } => {

@@ -2993,5 +2993,8 @@ fn render_envoy_stats_tags_is_the_filters_own_list() {
         .iter()
         .map(|t| t["tag_name"].as_str().unwrap())
         .collect();
-    assert_eq!(tags, ["outcome", "reason", "status_class", "route", "key_id"]);
+    assert_eq!(
+        tags,
+        ["outcome", "reason", "status_class", "route", "key_id"]
+    );
 }

@@ -349,7 +349,7 @@ async fn two_instances_share_one_limit_and_refusals_carry_the_filters_answer() {
     // The bucket is one Redis key holding a time, which expires when the bucket is full.
     let mut redis_conn = redis.connection();
     let tat: f64 = redis::cmd("GET")
-        .arg("keygate:rl:tiny:k_shared")
+        .arg("keygate:rl:4:tiny:k_shared")
         .query::<String>(&mut redis_conn)
         .unwrap()
         .parse()
@@ -361,7 +361,7 @@ async fn two_instances_share_one_limit_and_refusals_carry_the_filters_answer() {
         "TAT {tat} now {now}"
     );
     let ttl: i64 = redis::cmd("PTTL")
-        .arg("keygate:rl:tiny:k_shared")
+        .arg("keygate:rl:4:tiny:k_shared")
         .query(&mut redis_conn)
         .unwrap();
     assert!((59_000..=60_000).contains(&ttl), "PTTL {ttl}");

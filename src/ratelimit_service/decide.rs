@@ -20,13 +20,14 @@ pub const DOMAIN: &str = "keygate";
 pub const PLAN_ENTRY: &str = "plan";
 /// Descriptor entry holding the key's id (from `x-keygate-key-id`).
 pub const KEY_ENTRY: &str = "key_id";
-/// Redis key prefix of the buckets: `keygate:rl:<plan>:<key_id>`.
+/// Redis key prefix of the buckets: `keygate:rl:<length of plan>:<plan>:<key_id>` (the
+/// length keeps a plan name and a key id that both hold `:` from naming one bucket).
 pub const BUCKET_PREFIX: &str = "keygate:rl:";
 
 /// One bucket to take from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bucket {
-    /// Redis key: `keygate:rl:<plan>:<key_id>`.
+    /// Redis key: `keygate:rl:<length of plan>:<plan>:<key_id>`.
     pub key: String,
     /// Plan name.
     pub plan: String,
@@ -72,7 +73,7 @@ pub fn select<'a>(d: &'a RateLimitDescriptor, plans: &Plans, request_hits: u32) 
         .map(|v| v.value)
         .unwrap_or(u64::from(request_hits));
     Selection::Limited(Bucket {
-        key: format!("{BUCKET_PREFIX}{plan}:{key_id}"),
+        key: format!("{BUCKET_PREFIX}{}:{plan}:{key_id}", plan.len()),
         plan: plan.to_string(),
         rate: *rate,
         cost: hits.max(1),
@@ -314,7 +315,7 @@ mod tests {
         assert_eq!(
             select(&d, &plans(), 0),
             Selection::Limited(Bucket {
-                key: "keygate:rl:tiny:k_1".into(),
+                key: "keygate:rl:4:tiny:k_1".into(),
                 plan: "tiny".into(),
                 rate: rate(5, 60, 5),
                 cost: 1,
@@ -323,11 +324,28 @@ mod tests {
     }
 
     #[test]
+    fn plan_and_key_id_never_share_a_bucket_across_colons() {
+        let p = Plans::from([
+            ("a:b".to_string(), rate(5, 60, 5)),
+            ("a".to_string(), rate(5, 60, 5)),
+        ]);
+        let key = |plan: &str, id: &str| match select(
+            &descriptor(&[("plan", plan), ("key_id", id)]),
+            &p,
+            1,
+        ) {
+            Selection::Limited(b) => b.key,
+            other => panic!("{other:?}"),
+        };
+        assert_ne!(key("a:b", "c"), key("a", "b:c"));
+    }
+
+    #[test]
     fn other_entries_are_ignored_but_both_are_needed() {
         let p = plans();
         let with_extra = descriptor(&[("generic_key", "x"), ("plan", "free"), ("key_id", "a")]);
         assert!(
-            matches!(select(&with_extra, &p, 1), Selection::Limited(b) if b.key == "keygate:rl:free:a")
+            matches!(select(&with_extra, &p, 1), Selection::Limited(b) if b.key == "keygate:rl:4:free:a")
         );
         for entries in [
             &[("plan", "free")][..],

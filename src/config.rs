@@ -522,10 +522,10 @@ impl Route {
 }
 
 /// The rules one request is held to, one selection per form of its path and way of
-/// comparing (at most 4 forms x exact/ignoring case); `None` is "no rule covers it".
+/// comparing (`path::MAX_FORMS` forms x exact/ignoring case); `None` is "no rule covers it".
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Matched<'c> {
-    selections: [Option<&'c Route>; 8],
+    selections: [Option<&'c Route>; 2 * path::MAX_FORMS],
     len: usize,
 }
 

@@ -76,6 +76,10 @@ impl<'a> Forms<'a> {
     }
 }
 
+/// The most forms `forms` returns (as sent, decoded with dots kept, resolved, without
+/// parameters); `config::Matched` holds one selection per form and way of comparing.
+pub const MAX_FORMS: usize = 4;
+
 /// Reads `:path` (query string included) into the forms rules are matched against.
 pub fn forms(raw: &[u8]) -> Result<Forms<'_>, PathError> {
     if raw.first() != Some(&b'/') {
@@ -116,6 +120,7 @@ pub fn forms(raw: &[u8]) -> Result<Forms<'_>, PathError> {
             forms.push(Cow::Owned(form));
         }
     }
+    debug_assert!(forms.len() <= MAX_FORMS);
     Ok(Forms { forms })
 }
 

@@ -476,6 +476,18 @@ class EchoUpstream:
             _terminate(self.proc)
 
 
+def _wait_listening(proc: subprocess.Popen, port: int, timeout: float, what: str, log: Path) -> None:
+    """Waits until `proc` accepts on `port`; raises with its log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_accepts(port):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start on {port}:\n{_tail(log)}")
+
+
 class Redis:
     """redis-server (Debian's package) on a loopback port, no persistence."""
 
@@ -499,14 +511,8 @@ class Redis:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=self.workdir, preexec_fn=_die_with_parent,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if port_accepts(self.port):
-                return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on {self.port}:\n{_tail(self.log_path)}")
+        _wait_listening(self.proc, self.port, timeout, "redis-server", self.log_path)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -533,14 +539,8 @@ class RateLimitService:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=self.workdir, preexec_fn=_die_with_parent,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if port_accepts(self.port):
-                return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"keygate-ratelimit did not start:\n{_tail(self.log_path)}")
+        _wait_listening(self.proc, self.port, timeout, "keygate-ratelimit", self.log_path)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -181,6 +181,11 @@ pub struct KeySpec {
     /// Client addresses this key may be used from (CIDR blocks); any when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_ips: Vec<String>,
+    /// Id of another key in `keys` whose rate-limit budget this key spends instead of
+    /// its own: a rotated key's successor shares its predecessor's, so rotating never
+    /// gives a client twice the quota. The named key must not share another's itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares_quota_with: Option<String>,
 }
 
 /// Many keys with one identity, known only by their digests: the compact form for large
@@ -788,6 +793,31 @@ impl Config {
                 ));
             }
             keys.push(key);
+        }
+        for (i, spec) in doc.keys.iter().enumerate() {
+            let Some(other) = &spec.shares_quota_with else {
+                continue;
+            };
+            let field = format!("keys[{i}].shares_quota_with");
+            let Some(&j) = ids.get(other.as_str()) else {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{other:?} is not the id of a key in keys"),
+                ));
+            };
+            if j == i {
+                return Err(ConfigError::new(field, "a key cannot share its own quota"));
+            }
+            if doc.keys[j].shares_quota_with.is_some() {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "key {other:?} itself shares another key's quota; name the key whose quota it is ({:?})",
+                        doc.keys[j].shares_quota_with.as_deref().unwrap_or_default()
+                    ),
+                ));
+            }
+            keys[i].bucket = format!("{BUCKET_PREFIX}{other}");
         }
         let mut key_sets: Vec<KeySet> = Vec::with_capacity(doc.key_sets.len());
         for (i, (spec, digests)) in doc.key_sets.iter().zip(set_digests).enumerate() {

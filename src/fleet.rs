@@ -430,6 +430,7 @@ mod tests {
                 expires_at: None,
                 plan: Some(plan.clone()),
                 allowed_ips: Vec::new(),
+                shares_quota_with: None,
             })
             .collect();
         let compiled = config::Config::compile(&plugin).unwrap();

@@ -258,6 +258,7 @@ impl StoredKey {
             expires_at: self.expires_at.clone(),
             plan: self.plan.clone(),
             allowed_ips: self.allowed_ips.clone(),
+            shares_quota_with: None,
         }
     }
 }
@@ -453,6 +454,7 @@ impl Store {
             expires_at: None,
             plan: None,
             allowed_ips: Vec::new(),
+            shares_quota_with: None,
         }];
         Config::compile(&plugin)?;
         Ok(())

@@ -608,3 +608,56 @@ fn route_names_round_trip_and_label_the_rule() {
         vec![(0, "jobs"), (1, "/v1")]
     );
 }
+
+#[test]
+fn a_key_may_share_another_keys_quota_but_not_through_a_chain() {
+    let h = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+    let doc = |a: &str, b: &str, c: &str| {
+        format!(
+            r#"{{"keys":[
+              {{"id":"old","hash":"{}","role":"client"{a}}},
+              {{"id":"new","hash":"{}","role":"client"{b}}},
+              {{"id":"newer","hash":"{}","role":"client"{c}}}]}}"#,
+            h('a'),
+            h('b'),
+            h('c')
+        )
+    };
+    let config = parse(&doc(
+        "",
+        r#","shares_quota_with":"old""#,
+        r#","shares_quota_with":"old""#,
+    ))
+    .unwrap();
+    let bucket = |id: &str| {
+        config
+            .keys
+            .iter()
+            .find(|k| k.id == id)
+            .map(|k| k.bucket.clone())
+            .unwrap()
+    };
+    assert_eq!(bucket("old"), bucket("new"));
+    assert_eq!(bucket("old"), bucket("newer"));
+    assert_eq!(bucket("old"), format!("{BUCKET_PREFIX}old"));
+
+    let e = err(&doc("", r#","shares_quota_with":"gone""#, ""));
+    assert!(
+        e.contains("keys[1].shares_quota_with") && e.contains("\"gone\" is not the id"),
+        "{e}"
+    );
+    let e = err(&doc("", r#","shares_quota_with":"new""#, ""));
+    assert!(
+        e.contains("keys[1].shares_quota_with") && e.contains("own quota"),
+        "{e}"
+    );
+    let e = err(&doc(
+        "",
+        r#","shares_quota_with":"old""#,
+        r#","shares_quota_with":"new""#,
+    ));
+    assert!(
+        e.contains("keys[2].shares_quota_with") && e.contains("itself shares"),
+        "{e}"
+    );
+}

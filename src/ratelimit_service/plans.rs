@@ -67,6 +67,7 @@ fn stand_in(i: usize, plan: &str) -> KeySpec {
         expires_at: None,
         plan: Some(plan.to_string()),
         allowed_ips: Vec::new(),
+        shares_quota_with: None,
     }
 }
 

@@ -11,7 +11,13 @@
 #
 # Settings for running several stacks side by side (the integration tests do):
 #   KEYGATE_RUN_DIR (.run), KEYGATE_PORT (10000), KEYGATE_ADMIN_PORT (9901),
-#   KEYGATE_UPSTREAM_PORT (8081).
+#   KEYGATE_UPSTREAM_PORT (8081), KEYGATE_POLICY (envoy/policy.json).
+#
+# The policy (routes, plans, IP rules) lives in the store once it exists. Each start
+# compares it with envoy/policy.json: if the file was edited since it was last adopted,
+# the file is applied to the store (the lines that change are printed, and the store's
+# previous policy is kept in $RUN/policy.before-<time>.json); if only the store changed
+# (`keygate policy set`), the store's policy is kept and the difference is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +25,7 @@ ENVOY=.venv/bin/envoy
 KEYGATE=target/release/keygate
 ECHO=target/release/keygate-echo
 RUN=${KEYGATE_RUN_DIR:-.run}
+POLICY=${KEYGATE_POLICY:-envoy/policy.json}
 PORT=${KEYGATE_PORT:-10000} ADMIN_PORT=${KEYGATE_ADMIN_PORT:-9901} UPSTREAM_PORT=${KEYGATE_UPSTREAM_PORT:-8081}
 LISTEN=127.0.0.1:$PORT ADMIN=127.0.0.1:$ADMIN_PORT UPSTREAM=127.0.0.1:$UPSTREAM_PORT
 export KEYGATE_STORE=$RUN/keygate.json
@@ -34,7 +41,34 @@ mkdir -p "$RUN"
 if [ ! -f "$KEYGATE_STORE" ]; then
   # The ECDS path is relative to the store's directory; the .wasm path to Envoy's.
   "$KEYGATE" init --ecds ecds/keygate.yaml --wasm target/wasm32-wasip1/release/keygate.wasm \
-    --policy envoy/policy.json >/dev/null
+    --policy "$POLICY" >/dev/null
+  cp "$POLICY" "$RUN/policy.adopted.json"
+else
+  "$KEYGATE" policy show > "$RUN/policy.store.json"
+  set +e
+  changes=$(python3 envoy/policy_drift.py "$POLICY" "$RUN/policy.store.json" "$RUN/policy.adopted.json")
+  drift=$?
+  set -e
+  case $drift in
+    0) cp "$POLICY" "$RUN/policy.adopted.json" ;;
+    1)
+      kept="$RUN/policy.before-$(date -u +%Y%m%dT%H%M%SZ).json"
+      cp "$RUN/policy.store.json" "$kept"
+      echo "make run: $POLICY changed since the store took it; applying it (the store's previous policy is in $kept):"
+      echo "$changes"
+      if ! "$KEYGATE" policy set "$POLICY" >/dev/null; then
+        echo "make run: $POLICY was not applied (the reason is above); fix it, or restore it, and start again." >&2
+        exit 1
+      fi
+      cp "$POLICY" "$RUN/policy.adopted.json"
+      ;;
+    2)
+      echo "make run: the store's policy differs from $POLICY (it was changed with 'keygate policy set'); keeping the store's. What $POLICY would change:"
+      echo "$changes"
+      echo "  (to use the file's: KEYGATE_STORE=$KEYGATE_STORE $KEYGATE policy set $POLICY)"
+      ;;
+    *) echo "make run: $changes" >&2; exit 1 ;;
+  esac
 fi
 # The store names this Envoy's admin (the port may differ from the last run's), so that
 # `keygate ... --apply` confirms each change with it. The apply just below runs before

@@ -4,6 +4,7 @@ stops cleanly on Ctrl-C. Run on ports and a run directory of the test's own."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ from harness import REPO_ROOT, free_port, port_accepts
 
 
 class MakeRun:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, policy: Path | None = None):
         self.run_dir = run_dir
         self.port, self.admin, self.upstream = free_port(), free_port(), free_port()
         self.env = dict(
@@ -28,8 +29,16 @@ class MakeRun:
             KEYGATE_UPSTREAM_PORT=str(self.upstream),
         )
         self.env.pop("KEYGATE_STORE", None)
+        if policy is not None:
+            self.env["KEYGATE_POLICY"] = str(policy)
         self.proc: subprocess.Popen | None = None
         self.banner = ""
+
+    def start_fails(self) -> tuple[int, str]:
+        """Runs make run expecting it to refuse to start: its exit status and output."""
+        proc = subprocess.run(["bash", "envoy/run.sh"], cwd=REPO_ROOT, env=self.env, text=True,
+                              capture_output=True, timeout=60)
+        return proc.returncode, proc.stdout + proc.stderr
 
     def start(self) -> str:
         self.proc = subprocess.Popen(
@@ -80,8 +89,8 @@ def line_after(banner: str, title: str) -> str:
 def make_run(tmp_path):
     runs = []
 
-    def new():
-        r = MakeRun(tmp_path / "run")
+    def new(policy: Path | None = None):
+        r = MakeRun(tmp_path / "run", policy)
         runs.append(r)
         return r
 
@@ -155,3 +164,61 @@ def test_make_run_prints_a_demo_key_and_curl_lines_that_work(make_run):
     assert key not in banner2
     code, _ = again.ctrl_c()
     assert code == 0
+
+
+def spend(port: int, key: str, n: int) -> list[str]:
+    """n POSTs to /v1/jobs with the key: their status codes."""
+    return [shell(f"curl -s -o /dev/null -w '%{{http_code}}' -X POST -H 'X-Api-Key: {key}' "
+                  f"http://127.0.0.1:{port}/v1/jobs") for _ in range(n)]
+
+
+def demo_key(banner: str) -> str:
+    found = re.search(r"^  (kg_[A-Za-z0-9_-]+)$", banner, re.M)
+    assert found, banner
+    return found.group(1)
+
+
+def test_make_run_adopts_an_edited_policy_file_and_keeps_a_policy_set_with_the_tool(
+        make_run, tmp_path):
+    policy_file = tmp_path / "policy.json"
+    policy = json.loads((REPO_ROOT / "envoy" / "policy.json").read_text())
+    policy_file.write_text(json.dumps(policy))
+    first = make_run(policy_file)
+    banner = first.start()
+    assert "make run: " not in banner.split("keygate is running")[0], banner
+    first.ctrl_c()
+
+    # The file is edited between runs: the next start applies it, saying what changed,
+    # and the demo key (plan free) gets the new limit.
+    policy["plans"]["free"] = {"requests": 3, "per": "minute"}
+    policy_file.write_text(json.dumps(policy))
+    second = make_run(policy_file)
+    banner = second.start()
+    assert "changed since the store took it; applying it" in banner, banner
+    assert "  plans.free.requests: 60 -> 3" in banner, banner
+    kept = re.search(r"previous policy is in (\S+)\):", banner).group(1)
+    assert json.loads(Path(kept).read_text())["plans"]["free"]["requests"] == 60
+    assert spend(second.port, demo_key(banner), 4) == ["200", "200", "200", "429"]
+    second.ctrl_c()
+
+    # The policy is changed with the tool: the next start keeps the store's, and says how
+    # the file differs.
+    store = tmp_path / "run" / "keygate.json"
+    tool_policy = dict(policy, plans=dict(policy["plans"], free={"requests": 2, "per": "minute"}))
+    (tmp_path / "tool.json").write_text(json.dumps(tool_policy))
+    shell(f"target/release/keygate --store {store} policy set {tmp_path / 'tool.json'}")
+    third = make_run(policy_file)
+    banner = third.start()
+    assert "it was changed with 'keygate policy set'); keeping the store's" in banner, banner
+    assert "  plans.free.requests: 2 -> 3" in banner, banner
+    assert spend(third.port, demo_key(banner), 3) == ["200", "200", "429"]
+    third.ctrl_c()
+
+    # A file the filter would refuse stops make run with the reason; the store is unchanged.
+    before = store.read_bytes()
+    policy["plans"]["free"] = {"requests": 0, "per": "minute"}
+    policy_file.write_text(json.dumps(policy))
+    code, out = make_run(policy_file).start_fails()
+    assert code == 1, out
+    assert "plans.free.requests" in out and "was not applied" in out, out
+    assert store.read_bytes() == before

@@ -11,6 +11,7 @@
 //! read), filters recognised by name or by `@type`, `TypedStruct` wrappers unwrapped,
 //! booleans and enums accepted in any of the spellings Envoy's JSON mapping takes.
 
+use crate::wasm_module::check_proxy_wasm as check_wasm;
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -176,9 +177,6 @@ const ROUTER: &str = "envoy.filters.http.router";
 const ALLOWED_BEFORE: [&str; 2] = ["envoy.filters.http.health_check", "envoy.filters.http.cors"];
 const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 const V8: &str = "envoy.wasm.runtime.v8";
-/// The export Envoy's proxy-wasm host calls to hand memory to a module; a module without
-/// it is not a proxy-wasm filter.
-const ALLOCATOR_EXPORT: &str = "proxy_on_memory_allocate";
 
 /// The keygate HTTP filter entry the walk found, with where its Wasm configuration is.
 struct KeygateFilter {
@@ -1125,87 +1123,6 @@ fn is_loopback(address: &str) -> bool {
     }
 }
 
-/// Checks that `bytes` is a Wasm module (magic, version 1) exporting the proxy-wasm
-/// allocator. Only section headers and the export section are parsed.
-fn check_wasm(bytes: &[u8]) -> Result<(), String> {
-    if bytes.get(0..4) != Some(b"\0asm".as_slice()) {
-        return Err("not a Wasm module (it does not start with \\0asm)".to_string());
-    }
-    match bytes.get(4..8) {
-        Some([1, 0, 0, 0]) => {}
-        Some(v) => {
-            return Err(format!(
-                "Wasm binary version {:?}, but Envoy's runtimes load version 1",
-                v
-            ))
-        }
-        None => return Err("a truncated Wasm header".to_string()),
-    }
-    let mut pos = 8;
-    while pos < bytes.len() {
-        let id = bytes.get(pos).copied().ok_or("a truncated section")?;
-        pos += 1;
-        let size = leb_u32(bytes, &mut pos)? as usize;
-        let end = pos
-            .checked_add(size)
-            .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| "a truncated Wasm module (a section runs past the end)".to_string())?;
-        if id == 7 {
-            let section = bytes.get(pos..end).unwrap_or(&[]);
-            return if exports(section)?.iter().any(|n| n == ALLOCATOR_EXPORT) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "a Wasm module without the export {ALLOCATOR_EXPORT}: not a proxy-wasm filter"
-                ))
-            };
-        }
-        pos = end;
-    }
-    Err(format!(
-        "a Wasm module with no exports ({ALLOCATOR_EXPORT} missing): not a proxy-wasm filter"
-    ))
-}
-
-/// The names of the functions an export section exports.
-fn exports(section: &[u8]) -> Result<Vec<String>, String> {
-    let malformed = || "a malformed Wasm export section".to_string();
-    let mut pos = 0;
-    let count = leb_u32(section, &mut pos)?;
-    let mut names = Vec::new();
-    for _ in 0..count {
-        let len = leb_u32(section, &mut pos)? as usize;
-        let end = pos.checked_add(len).ok_or_else(malformed)?;
-        let name = section.get(pos..end).ok_or_else(malformed)?;
-        pos = end;
-        let kind = section.get(pos).copied().ok_or_else(malformed)?;
-        pos += 1;
-        leb_u32(section, &mut pos)?;
-        // Kind 0: a function (the others are tables, memories, globals, tags).
-        if kind == 0 {
-            names.push(String::from_utf8_lossy(name).into_owned());
-        }
-    }
-    Ok(names)
-}
-
-/// An unsigned LEB128 number of at most 5 bytes, as the Wasm binary format writes u32s.
-fn leb_u32(bytes: &[u8], pos: &mut usize) -> Result<u32, String> {
-    let mut value: u32 = 0;
-    for i in 0..5 {
-        let byte = bytes
-            .get(*pos)
-            .copied()
-            .ok_or_else(|| "a truncated Wasm module".to_string())?;
-        *pos += 1;
-        value |= u32::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    Err("a malformed Wasm module (an over-long number)".to_string())
-}
-
 // JSON helpers: Envoy's YAML is loose, so every accessor tolerates a missing key or a
 // value of another type.
 
@@ -1257,6 +1174,7 @@ fn compact(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wasm_module::ALLOCATOR_EXPORT;
 
     /// A minimal module exporting the proxy-wasm allocator: (func (param i32) (result i32)).
     fn module(export: &str) -> Vec<u8> {
@@ -1295,14 +1213,6 @@ mod tests {
         for len in 0..module(ALLOCATOR_EXPORT).len() {
             let _ = check_wasm(&module(ALLOCATOR_EXPORT)[..len]);
         }
-    }
-
-    #[test]
-    fn leb() {
-        let mut pos = 0;
-        assert_eq!(leb_u32(&[0xe5, 0x8e, 0x26], &mut pos), Ok(624_485));
-        assert_eq!(pos, 3);
-        assert!(leb_u32(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x01], &mut 0).is_err());
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub mod store;
 pub mod time;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod usage;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod wasm_module;
 pub mod wire;
 
 #[cfg(target_arch = "wasm32")]

@@ -30,6 +30,7 @@ help:
 	@echo "make compose-up / compose-down  the docker-compose stack (envoy/docker-compose.yaml)"
 	@echo "make fleet-compose-up / fleet-compose-down  the fleet stack (envoy/fleet/docker-compose.yaml)"
 	@echo "make lint    rustfmt and clippy, native and wasm32"
+	@echo "make fmt     rustfmt the sources"
 	@echo "make setup   install what the other targets need (idempotent)"
 
 # ---------------------------------------------------------------- setup
@@ -249,6 +250,9 @@ fleet-compose-down:
 	cd envoy/fleet && docker-compose down --remove-orphans
 
 # ---------------------------------------------------------------- hygiene
+
+fmt:
+	cargo fmt
 
 lint: build
 	cargo fmt --check

@@ -551,9 +551,10 @@ impl Doctor {
                 "headers_with_underscores_action",
                 location,
                 format!(
-                    "{}: a client can send x_keygate_role, which keygate does not strip and \
-                     CGI/WSGI-style upstreams fold into the same variable as the \
-                     x-keygate-role keygate sets (HTTP_X_KEYGATE_ROLE), spoofing an identity",
+                    "{}: a client can send header names with underscores; keygate removes \
+                     its own identity headers in any spelling (x_keygate_role), but \
+                     CGI/WSGI-style upstreams fold any other x_a_b into the variable of x-a-b \
+                     (HTTP_X_A_B), so a header the upstream trusts from Envoy can be spoofed",
                     other.map_or_else(
                         || "not set (Envoy's default is ALLOW)".to_string(),
                         str::to_string
@@ -778,7 +779,7 @@ impl Doctor {
                 Severity::Ok,
                 "fail_open",
                 location,
-                "fails closed: a broken module means 503, never unchecked traffic",
+                "fails closed: a module that crashes or fails to load refuses requests (500), never unchecked traffic",
                 None,
             );
         }

@@ -40,7 +40,7 @@ CASES = {
     "unknown-route-field": (config(routes=[{"prefix": "/v1", "rolez": ["admin"]}]), r"^routes\[0\].*rolez"),
     "not-json": ('{"keys": [', r"."),
     "wrong-type": (config(strip_credentials="yes"), r"^strip_credentials:"),
-    # From the README's configuration reference.
+    # From the configuration reference (docs/configuration.md).
     "no-keys": (config(keys=[]), r"^keys"),
     "bad-id": (with_keys(key(id="has space")), r"^keys\[0\]\.id:"),
     "scope-with-comma": (with_keys(key(scopes=["jobs:read,jobs:write"])), r"^keys\[0\]\.scopes"),

@@ -108,7 +108,7 @@ def test_key_without_tenant_sets_no_tenant(envoy, http2):
 
 
 def test_key_without_tenant_passes_client_tenant_as_sent(envoy, http2):
-    # README: a key without a tenant is not bound to one.
+    # docs/configuration.md, "What the upstream sees": a key without a tenant is not bound to one.
     echo = assert_allowed(
         envoy.request("GET", "/other", [("x-api-key", BARE), ("x-tenant-id", "any-tenant")], http2=http2)
     )

@@ -1,6 +1,6 @@
 """Issue 11 in a real Envoy: what an attacker sends to slip past a rule.
 
-Every class is a generated matrix: HTTP/1.1 and h2c, the README's connection-manager
+Every class is a generated matrix: HTTP/1.1 and h2c, the shipped (docs/envoy.md) connection-manager
 settings and Envoy's own defaults, and the variants of each trick. Requests are written
 byte for byte (harness.raw_h1, harness.RawH2): curl refuses to send some of them.
 """

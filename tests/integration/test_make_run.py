@@ -119,7 +119,7 @@ def test_make_run_prints_a_demo_key_and_curl_lines_that_work(make_run):
     assert forbidden.startswith("HTTP/1.1 403")
     assert '"error":"insufficient_permissions"' in forbidden
 
-    time.sleep(0.4)  # counters lag requests by up to 250 ms (README, Observability)
+    time.sleep(0.4)  # counters lag requests by up to 250 ms (docs/operations.md, Observability)
     counters = shell(line_after(banner, "Counters"))
     assert re.search(r"^keygate_allowed\S* 1$", counters, re.M), counters
     # The access log the banner names has a line per request, naming the demo key's id.

@@ -14,7 +14,14 @@ same listener and route, upstream a `direct_response` 200), so only filter cost 
                     inline in the bootstrap, as that filter is configured)
   keygate           keygate.wasm with the same keys as SHA-256 digests, IP allow rule, plans,
                     delivered through ECDS from a file, as in envoy/envoy.yaml
+  keygate-untrimmed keygate exactly, but the module as linked (every proxy-wasm callback the
+                    SDK exports; `make build` keeps it as keygate.untrimmed.wasm): what trimming
+                    the exports saves (smallest key set)
   wasm-floor        bench/wasm-floor: a proxy-wasm filter whose callbacks only return Continue
+                    (trimmed like keygate.wasm, with target/release/keygate-trim)
+  wasm-keyjob       bench/wasm-floor configured "keyjob:<sha256 hex>,...": the cheapest filter
+                    that still does keygate's job (one header read, SHA-256, a HashMap lookup,
+                    two header mutations; 401 on a miss), trimmed (smallest key set)
   keygate-proxied   keygate (local limit only), "/" routed to the second Envoy (smallest key set)
   fleet             as envoy/fleet/envoy.yaml: keygate with "shared_rate_limit": true, then
                     Envoy's ratelimit filter calling target/release/keygate-ratelimit, which
@@ -22,8 +29,10 @@ same listener and route, upstream a `direct_response` 200), so only filter cost 
                     "/" routed to the second Envoy (smallest key set)
 
 For each configuration and scenario h2load sends a fixed number of requests (`--h1 -c 16
--n N`); the figure is the Envoy process's CPU time (utime+stime, /proc/PID/stat) per
-request. Rounds alternate between configurations; medians and min-max are reported.
+-n N`; scenario `post`: the allowed request as a POST with a 4 KB body on /post, whose route
+enables a buffer filter after the filters under test so that the body goes through them;
+`h2c`: the allowed request over HTTP/2 cleartext); the figure is the Envoy process's CPU time
+(utime+stime, /proc/PID/stat) per request. Rounds alternate between configurations; medians and min-max are reported.
 baseline-proxied, keygate-proxied and fleet are also measured over one connection
 (`latency`: one request in flight, h2load's per-request latencies); for fleet, the CPU of
 keygate-ratelimit and Redis over the same h2load runs is recorded too.
@@ -83,19 +92,38 @@ HTTP_PROTOCOL_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.
 # Paths the scenarios request. /limited is the route whose native rate limit is empty.
 PATH_OPEN = "/bench"
 PATH_LIMITED = "/limited"
+# The post scenario's path: its route enables Envoy's buffer filter (disabled on every other
+# route), placed after the filters under test, so that the request body goes through them
+# (their body callbacks) before the direct_response. Without it the router answers at the
+# request headers, before the body is read, and Envoy closes the HTTP/1.1 connection after
+# each such response (measured: one new connection per request, no body callback).
+PATH_POST = "/post"
+POST_BODY_BYTES = 4096
+BUFFER = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer"
+BUFFER_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute"
+FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 
 # (scenario, configurations, expected status)
 SCENARIOS = {
-    "allowed": (("baseline", "baseline-proxied", "wasm-floor", "native", "keygate",
-                 "keygate-proxied", "fleet"), 200),
-    "401": (("native", "keygate"), 401),
+    "allowed": (("baseline", "baseline-proxied", "wasm-floor", "wasm-keyjob", "native", "keygate",
+                 "keygate-untrimmed", "keygate-proxied", "fleet"), 200),
+    "401": (("wasm-keyjob", "native", "keygate", "keygate-untrimmed"), 401),
     "429": (("native", "keygate"), 429),
+    # The allowed request as a POST with a POST_BODY_BYTES body on PATH_POST (body callbacks).
+    "post": (("baseline", "wasm-floor", "native", "keygate", "keygate-untrimmed"), 200),
+    # The allowed request over HTTP/2 cleartext (prior knowledge; the connection manager's
+    # codec_type is AUTO).
+    "h2c": (("baseline", "wasm-floor", "native", "keygate"), 200),
     # The allowed request again, over one connection (one request in flight): its latency
     # is the request's own path, without queueing behind 15 others (see LATENCY_CONNECTIONS).
     "latency": (("baseline-proxied", "keygate-proxied", "fleet"), 200),
 }
-CONFIG_ORDER = ("baseline", "baseline-proxied", "wasm-floor", "native", "keygate",
-                "keygate-proxied", "fleet")
+CONFIG_ORDER = ("baseline", "baseline-proxied", "wasm-floor", "wasm-keyjob", "native", "keygate",
+                "keygate-untrimmed", "keygate-proxied", "fleet")
+# Scenarios that baseline runs itself: a configuration's overhead in them is paired with
+# baseline's measurement of the same scenario; in the others (401, 429, latency) with
+# baseline's allowed request.
+BASELINE_SCENARIOS = ("allowed", "post", "h2c")
 SIZE_DEPENDENT = ("native", "keygate")
 # Configurations that do not depend on the key set (recorded with size None).
 FIXED = ("baseline", "baseline-proxied", "wasm-floor")
@@ -104,6 +132,21 @@ FIXED = ("baseline", "baseline-proxied", "wasm-floor")
 # shared limit on (Envoy's ratelimit filter, keygate-ratelimit, Redis).
 MIN_SIZE_ONLY = ("baseline-proxied", "keygate-proxied", "fleet")
 FLEET_CONFIGS = ("keygate-proxied", "fleet")
+# Issue 13's extra configurations, smallest key set only, side by side with the others.
+ISSUE13_CONFIGS = ("keygate-untrimmed", "wasm-keyjob")
+SMALLEST_ONLY = MIN_SIZE_ONLY + ISSUE13_CONFIGS
+# The per-change table: (change, configuration with the change, without it, scenarios, what
+# it costs). Saving = CPU without - CPU with, paired round by round.
+CHANGES = (
+    ("trim unused callback exports", "keygate", "keygate-untrimmed", ("allowed", "post", "401"),
+     "none in behaviour: Envoy skips a callback the module does not export, and keygate "
+     "implements none of the removed ones (request/response body, trailers, log, connection, "
+     "gRPC, HTTP call, queue); `make build` runs target/release/keygate-trim after linking; "
+     "a callback the filter starts to implement must be added to FILTER_CALLBACKS "
+     "(src/wasm_module.rs) or Envoy never calls it"),
+)
+# The issue-13 target: keygate's allowed-path overhead at most this times native's.
+TARGET_RATIO = 1.5
 # h2load connections of the latency scenario (the others use --connections).
 LATENCY_CONNECTIONS = 1
 
@@ -183,6 +226,17 @@ def bootstrap(http_filters: list, limited_route_config: dict | None = None,
     }
     if limited_route_config:
         limited_route["typed_per_filter_config"] = limited_route_config
+    # The post scenario's route: the buffer filter (disabled elsewhere, so not even created
+    # for other requests) holds the request until its body is complete, after the filters
+    # under test have seen the body.
+    post_route: dict = {
+        "name": "post",
+        "match": {"prefix": PATH_POST},
+        "direct_response": {"status": 200},
+        "typed_per_filter_config": {"envoy.filters.http.buffer": {
+            "@type": FILTER_CONFIG,
+            "config": {"@type": BUFFER_PER_ROUTE, "buffer": {"max_request_bytes": 65536}}}},
+    }
     cfg = {
         # ECDS needs a node identity (Envoy refuses to start without one); every bootstrap
         # gets the same one, so that they differ only in their filters.
@@ -216,16 +270,25 @@ def bootstrap(http_filters: list, limited_route_config: dict | None = None,
                                                 {
                                                     "name": "bench",
                                                     "domains": ["*"],
-                                                    "routes": [limited_route, open_route],
+                                                    "routes": [limited_route, post_route,
+                                                               open_route],
                                                 }
                                             ],
                                         },
                                         "http_filters": http_filters
                                         + [
                                             {
+                                                "name": "envoy.filters.http.buffer",
+                                                "disabled": True,
+                                                "typed_config": {
+                                                    "@type": BUFFER,
+                                                    "max_request_bytes": 65536,
+                                                },
+                                            },
+                                            {
                                                 "name": "envoy.filters.http.router",
                                                 "typed_config": {"@type": ROUTER},
-                                            }
+                                            },
                                         ],
                                     },
                                 }
@@ -391,19 +454,29 @@ def ecds_filter(name: str, ecds_file: Path) -> dict:
     }
 
 
-def keygate_configs(keygate_wasm: Path, keys: KeySet, size: int) -> dict[str, Path]:
+def keygate_configs(keygate_wasm: Path, keys: KeySet, size: int,
+                    name: str = "keygate") -> dict[str, Path]:
     """keygate as users run it: a bootstrap whose filter comes through ECDS from a file in a
     directory of its own (Envoy watches that directory), plus, up to 10,000 keys, the inline
-    equivalent, because `envoy --mode validate` does not read ECDS files."""
+    equivalent, because `envoy --mode validate` does not read ECDS files. name: the files'
+    prefix (keygate-untrimmed: the same filter with another module; the filter is named
+    keygate either way)."""
     entry = wasm_filter("keygate", keygate_wasm, keygate_plugin_config(keys, size))
-    ecds_file = write_json(CONFIGS / f"keygate-{size}" / "keygate.json", ecds_resources(entry))
+    ecds_file = write_json(CONFIGS / f"{name}-{size}" / "keygate.json", ecds_resources(entry))
     out = {
-        "keygate": write_config(f"keygate-{size}", bootstrap([ecds_filter("keygate", ecds_file)])),
+        "keygate": write_config(f"{name}-{size}", bootstrap([ecds_filter("keygate", ecds_file)])),
         "ecds": ecds_file,
     }
     if size <= VALIDATE_UP_TO:
-        out["inline"] = write_config(f"keygate-{size}-inline", bootstrap([entry]))
+        out["inline"] = write_config(f"{name}-{size}-inline", bootstrap([entry]))
     return out
+
+
+def keyjob_configuration(keys: KeySet, size: int) -> str:
+    """bench/wasm-floor's keyjob mode with the key set's digests, in key order (the fixture
+    names the key at position i k<i, seven digits>, as KeySet.key_id does)."""
+    return "keyjob:" + ",".join(hashlib.sha256(keys.plain[i].encode()).hexdigest()
+                                for i in range(size))
 
 
 def config_keygate_proxied(ecds_file: Path, upstream_port: int) -> dict:
@@ -569,6 +642,71 @@ def build_floor() -> Path:
     return target_dir / "wasm32-wasip1/release/wasm_floor.wasm"
 
 
+def wasm_function_exports(path: Path) -> list[str]:
+    """The names of the functions a Wasm module exports (its export section, kind 0)."""
+    data = path.read_bytes()
+    if data[:8] != b"\0asm\x01\0\0\0":
+        raise ValueError(f"{path} is not a version-1 Wasm module")
+
+    def leb(pos: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            b = data[pos]
+            pos += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return value, pos
+
+    names = []
+    pos = 8
+    while pos < len(data):
+        sid = data[pos]
+        size, pos = leb(pos + 1)
+        end = pos + size
+        if sid == 7:
+            count, q = leb(pos)
+            for _ in range(count):
+                n, q = leb(q)
+                name = data[q:q + n].decode(errors="replace")
+                kind = data[q + n]
+                _, q = leb(q + n + 1)
+                if kind == 0:
+                    names.append(name)
+        pos = end
+    return names
+
+
+def trim_module(trim_bin: Path, module: Path, untrimmed_copy: Path) -> str:
+    """Runs keygate-trim on module in place (as `make build` does on keygate.wasm), keeping
+    the module as linked at untrimmed_copy; returns keygate-trim's report."""
+    r = subprocess.run([str(trim_bin), str(module), "--untrimmed-copy", str(untrimmed_copy)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{rel(trim_bin)} {rel(module)}: {(r.stdout + r.stderr).strip()}")
+    return r.stdout.strip()
+
+
+def check_untrimmed(trim_bin: Path, keygate_wasm: Path, untrimmed: Path) -> str | None:
+    """keygate-untrimmed must be keygate exactly but for its exports: trimming a copy of the
+    untrimmed module must give keygate.wasm byte for byte (a stale keygate.untrimmed.wasm from
+    an older build would not). Returns what is wrong, or None."""
+    tmp = runner_tmp() / "keygate.untrimmed-check.wasm"
+    shutil.copyfile(untrimmed, tmp)
+    r = subprocess.run([str(trim_bin), str(tmp)], capture_output=True, text=True)
+    try:
+        if r.returncode != 0:
+            return f"keygate-trim refused it: {(r.stdout + r.stderr).strip()}"
+        if tmp.read_bytes() != keygate_wasm.read_bytes():
+            return ("trimming it does not give the keygate module under test byte for byte "
+                    "(a stale keygate.untrimmed.wasm? run `make build`)")
+        if "already trimmed" in r.stdout:
+            return "it is trimmed already"
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -716,6 +854,10 @@ class Runner:
         self.settling: list[Envoy] = []
         self.logs = OUT / ("quick" if args.quick else "full") / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        # The post scenario's body: POST_BODY_BYTES of JSON-like text, the same every run.
+        self.post_body = self.logs.parent / "post-body.json"
+        filler = "x" * (POST_BODY_BYTES - len('{"data":""}'))
+        self.post_body.write_text('{"data":"' + filler + '"}')
 
     def envoy_cmd(self, config: Path, concurrency: int, admin_path: Path | None,
                   log_level: str | None = None) -> list[str]:
@@ -975,9 +1117,13 @@ def probe(port: int, key: str) -> int | None:
 
 
 def h2load_cmd(port: int, path: str, n: int, conns: int, logfile: Path | None,
-               key_display: str) -> list[str]:
-    cmd = ["h2load", "--h1", "-c", str(conns), "-t", "1", "-n", str(n),
-           "-H", f"x-api-key: {key_display}"]
+               key_display: str, body: Path | None = None, h2: bool = False) -> list[str]:
+    """h2: HTTP/2 cleartext with prior knowledge (h2load's default for http://), one stream
+    at a time per connection; else HTTP/1.1. body: a POST with that file as its body."""
+    cmd = ["h2load"] + ([] if h2 else ["--h1"]) + [
+        "-c", str(conns), "-t", "1", "-n", str(n), "-H", f"x-api-key: {key_display}"]
+    if body is not None:
+        cmd += ["-d", str(body)]
     if logfile:
         cmd.append(f"--log-file={logfile}")
     cmd.append(f"http://127.0.0.1:{port}{path}")
@@ -1011,14 +1157,32 @@ def ratelimit_stats(admin_port: int) -> dict[str, int]:
     return out
 
 
+def downstream_connections(admin_port: int) -> int | None:
+    """The bench listener's connection manager's downstream_cx_total."""
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=2)
+        c.request("GET", "/stats?filter=%5Ehttp%5C.bench%5C.downstream_cx_total%24")
+        body = c.getresponse().read().decode()
+        c.close()
+    except (OSError, http.client.HTTPException):
+        return None
+    m = re.search(r"^http\.bench\.downstream_cx_total: (\d+)$", body, re.M)
+    return int(m.group(1)) if m else None
+
+
 def run_h2load(runner: Runner, e: Envoy, key: str, path: str, n: int, expect: int | None,
-               measure: bool, conns: int | None = None) -> dict:
+               measure: bool, conns: int | None = None, scenario: str = "allowed") -> dict:
     logfile = runner.logs / "h2load.tsv"
     logfile.unlink(missing_ok=True)  # h2load appends
     conns = conns or runner.args.connections
-    cmd = h2load_cmd(e.port, path, n, conns, logfile, key)
+    body = runner.post_body if scenario == "post" else None
+    h2 = scenario == "h2c"
+    cmd = h2load_cmd(e.port, path, n, conns, logfile, key, body=body, h2=h2)
     if e.proc is None or e.proc.poll() is not None:
         return {"error": f"{e.name} is not running"}
+    # post: the body must go through the filters and the connection be kept (see PATH_POST);
+    # the connection count is read outside the CPU window.
+    cx0 = downstream_connections(e.admin_port) if body is not None else None
     # The fleet configuration: the CPU of the rate-limit service and of Redis over the same
     # run, and Envoy's ratelimit counters (read outside the CPU window: admin costs CPU too).
     side: dict[str, Aux] = e.extra.get("side", {})
@@ -1033,10 +1197,18 @@ def run_h2load(runner: Runner, e: Envoy, key: str, path: str, n: int, expect: in
     side1 = {k: cpu_seconds(a.pid) for k, a in side.items() if k in side0 and a.running()}
     rls1 = ratelimit_stats(e.admin_port) if rls0 is not None else None
     redis1 = redis_script_calls(e.extra["redis_port"]) if redis0 is not None else None
+    cx1 = downstream_connections(e.admin_port) if cx0 is not None else None
     runner.trim_log(e)
     out = r.stdout
     res: dict = {"n": n, "connections": conns, "wall_s": wall, "cpu_s": cpu1 - cpu0,
                  "cpu_us_per_req": (cpu1 - cpu0) / n * 1e6}
+    if scenario != "allowed":
+        res["protocol"] = "h2c" if h2 else "http/1.1"
+    if body is not None:
+        res["body_bytes"] = body.stat().st_size
+    if cx0 is not None and cx1 is not None:
+        res["new_connections"] = cx1 - cx0
+    proto = re.search(r"Application protocol: (\S+)", out)
     if side:
         res["side_cpu_us_per_req"] = {k: (side1[k] - side0[k]) / n * 1e6 for k in side1}
     if rls0 is not None and rls1 is not None:
@@ -1068,6 +1240,15 @@ def run_h2load(runner: Runner, e: Envoy, key: str, path: str, n: int, expect: in
         res["error"] = f"h2load exit {r.returncode}, {done}/{n} responses: {out.strip()[-300:]}"
     elif expect is not None and statuses.get(expect, 0) != n:
         res["error"] = f"expected {n} x {expect}, got {res['statuses']}"
+    elif h2 and (not proto or proto.group(1) != "h2c"):
+        res["error"] = (f"h2c: h2load did not speak HTTP/2 cleartext (application protocol "
+                        f"{proto.group(1) if proto else 'not reported'})")
+    elif measure and res.get("new_connections", 0) > 2 * conns:
+        # A response before the body was read closes an HTTP/1.1 connection: the body did
+        # not go through the filter chain, and connection set-up was measured instead.
+        res["error"] = (f"post: Envoy opened {res['new_connections']} connections for {n} "
+                        f"requests over {conns}: the request body did not reach the end of the "
+                        f"filter chain (see PATH_POST)")
     elif side and set(side1) != set(side):
         res["error"] = "the rate-limit service or Redis is not running: " + ", ".join(
             f"{k} {a.state}" for k, a in side.items() if k not in side1)
@@ -1101,8 +1282,10 @@ class Target:
 def scenario_request(keys: KeySet, size: int | None, scenario: str) -> tuple[str, str]:
     """(key, path) for a scenario; size None (baseline, floor) uses the 10-key set's key."""
     s = size or 10
-    if scenario in ("allowed", "latency"):
+    if scenario in ("allowed", "latency", "h2c"):
         return keys.plain[keys.allowed_index(s)], PATH_OPEN
+    if scenario == "post":
+        return keys.plain[keys.allowed_index(s)], PATH_POST
     if scenario == "401":
         return keys.unknown, PATH_OPEN
     if scenario == "429":
@@ -1122,13 +1305,29 @@ def pairs_for(targets: list[Target]) -> list[tuple[Target, str]]:
     return pairs
 
 
-def warm_up(runner: Runner, keys: KeySet, targets: list[Target]) -> None:
+# --quick (CI; its figures are not read) runs issue 13's configurations and scenarios at
+# these counts (requests, warm-up), so that CI exercises them without lengthening the run.
+QUICK_ISSUE13_COUNTS = (3000, 500)
+
+
+def counts_for(args, config: str, scenario: str) -> tuple[int, int]:
+    """(requests per measurement, warm-up requests) of a (configuration, scenario)."""
+    if getattr(args, "quick", False) and (config in ISSUE13_CONFIGS or scenario in ("post", "h2c")):
+        return min(args.requests, QUICK_ISSUE13_COUNTS[0]), min(args.warmup, QUICK_ISSUE13_COUNTS[1])
+    return args.requests, args.warmup
+
+
+def warm_up(runner: Runner, keys: KeySet, targets: list[Target],
+            scenarios: tuple[str, ...] | None = None) -> None:
     for t, scenario in pairs_for(targets):
         if t.envoy.state != "ready" or scenario == "latency":  # latency: allowed's request
             continue
+        if scenarios is not None and scenario not in scenarios:
+            continue
         key, path = scenario_request(keys, t.size, scenario)
         # The first request of the 429 scenario is admitted (it empties the bucket).
-        res = run_h2load(runner, t.envoy, key, path, runner.args.warmup, None, measure=False)
+        res = run_h2load(runner, t.envoy, key, path, counts_for(runner.args, t.config, scenario)[1],
+                         None, measure=False, scenario=scenario)
         st = res.get("statuses", {})
         if res.get("error"):
             log(f"  warm-up {t.envoy.name} {scenario}: {res['error']}")
@@ -1152,7 +1351,9 @@ def measure_rounds(runner: Runner, keys: KeySet, targets: list[Target], rounds: 
                 res = run_h2load(runner, t.envoy, key, path, runner.args.latency_requests, expect,
                                  True, conns=LATENCY_CONNECTIONS)
             else:
-                res = run_h2load(runner, t.envoy, key, path, runner.args.requests, expect, True)
+                res = run_h2load(runner, t.envoy, key, path,
+                                 counts_for(runner.args, t.config, scenario)[0], expect, True,
+                                 scenario=scenario)
             rec = {"phase": phase, "round": r, "config": t.config, "size": t.size,
                    "concurrency": t.envoy.concurrency, "scenario": scenario,
                    "envoy": t.envoy.name, **res}
@@ -1303,7 +1504,8 @@ def perf_split(runner: Runner, keys: KeySet, targets: list[Target], size: int) -
     """
     out = []
     wanted = {("baseline", "allowed"), ("wasm-floor", "allowed"), ("native", "allowed"),
-              ("keygate", "allowed"), ("native", "401"), ("keygate", "401")}
+              ("keygate", "allowed"), ("native", "401"), ("keygate", "401"),
+              ("wasm-keyjob", "allowed"), ("keygate-untrimmed", "allowed")}
     pdir = runner.logs / "perf"
     pdir.mkdir(exist_ok=True)
     for t, scenario in pairs_for(targets):
@@ -1316,7 +1518,7 @@ def perf_split(runner: Runner, keys: KeySet, targets: list[Target], size: int) -
         time.sleep(0.5)
         key, path = scenario_request(keys, t.size, scenario)
         res = run_h2load(runner, t.envoy, key, path, runner.args.requests,
-                         SCENARIOS[scenario][1], False)
+                         SCENARIOS[scenario][1], False, scenario=scenario)
         rec.send_signal(signal.SIGINT)
         try:
             rec.wait(timeout=30)
@@ -1550,19 +1752,24 @@ def med(vals: list[float]) -> float | None:
 def summarize(records: list[dict], phase: str) -> dict:
     """{(config, size, scenario): {...medians, spread, overhead...}} for one phase."""
     ok = [r for r in records if r["phase"] == phase and not r.get("error")]
-    # Per-round baseline (allowed) to pair each measurement with the same round's baseline.
+    # Per-round baseline to pair each measurement with the same round's baseline: of the same
+    # scenario where baseline runs it (allowed, post, h2c), else of the allowed request.
     base: dict[tuple, float] = {}
     for r in ok:
         if r["config"] == "baseline":
-            base[(r["size_group"], r["round"])] = r["cpu_us_per_req"]
+            base[(r["size_group"], r["round"], r.get("scenario", "allowed"))] = r["cpu_us_per_req"]
+
+    def base_key(group, r):
+        sc = r["scenario"] if r["scenario"] in BASELINE_SCENARIOS else "allowed"
+        return (group, r["round"], sc)
     out: dict[tuple, dict] = {}
     groups: dict[tuple, list[dict]] = {}
     for r in ok:
         groups.setdefault((r["config"], r["size"], r["scenario"], r["size_group"]), []).append(r)
     for (config, size, scenario, group), rs in groups.items():
         cpu = [r["cpu_us_per_req"] for r in rs]
-        over = [r["cpu_us_per_req"] - base[(group, r["round"])] for r in rs
-                if (group, r["round"]) in base]
+        over = [r["cpu_us_per_req"] - base[base_key(group, r)] for r in rs
+                if base_key(group, r) in base]
         out[(config, size, scenario, group)] = {
             "config": config, "size": size, "scenario": scenario, "group": group,
             "rounds": len(rs),
@@ -1709,6 +1916,16 @@ def parse_args(argv=None):
     p.add_argument("--latency-requests", type=int,
                    help="requests per latency measurement, over one connection (default 10000; "
                         "quick 2000)")
+    p.add_argument("--keygate-untrimmed-wasm",
+                   default=str(ROOT / "target/wasm32-wasip1/release/keygate.untrimmed.wasm"),
+                   help="the keygate module before keygate-trim, for keygate-untrimmed (default: "
+                        "target/wasm32-wasip1/release/keygate.untrimmed.wasm, kept by `make build`); "
+                        "it must trim to --keygate-wasm byte for byte")
+    p.add_argument("--skip-untrimmed", action="store_true",
+                   help="skip the keygate-untrimmed configuration (and the per-change table's trim row)")
+    p.add_argument("--keygate-trim", default=str(ROOT / "target/release/keygate-trim"),
+                   help="the export trimmer run on bench/wasm-floor's module, as `make build` runs it "
+                        "on keygate.wasm (default: target/release/keygate-trim)")
     p.add_argument("--keygate-ratelimit", default=str(ROOT / "target/release/keygate-ratelimit"),
                    help="the rate-limit service binary; `keygate` next to it makes its store "
                         "(default: target/release/keygate-ratelimit; `cargo build --release --bins`)")
@@ -1759,7 +1976,12 @@ def main(argv=None) -> int:
         " " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     envoy_bin = find_envoy(args.envoy)
     keygate_src = Path(args.keygate_wasm)
-    for tool, hint in ((envoy_bin, "make setup"), (keygate_src, "make build")):
+    untrimmed_src = Path(args.keygate_untrimmed_wasm)
+    trim_bin = Path(args.keygate_trim)
+    needed = [(envoy_bin, "make setup"), (keygate_src, "make build"), (trim_bin, "make build")]
+    if not args.skip_untrimmed:
+        needed.append((untrimmed_src, "make build; or --skip-untrimmed"))
+    for tool, hint in needed:
         if not tool.exists():
             print(f"bench: {tool} not found (run `{hint}` first)", file=sys.stderr)
             return 2
@@ -1788,6 +2010,24 @@ def main(argv=None) -> int:
     floor_wasm = wasm_dir / "wasm-floor.wasm"
     shutil.copyfile(keygate_src, keygate_wasm)
     shutil.copyfile(floor_src, floor_wasm)
+    # The floor (and its keyjob and host-call modes) is trimmed as keygate.wasm is: Envoy
+    # skips the callbacks the module does not export.
+    floor_untrimmed = wasm_dir / "wasm-floor.untrimmed.wasm"
+    try:
+        floor_trim = trim_module(trim_bin, floor_wasm, floor_untrimmed)
+    except RuntimeError as err:
+        print(f"bench: {err}", file=sys.stderr)
+        return 2
+    log(floor_trim)
+    keygate_untrimmed = None
+    if not args.skip_untrimmed:
+        keygate_untrimmed = wasm_dir / "keygate.untrimmed.wasm"
+        shutil.copyfile(untrimmed_src, keygate_untrimmed)
+        wrong = check_untrimmed(trim_bin, keygate_wasm, keygate_untrimmed)
+        if wrong:
+            print(f"bench: {untrimmed_src} is not the module {keygate_src} was trimmed from: "
+                  f"{wrong} (or --skip-untrimmed)", file=sys.stderr)
+            return 2
     # The same for the fleet's native tools (the service, and the CLI that makes its store).
     ratelimit_bin = wasm_dir.parent / "bin" / "keygate-ratelimit"
     if not args.skip_fleet:
@@ -1812,12 +2052,25 @@ def main(argv=None) -> int:
             # How the benchmark hands keygate its configuration (results before this field:
             # inline in the bootstrap).
             "delivery": "ecds",
+            "exports": wasm_function_exports(keygate_wasm),
         },
-        "wasm_floor": {"sha256": sha256_file(floor_wasm), "bytes": floor_wasm.stat().st_size},
+        "wasm_floor": {"sha256": sha256_file(floor_wasm), "bytes": floor_wasm.stat().st_size,
+                       "untrimmed_bytes": floor_untrimmed.stat().st_size,
+                       "trimmed_exports_removed": sorted(
+                           set(wasm_function_exports(floor_untrimmed))
+                           - set(wasm_function_exports(floor_wasm)))},
         "h2load": subprocess.run(["h2load", "--version"], capture_output=True, text=True).stdout.strip(),
         "args": {k: (rel(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "clk_tck": CLK_TCK,
     }
+    if keygate_untrimmed is not None:
+        facts["keygate_untrimmed"] = {
+            "wasm": rel(untrimmed_src),
+            "wasm_sha256": sha256_file(keygate_untrimmed),
+            "wasm_bytes": keygate_untrimmed.stat().st_size,
+            "exports_removed_by_trim": sorted(set(wasm_function_exports(keygate_untrimmed))
+                                              - set(wasm_function_exports(keygate_wasm))),
+        }
     if not args.skip_fleet:
         facts["fleet"] = {
             "redis": subprocess.run([shutil.which("redis-server") or "redis-server", "--version"],
@@ -1862,6 +2115,16 @@ def main(argv=None) -> int:
             profile["config_bytes"][str(size)] = {
                 "native": b["native"], "keygate": b["keygate"] + b["ecds"],
                 "keygate_ecds": b["ecds"]}
+        # Issue 13's configurations, smallest key set only: keygate with the untrimmed module
+        # (the same plugin configuration through ECDS), and the keyjob filter (inline, as the
+        # floor is).
+        small = min(args.sizes)
+        issue13: dict[str, Path] = {}
+        if keygate_untrimmed is not None:
+            untrimmed_paths = keygate_configs(keygate_untrimmed, keys, small, "keygate-untrimmed")
+            issue13["keygate-untrimmed"] = untrimmed_paths["keygate"]
+        issue13["wasm-keyjob"] = write_config(
+            f"wasm-keyjob-{small}", config_floor(floor_wasm, keyjob_configuration(keys, small)))
 
         def check(path: Path, what: str = "") -> None:
             t0 = time.monotonic()
@@ -1884,6 +2147,12 @@ def main(argv=None) -> int:
             check(ps["native"])
             check(ps["keygate"], "ECDS bootstrap: structure and ECDS file path only")
             check(ps["inline"], "keygate's ECDS configuration inline: module and on_configure")
+        if keygate_untrimmed is not None:
+            check(untrimmed_paths["keygate"], "keygate-untrimmed, ECDS bootstrap")
+            if "inline" in untrimmed_paths:
+                check(untrimmed_paths["inline"],
+                      "keygate-untrimmed's configuration inline: module and on_configure")
+        check(issue13["wasm-keyjob"], "the keyjob filter: module and on_configure")
         if not all(v["ok"] for v in validations):
             raise RuntimeError("a configuration did not validate; see above")
 
@@ -1927,6 +2196,15 @@ def main(argv=None) -> int:
                     targets.append(Target(name, e, size))
                 else:
                     problems.append(f"{e.name}: {e.state}")
+            if size == small:
+                for name, path in issue13.items():
+                    e = runner.start(Envoy(f"{name}-{size}-c1", path, 1),
+                                     keys.plain[keys.allowed_index(size)])
+                    started.append((e, name))
+                    if e.state == "ready":
+                        targets.append(Target(name, e, size))
+                    else:
+                        problems.append(f"{e.name}: {e.state}")
             # The fleet (shared limit on) and keygate alone, both routed to the upstream
             # Envoy, smallest key set only.
             if size == min(args.sizes) and not args.skip_fleet:
@@ -1945,7 +2223,10 @@ def main(argv=None) -> int:
             runner.wait_settled()
             for e, name in started:
                 starts.append(start_record(e, name, size, "A"))
-            warm_up(runner, keys, targets)
+            # --quick (CI, figures not read) measures post and h2c at the smallest size only.
+            scenarios = tuple(sc for sc in SCENARIOS if not (
+                args.quick and size != small and sc in ("post", "h2c")))
+            warm_up(runner, keys, targets, scenarios)
             fl = next((t for t in targets if t.config == "fleet"), None)
             if fl:
                 fleet_counted(fl.envoy, fleet_info)
@@ -1954,7 +2235,7 @@ def main(argv=None) -> int:
             if fleet_info.get("error") and not any("fleet:" in p for p in problems):
                 problems.append(f"fleet: {fleet_info['error']}")
             n0 = len(records)
-            measure_rounds(runner, keys, targets, args.rounds, "A", tuple(SCENARIOS), records)
+            measure_rounds(runner, keys, targets, args.rounds, "A", scenarios, records)
             for r in records[n0:]:
                 r["size_group"] = size
             if size == min(args.sizes) and args.perf:
@@ -1963,7 +2244,7 @@ def main(argv=None) -> int:
             if size == min(args.sizes) and not args.quick and kg and args.log_level != "warning":
                 profile["log_cost"] = log_cost(runner, keys, size, sized[size]["keygate"], kg, 3)
             for t in targets:
-                if t.config in SIZE_DEPENDENT + FLEET_CONFIGS:
+                if t.config in SIZE_DEPENDENT + FLEET_CONFIGS + ISSUE13_CONFIGS:
                     runner.stop(t.envoy)
             if size == min(args.sizes):
                 for e, name in started:
@@ -2162,17 +2443,27 @@ def headline_lines(S: Summary) -> list[str]:
     (kg, n_kg), (nat, _), (floor, _) = pooled["keygate"], pooled["native"], pooled["wasm-floor"]
     r_kn = ratio(kg, nat)
     lines.append(
-        f"Target (a), allowed path: keygate overhead / native overhead <= 1.0: "
-        f"{fmt_ratio(r_kn)} (keygate {fmt(kg)} us vs native {fmt(nat)} us over baseline, all sizes "
-        f"pooled, {n_kg} rounds) -> {verdict(None if r_kn is None else r_kn <= 1.0)}; "
+        f"Target (a), issue 13, allowed path: keygate overhead / native overhead <= "
+        f"{TARGET_RATIO:g}: {fmt_ratio(r_kn)} (keygate {fmt(kg)} us vs native {fmt(nat)} us over "
+        f"baseline, all sizes pooled, {n_kg} rounds) -> "
+        f"{verdict(None if r_kn is None else r_kn <= TARGET_RATIO)}; "
         f"keygate/wasm-floor {fmt_ratio(ratio(kg, floor))} (floor {fmt(floor)} us)")
     for size in S.sizes:
         kg, nat, floor = (S.val("A", c, size) for c in ("keygate", "native", "wasm-floor"))
         lines.append(
             f"{size_label(size)} keys, allowed: keygate overhead {fmt(kg)} us vs native {fmt(nat)} us "
-            f"-> keygate/native {fmt_ratio(ratio(kg, nat))} (target <= 1.0; difference "
+            f"-> keygate/native {fmt_ratio(ratio(kg, nat))} (target <= {TARGET_RATIO:g}; difference "
             f"{fmt(None if kg is None or nat is None else kg - nat)} us); "
             f"keygate/wasm-floor {fmt_ratio(ratio(kg, floor))} (floor {fmt(floor)} us)")
+    for scenario in ("401", "429", "post", "h2c"):
+        line = scenario_ratio_line(S, scenario)
+        if line:
+            lines.append(line)
+    recs = S.report["records"]
+    if any(r.get("config") == "wasm-keyjob" for r in recs):
+        lines.append(keyjob_headline(S))
+    if any(r.get("config") in ISSUE13_CONFIGS for r in recs):
+        lines.extend(change_headlines(S))
     # (b) A refusal against an allowed request: through a direct_response baseline (no
     # upstream at all) and through baseline-proxied (a real upstream hop).
     k401 = S.val("A", "keygate", small, "401", "cpu")
@@ -2256,6 +2547,108 @@ def headline_lines(S: Summary) -> list[str]:
     lines.append(fleet_headline(S))
     lines.append(hostcall_headline(S.hostcalls))
     return lines
+
+
+SCENARIO_TEXT = {
+    "allowed": "allowed (a valid key, GET over HTTP/1.1)",
+    "401": "401 (an unknown key)",
+    "429": "429 (an empty bucket)",
+    "post": f"post (the allowed request as a POST with a {POST_BODY_BYTES // 1024} KB body)",
+    "h2c": "h2c (the allowed request over HTTP/2 cleartext)",
+}
+
+
+def floor_for(S: Summary, size: int, scenario: str) -> tuple[float | None, str]:
+    """wasm-floor's overhead to compare a scenario with: its own where the floor runs it,
+    else its allowed request's (the floor refuses nothing)."""
+    if scenario in SCENARIOS and "wasm-floor" in SCENARIOS[scenario][0]:
+        return S.val("A", "wasm-floor", size, scenario), scenario
+    return S.val("A", "wasm-floor", size), "allowed"
+
+
+def scenario_ratio_line(S: Summary, scenario: str) -> str | None:
+    """keygate/native and keygate/wasm-floor overhead ratios of one scenario, per key-set size."""
+    parts = []
+    for size in S.sizes:
+        kg, nat = S.val("A", "keygate", size, scenario), S.val("A", "native", size, scenario)
+        if kg is None and nat is None:
+            continue
+        floor, fs = floor_for(S, size, scenario)
+        parts.append(
+            f"{size_label(size)} keys keygate {fmt(kg)} us vs native {fmt(nat)} us -> "
+            f"{fmt_ratio(ratio(kg, nat))}, keygate/wasm-floor {fmt_ratio(ratio(kg, floor))} "
+            f"(floor{'' if fs == scenario else ' ' + fs} {fmt(floor)} us)")
+    if not parts:
+        return None
+    base = "the same request through baseline" if scenario in BASELINE_SCENARIOS else \
+        "baseline's allowed request"
+    return (f"{SCENARIO_TEXT[scenario]}, overhead over {base}, keygate/native: "
+            + "; ".join(parts))
+
+
+def keyjob_headline(S: Summary) -> str:
+    """The proof line: the cheapest filter that still does keygate's job, against native."""
+    small = min(S.sizes)
+    kj, nat = S.val("A", "wasm-keyjob", small), S.val("A", "native", small)
+    floor, kg = S.val("A", "wasm-floor", small), S.val("A", "keygate", small)
+    head = (f"Proof line, {size_label(small)} keys, allowed: wasm-keyjob (the cheapest filter "
+            f"that still does keygate's job in the Wasm VM: one x-api-key read, SHA-256, a "
+            f"HashMap lookup, x-api-key removed and x-keygate-key-id set; trimmed)")
+    if kj is None:
+        return head + ": - (not measured in this run)"
+    r = ratio(kj, nat)
+    if r is None:
+        verdict_txt = "no ratio (native's overhead is not above zero in this run)"
+    elif r > TARGET_RATIO:
+        verdict_txt = (f"above {TARGET_RATIO:g}x: no filter in the Wasm VM that reads the key, "
+                       f"looks it up and forwards the identity with these host calls reaches "
+                       f"the target, so keygate cannot either")
+    else:
+        verdict_txt = (f"within {TARGET_RATIO:g}x: the target is not ruled out inside the VM; "
+                       f"what keygate adds over wasm-keyjob ({fmt(None if kg is None else kg - kj)} "
+                       f"us) is its work beyond the job")
+    kj401, n401 = S.val("A", "wasm-keyjob", small, "401"), S.val("A", "native", small, "401")
+    return (f"{head}: overhead {fmt(kj)} us vs native {fmt(nat)} us -> wasm-keyjob/native "
+            f"{fmt_ratio(r)} (target <= {TARGET_RATIO:g}): {verdict_txt}; wasm-floor alone "
+            f"{fmt_ratio(ratio(floor, nat))} of native ({fmt(floor)} us); keygate/wasm-keyjob "
+            f"{fmt_ratio(ratio(kg, kj))}; 401: wasm-keyjob {fmt(kj401)} us vs native "
+            f"{fmt(n401)} us ({fmt_ratio(ratio(kj401, n401))})")
+
+
+def change_rows(S: Summary) -> list[dict]:
+    """The per-change table: for each CHANGES row and scenario, CPU per request without the
+    change minus with it, paired round by round (phase A, smallest key set)."""
+    recs = [r for r in S.report["records"] if r.get("phase") == "A" and not r.get("error")]
+    small = min(S.sizes)
+    rows = []
+    for change, with_c, without_c, scenarios, cost in CHANGES:
+        for scenario in scenarios:
+            by = {c: {r["round"]: r["cpu_us_per_req"] for r in recs
+                      if r["config"] == c and r["scenario"] == scenario
+                      and r.get("size_group", r["size"]) == small}
+                  for c in (with_c, without_c)}
+            diffs = [by[without_c][k] - by[with_c][k] for k in by[with_c] if k in by[without_c]]
+            rows.append({"change": change, "with": with_c, "without": without_c,
+                         "scenario": scenario, "size": small, "saving": mmm(diffs),
+                         "cpu_with": med(list(by[with_c].values())),
+                         "cpu_without": med(list(by[without_c].values())), "cost": cost})
+    return rows
+
+
+def change_headlines(S: Summary) -> list[str]:
+    out = []
+    rows = change_rows(S)
+    for change in dict.fromkeys(r["change"] for r in rows):
+        rs = [r for r in rows if r["change"] == change]
+        if not any(r["saving"] for r in rs):
+            out.append(f"Change \"{change}\": - (not measured in this run)")
+            continue
+        out.append(
+            f"Change \"{change}\" ({rs[0]['without']} minus {rs[0]['with']}, "
+            f"{size_label(rs[0]['size'])} keys, median of paired differences over rounds): saves "
+            + ", ".join(f"{r['scenario']} {pm(r['saving'])} us" for r in rs)
+            + " of CPU per request")
+    return out
 
 
 def pm(d: dict | None, digits: int = 2) -> str:
@@ -2353,6 +2746,7 @@ def write_report(report: dict, args) -> list[str]:
         w("")
         for p in report["problems"]:
             w(f"- {p}")
+    write_issue13_section(w, S, args)
     w("")
     w("## Machine and versions")
     w("")
@@ -2363,8 +2757,19 @@ def write_report(report: dict, args) -> list[str]:
     w(f"- keygate {kg['version']} at commit {kg['commit']}"
       f"{' with uncommitted changes in src/ or Cargo.*' if kg['dirty'] else ''}; "
       f"`{kg['wasm']}` {human(kg['wasm_bytes'])} bytes, sha256 {kg['wasm_sha256'][:16]}...")
-    w(f"- wasm-floor (`bench/wasm-floor`, proxy-wasm 0.2.5): {human(f['wasm_floor']['bytes'])} bytes, "
-      f"sha256 {f['wasm_floor']['sha256'][:16]}...")
+    wf = f["wasm_floor"]
+    w(f"- wasm-floor (`bench/wasm-floor`, proxy-wasm 0.2.5): {human(wf['bytes'])} bytes, "
+      f"sha256 {wf['sha256'][:16]}..."
+      + (f"; trimmed with `target/release/keygate-trim` as keygate.wasm is ({human(wf['untrimmed_bytes'])} "
+         f"bytes as linked; {len(wf['trimmed_exports_removed'])} callback exports removed); the "
+         f"same module is wasm-keyjob (configuration `keyjob:...`) and the host-call probes"
+         if "untrimmed_bytes" in wf else " (as linked, not trimmed)"))
+    ku = f.get("keygate_untrimmed")
+    if ku:
+        w(f"- keygate-untrimmed: `{ku['wasm']}` {human(ku['wasm_bytes'])} bytes, sha256 "
+          f"{ku['wasm_sha256'][:16]}... (checked: keygate-trim turns it into the keygate module "
+          f"above byte for byte); the trim removed the exports "
+          + ", ".join(f"`{x}`" for x in ku["exports_removed_by_trim"]))
     w(f"- {f['h2load']}; Python {m['python']}; CPU time from /proc/PID/stat in ticks of "
       f"1/{f['clk_tck']} s")
     w("")
@@ -2372,7 +2777,7 @@ def write_report(report: dict, args) -> list[str]:
     w("")
     w(f"One Envoy process per configuration, all with the same admin/listener (127.0.0.1, port 0, "
       f"connection manager `codec_type: AUTO`, path normalisation, `use_remote_address`) and the "
-      f"same routes (`/limited` and `/`, both `direct_response` 200), so the upstream costs nothing "
+      f"same routes (`/limited`{', `/post`' if any(r.get('scenario') == 'post' for r in report['records']) else ''} and `/`, all `direct_response` 200), so the upstream costs nothing "
       f"and only the filters differ:")
     w("")
     w("- `baseline`: router only.")
@@ -2382,8 +2787,20 @@ def write_report(report: dict, args) -> list[str]:
           "(`--concurrency 1`, started by the harness, answering with a `direct_response` 200; its "
           "CPU is not counted), so that an allowed request costs what proxied traffic costs: "
           "upstream connection, request encoding, response parsing.")
+    trimmed_floor = "untrimmed_bytes" in f["wasm_floor"]
     w("- `wasm-floor`: `bench/wasm-floor`, a proxy-wasm filter whose callbacks all return Continue "
-      "(V8, same Wasm filter settings as keygate).")
+      "(V8, same Wasm filter settings as keygate"
+      + ("; its module trimmed with keygate-trim as keygate.wasm is, so Envoy enters it for the "
+         "same callbacks" if trimmed_floor else "") + ").")
+    if any(r.get("config") == "wasm-keyjob" for r in report["records"]):
+        w("- `wasm-keyjob` (smallest key set only): the same module configured `keyjob:<sha256 "
+          "hex>,...`: the cheapest filter that still does keygate's job (one x-api-key read, "
+          "SHA-256, HashMap lookup, x-api-key removed and x-keygate-key-id set; 401 local reply "
+          "on a miss); see the issue-13 section.")
+    if any(r.get("config") == "keygate-untrimmed" for r in report["records"]):
+        w("- `keygate-untrimmed` (smallest key set only): `keygate` exactly (same plugin "
+          "configuration through ECDS, its own directory) with the module as linked, before "
+          "keygate-trim removed the exports of the callbacks keygate does not implement.")
     w("- `native`: `envoy.filters.http.rbac` (ALLOW `direct_remote_ip` 127.0.0.0/8), "
       "`envoy.filters.http.api_key_auth` (the same keys in plaintext, `key_sources: "
       "[{header: x-api-key}]`, `forwarding: {header: x-client-id, hide_credentials: true}` since "
@@ -2423,6 +2840,20 @@ def write_report(report: dict, args) -> list[str]:
       "the route `/limited` carries a per-route `local_ratelimit` override (`typed_per_filter_config`) "
       "with one token per 86400 s, emptied by the first warm-up request; the request carries a "
       "valid key, so rbac and api_key_auth run before the refusal as in keygate.")
+    if any(r.get("scenario") == "post" for r in report["records"]):
+        w(f"- `post`: the allowed request as a POST with a {POST_BODY_BYTES:,}-byte body "
+          f"(`h2load -d FILE`) on `{PATH_POST}`. Every bootstrap has Envoy's buffer filter just "
+          f"before the router, disabled (not even created for a request) except on the "
+          f"`{PATH_POST}` route, so that there the body goes through the filters under test (their "
+          f"body callbacks, where a module exports them) and the direct_response 200 comes once "
+          f"the body is complete. Without it the router answers at the request headers and Envoy "
+          f"closes each HTTP/1.1 connection after the response (the body unread): connection "
+          f"set-up would be measured, not body callbacks. A post measurement in which Envoy "
+          f"opened more than twice as many connections as h2load uses is an error.")
+    if any(r.get("scenario") == "h2c" for r in report["records"]):
+        w("- `h2c`: the allowed request over HTTP/2 cleartext (h2load without `--h1`: prior "
+          "knowledge, one stream at a time per connection; the connection manager's `codec_type` "
+          "is AUTO); a measurement in which h2load did not report h2c is an error.")
     w("")
     if kg.get("delivery") == "ecds":
         validate_txt = (
@@ -2446,13 +2877,16 @@ def write_report(report: dict, args) -> list[str]:
       f"(git-ignored; files over 10 MB are deleted after the run) and {validate_txt}. "
       f"Phase A (`--concurrency 1`): for each "
       f"key-set size, baseline, {'baseline-proxied (smallest size only), ' if has_proxied else ''}"
-      f"wasm-floor, native and keygate run side by side; each gets "
+      f"wasm-floor, native and keygate"
+      f"{' (and, smallest size only, ' + ', '.join(c for c in ISSUE13_CONFIGS if any(r.get('config') == c for r in report['records'])) + ')' if any(r.get('config') in ISSUE13_CONFIGS for r in report['records']) else ''}"
+      f" run side by side; each gets "
       f"{human(args.warmup)} warm-up requests per scenario, then {args.rounds} round(s), each "
       f"measuring every (configuration, scenario) once in an order that changes from round to "
       f"round. A measurement is one h2load run of {human(n)} requests over "
       f"{args.connections} HTTP/1.1 connections; the figure is the Envoy process's "
       f"utime+stime difference divided by the request count. Overhead is paired with the "
-      f"baseline measurement of the same round. Phase B (`--concurrency 2`): per key-set size, "
+      f"baseline measurement of the same round (of the same scenario for post and h2c, of the "
+      f"allowed request otherwise). Phase B (`--concurrency 2`): per key-set size, "
       f"native and keygate are started one after the other (a baseline runs alongside): "
       f"time from process start to the first 200, {rss_txt}; "
       f"then {args.scale_rounds} round(s) of the allowed scenario. An Envoy that has not answered "
@@ -2492,12 +2926,15 @@ def write_report(report: dict, args) -> list[str]:
         w("")
         w("| configuration | scenario | CPU us/request | overhead us/request | requests/s | p50 us | p90 us | p99 us |")
         w("|---|---|---|---|---|---|---|---|")
+        run_scenarios = {r.get("scenario") for r in report["records"]}
         for scenario, (configs, _) in SCENARIOS.items():
+            if scenario not in run_scenarios:
+                continue  # results from before the scenario existed
             for config in CONFIG_ORDER:
                 if config not in configs:
                     continue
                 row = S.get("A", config, size, scenario)
-                if row is None and config in MIN_SIZE_ONLY and (
+                if row is None and config in SMALLEST_ONLY and (
                         size != min(S.sizes) or S.start(
                             "A", config, None if config in FIXED else size) is None
                         or (scenario == "latency" and not has_latency)):
@@ -2632,6 +3069,99 @@ def write_report(report: dict, args) -> list[str]:
       "keygate's logging cost at info level.")
     (args.out / "results.md").write_text("\n".join(L) + "\n")
     return heads
+
+
+def write_issue13_section(w, S: Summary, args) -> None:
+    """Issue 13: keygate's allowed path against Envoy's native chain, the ratios per scenario,
+    the per-change table and the proof line's configuration."""
+    recs = S.report["records"]
+    if not any(r.get("config") in ISSUE13_CONFIGS or r.get("scenario") in ("post", "h2c")
+               for r in recs):
+        return  # results from before issue 13's configurations
+    small = min(S.sizes)
+    w("")
+    w("## Issue 13: keygate's allowed path against the native chain")
+    w("")
+    w(f"Overhead = CPU per request minus baseline's in the same round (for post and h2c, "
+      f"baseline's post and h2c measurement; for 401 and 429, baseline's allowed request), "
+      f"median over rounds; ratio = keygate's overhead / the other's. Target: keygate/native "
+      f"<= {TARGET_RATIO:g} on the allowed path. wasm-floor's figure for 401 and 429 is its "
+      f"allowed request (it refuses nothing).")
+    w("")
+    w("| scenario | keys | keygate us | native us | wasm-floor us | wasm-keyjob us | keygate/native | keygate/wasm-floor | wasm-keyjob/native |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    for scenario in ("allowed", "401", "429", "post", "h2c"):
+        for size in S.sizes:
+            kg, nat = S.val("A", "keygate", size, scenario), S.val("A", "native", size, scenario)
+            if kg is None and nat is None:
+                continue
+            floor, _ = floor_for(S, size, scenario)
+            kj = S.val("A", "wasm-keyjob", size, scenario)
+            w(f"| {scenario} | {size_label(size)} | {fmt(kg)} | {fmt(nat)} | {fmt(floor)} | "
+              f"{fmt(kj) if kj is not None else '-'} | {fmt_ratio(ratio(kg, nat))} | "
+              f"{fmt_ratio(ratio(kg, floor))} | "
+              f"{fmt_ratio(ratio(kj, nat)) if kj is not None else '-'} |")
+    w("")
+    w("### Changes")
+    w("")
+    w(f"What each change saves on keygate's path, measured in the same rounds as everything "
+      f"else ({size_label(small)} keys, `--concurrency 1`): saving = CPU per request of the "
+      f"configuration without the change minus the one with it, paired round by round; median "
+      f"(min to max) over rounds. A saving below one clock tick per measurement "
+      f"({1e6 / S.report['facts']['clk_tck'] / args.requests:.2f} us at {human(args.requests)} "
+      f"requests) or inside the spread is not a measured saving.")
+    w("")
+    w("| change | scenario | without -> with, CPU us/request | saving us CPU/request | rounds | cost (behaviour / configuration) |")
+    w("|---|---|---|---|---|---|")
+    seen = set()
+    for r in change_rows(S):
+        sv = r["saving"]
+        saving = "not measured" if not sv else spread(sv["med"], sv["min"], sv["max"])
+        cost = r["cost"] if r["change"] not in seen else "(as above)"
+        seen.add(r["change"])
+        w(f"| {r['change']} (`{r['without']}` -> `{r['with']}`) | {r['scenario']} | "
+          f"{fmt(r['cpu_without'])} -> {fmt(r['cpu_with'])} | {saving} | "
+          f"{sv['n'] if sv else 0} | {cost} |")
+    w("")
+    w("### The proof line: the cheapest filter that still does keygate's job")
+    w("")
+    w("`wasm-keyjob` is `bench/wasm-floor` configured as `keyjob:<sha256 hex>,...` (the "
+      f"{size_label(small)} keys' digests), trimmed like keygate.wasm: on request headers it "
+      "reads x-api-key with one `proxy_get_header_map_value`, hashes it with SHA-256 and looks "
+      "the digest up in a HashMap built in on_configure; on a hit it removes x-api-key and sets "
+      "x-keygate-key-id (two header mutations) and continues; on a miss it sends a 401 local "
+      "reply. No rate limit, no IP rule, no response callback, no logging, no counters. It is "
+      "configured inline in the bootstrap like wasm-floor (keygate comes through ECDS).")
+    w("")
+    w("- " + keyjob_headline(S))
+    hc = S.hostcalls
+    first = {r["op"]: r["first_us"] for r in hc["ops"]}
+    kj, floor = S.val("A", "wasm-keyjob", small), S.val("A", "wasm-floor", small)
+    nat = S.val("A", "native", small)
+    parts = [first.get(k) for k in ("header", "remove_header", "replace_header")]
+    if kj is not None and floor is not None and all(p is not None for p in parts):
+        w(f"- Composition, from this run's host-call table (first call of each kind in a request): "
+          f"header read {fmt(parts[0])} + remove {fmt(parts[1])} + replace {fmt(parts[2])} = "
+          f"{fmt(sum(parts))} us over the floor; measured wasm-keyjob - wasm-floor = "
+          f"{fmt(kj - floor)} us (the difference: SHA-256 and the lookup in Wasm, and noise).")
+    if nat is not None and nat > 0 and floor is not None:
+        budget = TARGET_RATIO * nat
+        w(f"- The budget: {TARGET_RATIO:g} x native's {fmt(nat)} us = {fmt(budget)} us over "
+          f"baseline. The empty filter alone (VM context per stream, callback crossings) takes "
+          f"{fmt(floor)} us of it ({fmt_ratio(ratio(floor, budget))} of the budget), leaving "
+          f"{fmt(budget - floor)} us for reading the key and forwarding the identity"
+          + (f"; wasm-keyjob uses {fmt(kj - floor)} us." if kj is not None else "."))
+    w("- What would reach it, if the proof line is above the target: the job's cost is the VM "
+      "itself plus a few first-of-a-kind host calls (each request-header mutation also clears "
+      "the route cache, see /work/shared/HOSTCALLS.md), not keygate's code. (1) Run the same "
+      "decision logic as native code: Envoy 1.40's official build has "
+      "`envoy.filters.http.dynamic_modules` (a shared object loaded into Envoy, no VM "
+      "crossing); keygate's decision logic is plain Rust already, the proxy-wasm glue is "
+      "src/filter/. (2) Inside the VM, fewer kinds of host calls: the route can strip the key "
+      "(`request_headers_to_remove: [x-api-key]`, after the filters), which takes one kind of "
+      "request-header mutation off the VM path; the identity still needs one host call (filter "
+      "state through `set_property` cost about what a header did in issue 14's measurement). "
+      "Each is to be measured as a row of the table above before relying on it.")
 
 
 def write_fleet_section(w, S: Summary, args) -> None:

@@ -6,15 +6,29 @@
 //! (CPU per request with `OP:10` - CPU per request of the floor) / 10. The ops are listed
 //! in `Op::parse`. An unknown op or count makes `on_configure` return false, so Envoy
 //! refuses the configuration instead of measuring the floor under a wrong name.
+//!
+//! With a configuration `keyjob:<hex sha256>,<hex sha256>,...` (bench/run.py's
+//! "wasm-keyjob"): the cheapest filter that still does keygate's job. On request headers it
+//! reads x-api-key with one proxy_get_header_map_value call, hashes it with SHA-256 and looks
+//! the digest up in a HashMap built in on_configure; on a hit it removes x-api-key and sets
+//! x-keygate-key-id (`k` and the digest's position in the list, seven digits: the ids
+//! bench/run.py gives its keys) with two header mutations and continues; on a miss (or no
+//! x-api-key) it sends a 401 local reply. No rate limit, no IP rule, no response callback.
+//! A digest that is not 64 hex digits, or a repeated one, makes `on_configure` return false.
 
 use proxy_wasm::hostcalls as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::hint::black_box;
+use std::rc::Rc;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { probe: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { probe: None, keyjob: None })
+    });
 }}
 
 /// The shared-data key `shared_get` reads (written once per VM in `on_configure`, so the
@@ -79,14 +93,53 @@ struct Probe {
     metric: u32,
 }
 
+/// The keyjob filter's key table: SHA-256 digest -> key id.
+type KeyTable = HashMap<[u8; 32], String>;
+
 struct Root {
     probe: Option<Probe>,
+    keyjob: Option<Rc<KeyTable>>,
+}
+
+const KEYJOB_PREFIX: &str = "keyjob:";
+
+/// The key table of a `keyjob:` configuration (the part after the prefix).
+fn parse_keyjob(list: &str) -> Result<KeyTable, String> {
+    let mut table = KeyTable::new();
+    for (i, hex) in list.split(',').enumerate() {
+        let hex = hex.trim();
+        let bytes = hex.as_bytes();
+        if bytes.len() != 64 {
+            return Err(format!("digest {i} is not 64 hex digits"));
+        }
+        let mut digest = [0u8; 32];
+        for (j, pair) in bytes.chunks_exact(2).enumerate() {
+            let (Some(hi), Some(lo)) = (hex_digit(pair[0]), hex_digit(pair[1])) else {
+                return Err(format!("digest {i} is not 64 hex digits"));
+            };
+            digest[j] = hi << 4 | lo;
+        }
+        if table.insert(digest, format!("k{i:07}")).is_some() {
+            return Err(format!("digest {i} is repeated"));
+        }
+    }
+    Ok(table)
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
 }
 
 impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
+        self.keyjob = None;
         if size == 0 {
             self.probe = None;
             return true;
@@ -100,6 +153,19 @@ impl RootContext for Root {
         if text.is_empty() {
             self.probe = None;
             return true;
+        }
+        if let Some(list) = text.strip_prefix(KEYJOB_PREFIX) {
+            self.probe = None;
+            return match parse_keyjob(list) {
+                Ok(table) => {
+                    self.keyjob = Some(Rc::new(table));
+                    true
+                }
+                Err(e) => {
+                    let _ = host::log(LogLevel::Error, &format!("wasm-floor: keyjob: {e}"));
+                    false
+                }
+            };
         }
         let (name, count) = text.split_once(':').unwrap_or((text, "1"));
         let (Some(op), Ok(count)) = (Op::parse(name), count.parse::<u32>()) else {
@@ -125,6 +191,11 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if let Some(table) = &self.keyjob {
+            return Some(Box::new(KeyJob {
+                table: Rc::clone(table),
+            }));
+        }
         Some(match self.probe {
             None => Box::new(Floor),
             Some(probe) => Box::new(probe),
@@ -219,4 +290,37 @@ impl HttpContext for Probe {
         }
         Action::Continue
     }
+}
+
+/// keygate's job and nothing more: one header read, SHA-256, a hash-map lookup, two header
+/// mutations on a hit, a 401 local reply on a miss.
+struct KeyJob {
+    table: Rc<KeyTable>,
+}
+
+impl Context for KeyJob {}
+
+impl HttpContext for KeyJob {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        let key = match host::get_map_value_bytes(MapType::HttpRequestHeaders, "x-api-key") {
+            Ok(Some(key)) => key,
+            _ => return deny(),
+        };
+        let digest: [u8; 32] = Sha256::digest(&key).into();
+        let Some(id) = self.table.get(&digest) else {
+            return deny();
+        };
+        let _ = host::remove_map_value(MapType::HttpRequestHeaders, "x-api-key");
+        let _ = host::set_map_value(MapType::HttpRequestHeaders, "x-keygate-key-id", Some(id));
+        Action::Continue
+    }
+}
+
+fn deny() -> Action {
+    let _ = host::send_http_response(
+        401,
+        vec![("content-type", "application/json")],
+        Some(DENY_BODY),
+    );
+    Action::Pause
 }

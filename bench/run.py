@@ -2586,6 +2586,17 @@ def scenario_ratio_line(S: Summary, scenario: str) -> str | None:
             + "; ".join(parts))
 
 
+def paired_over(S: Summary, config: str, size: int, scenario: str = "allowed") -> dict[int, float]:
+    """{round: overhead} of a configuration in phase A (as summarize pairs it)."""
+    recs = [r for r in S.report["records"] if r.get("phase") == "A" and not r.get("error")
+            and r.get("size_group", r["size"]) == size]
+    bs = scenario if scenario in BASELINE_SCENARIOS else "allowed"
+    base = {r["round"]: r["cpu_us_per_req"] for r in recs
+            if r["config"] == "baseline" and r["scenario"] == bs}
+    return {r["round"]: r["cpu_us_per_req"] - base[r["round"]] for r in recs
+            if r["config"] == config and r["scenario"] == scenario and r["round"] in base}
+
+
 def keyjob_headline(S: Summary) -> str:
     """The proof line: the cheapest filter that still does keygate's job, against native."""
     small = min(S.sizes)
@@ -2608,6 +2619,13 @@ def keyjob_headline(S: Summary) -> str:
                        f"what keygate adds over wasm-keyjob ({fmt(None if kg is None else kg - kj)} "
                        f"us) is its work beyond the job")
     kj401, n401 = S.val("A", "wasm-keyjob", small, "401"), S.val("A", "native", small, "401")
+    # How steady the verdict is: in how many rounds wasm-keyjob's overhead was above
+    # TARGET_RATIO x native's of the same round.
+    pk, pn = paired_over(S, "wasm-keyjob", small), paired_over(S, "native", small)
+    both = [k for k in pk if k in pn]
+    above = sum(1 for k in both if pk[k] > TARGET_RATIO * pn[k])
+    verdict_txt += (f" (per round: above {TARGET_RATIO:g}x native's overhead of the same round "
+                    f"in {above} of {len(both)} rounds)")
     return (f"{head}: overhead {fmt(kj)} us vs native {fmt(nat)} us -> wasm-keyjob/native "
             f"{fmt_ratio(r)} (target <= {TARGET_RATIO:g}): {verdict_txt}; wasm-floor alone "
             f"{fmt_ratio(ratio(floor, nat))} of native ({fmt(floor)} us); keygate/wasm-keyjob "

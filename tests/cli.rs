@@ -184,7 +184,8 @@ fn unix(rfc3339: &Value) -> i64 {
 fn init_writes_the_default_policy_and_refuses_to_overwrite() {
     let env = Env::init();
     let doc = env.store_json();
-    assert_eq!(doc["version"], 1);
+    assert_eq!(doc["version"], 2);
+    assert_eq!(doc["revision"], 1);
     assert_eq!(doc["envoy"]["ecds"], "ecds/keygate.yaml");
     assert_eq!(doc["envoy"]["wasm"], "/opt/keygate.wasm");
     let policy = &doc["policy"];
@@ -375,7 +376,10 @@ fn create_prints_the_key_once_and_stores_only_its_hash() {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "EXPIRES"]
+        [
+            "ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "CLIENT", "TENANT", "SCOPES",
+            "CREATED", "EXPIRES"
+        ]
     );
     let row = lines.next().unwrap();
     for cell in [
@@ -553,7 +557,7 @@ fn verify_refuses_unknown_mistyped_and_expired_keys() {
     assert_eq!(text.status.code(), Some(1));
     assert_eq!(
         String::from_utf8(text.stdout).unwrap().trim(),
-        "refused: invalid_api_key (Invalid API key): nope-nop..."
+        "refused: invalid_api_key (Invalid API key): nope-nop...: unknown: no key in the store has its hash"
     );
 
     env.edit_store(|doc| doc["keys"][0]["expires_at"] = "2020-01-01T00:00:00Z".into());
@@ -850,7 +854,10 @@ fn check_names_the_field_of_a_hand_broken_store() {
     });
     let err = env.fail(&["check"], 1);
     assert!(
-        err.starts_with("keygate: invalid configuration: keys[1].plan: unknown plan \"gold\""),
+        err.starts_with(&format!(
+            "keygate: invalid configuration: keys[{}].plan: unknown plan \"gold\"",
+            str_of(&env.store_json()["keys"][1]["id"])
+        )),
         "{err}"
     );
     // Store-only fields and the JSON itself are checked too.
@@ -1002,7 +1009,12 @@ fn apply_replaces_the_ecds_file_atomically() {
     assert_eq!(env.files(Path::new("ecds")), ["keygate.yaml"]);
     assert_eq!(
         env.files(Path::new(".")),
-        ["ecds", "keygate.json", "keygate.json.lock"]
+        [
+            "ecds",
+            "keygate.json",
+            "keygate.json.audit.jsonl",
+            "keygate.json.lock"
+        ]
     );
 }
 
@@ -1081,7 +1093,11 @@ fn concurrent_creates_lose_no_key() {
     );
     assert_eq!(
         env.files(Path::new(".")),
-        ["keygate.json", "keygate.json.lock"]
+        [
+            "keygate.json",
+            "keygate.json.audit.jsonl",
+            "keygate.json.lock"
+        ]
     );
 }
 
@@ -1147,7 +1163,11 @@ fn stray_temp_file_of_a_crashed_writer_leaves_the_store_intact() {
     );
     assert_eq!(
         env.files(Path::new(".")),
-        ["keygate.json", "keygate.json.lock"]
+        [
+            "keygate.json",
+            "keygate.json.audit.jsonl",
+            "keygate.json.lock"
+        ]
     );
 }
 
@@ -1469,16 +1489,20 @@ fn the_ecds_file_carries_a_version_that_names_its_content() {
     let version = str_of(&doc["version_info"]);
     let digest = keys::digest(&serde_json::to_vec(&doc["resources"]).unwrap());
     let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(version, format!("sha256:{hex}"));
+    assert_eq!(version, format!("sha256:{hex}-r2"));
     assert_eq!(
         doc.as_object().unwrap().keys().collect::<Vec<_>>(),
         ["resources", "version_info"]
     );
-    // What render shows is what apply writes; the same content has the same version.
+    // What render shows is what apply writes; the same store has the same version.
     let rendered = json(&env.ok(&["render", "--format", "envoy-ecds"]));
     assert_eq!(rendered, doc);
     env.ok(&["apply"]);
     assert_eq!(env.ecds_version(), version);
+    // A change that leaves the configuration as it was: the same content, a new revision.
+    env.ok(&["update", &id, "--name", "renamed"]);
+    env.ok(&["apply"]);
+    assert_eq!(env.ecds_version(), format!("sha256:{hex}-r3"));
     let out = env.json(&["revoke", &id, "--apply"]);
     assert_ne!(env.ecds_version(), version);
     assert_eq!(out["version"], env.ecds_version().as_str());
@@ -1666,7 +1690,12 @@ fn a_rejected_apply_changes_nothing_and_prints_no_key() {
     assert_eq!(env.files(Path::new("ecds")), ["keygate.yaml"]);
     assert_eq!(
         env.files(Path::new(".")),
-        ["ecds", "keygate.json", "keygate.json.lock"]
+        [
+            "ecds",
+            "keygate.json",
+            "keygate.json.audit.jsonl",
+            "keygate.json.lock"
+        ]
     );
 
     // The first apply ever: undone means no ECDS file at all.
@@ -2252,7 +2281,13 @@ fn status_compares_every_envoy_with_the_store() {
     let (code, text) = status(&env, false);
     assert_eq!(code, Some(1), "{text}");
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], format!("store: version {first} (1 key)"));
+    // set-admin made revision 3 of the same content: the Envoy serving the content of
+    // revision 2 is current.
+    let content = first.strip_suffix("-r2").unwrap();
+    assert_eq!(
+        lines[0],
+        format!("store: revision 3, version {content}-r3 (1 key)")
+    );
     assert_eq!(
         lines[1],
         format!(
@@ -2267,13 +2302,27 @@ fn status_compares_every_envoy_with_the_store() {
     };
     assert_eq!(
         columns(lines[2]),
-        ["ENVOY", "REACHABLE", "SERVES", "CURRENT", "NOTE"]
+        [
+            "ENVOY",
+            "REACHABLE",
+            "REVISION",
+            "SERVES",
+            "CURRENT",
+            "NOTE"
+        ]
     );
-    assert_eq!(columns(lines[3]), [accepts.as_str(), "yes", &first, "yes"]);
-    assert_eq!(columns(lines[4]), [stale.as_str(), "yes", &first, "yes"]);
+    // Each Envoy's revision against the store's.
+    assert_eq!(
+        columns(lines[3]),
+        [accepts.as_str(), "yes", "r2", "of", "r3", &first, "yes"]
+    );
+    assert_eq!(
+        columns(lines[4]),
+        [stale.as_str(), "yes", "r2", "of", "r3", &first, "yes"]
+    );
     assert_eq!(
         columns(lines[5]),
-        [down.as_str(), "no", "-", "no", "connection", "refused"]
+        [down.as_str(), "no", "-", "-", "no", "connection", "refused"]
     );
     assert_eq!(
         lines[6],
@@ -2302,7 +2351,7 @@ fn status_compares_every_envoy_with_the_store() {
     assert_eq!(
         out["envoys"][0],
         serde_json::json!({"admin": accepts, "reachable": true, "serves": [first],
-                           "current": false, "rejected": 0, "error": null})
+                           "revisions": [2], "current": false, "rejected": 0, "error": null})
     );
     let (_, text) = status(&env, false);
     assert!(
@@ -2321,7 +2370,13 @@ fn status_compares_every_envoy_with_the_store() {
     let (code, out) = status(&env, true);
     assert_eq!(code, Some(1));
     let out = json(&out);
-    assert_eq!(out["ecds"]["version"], second.as_str());
+    // The same content as `second`, at the revision set-admin --remove made (--add made
+    // another since).
+    assert_eq!(
+        keygate::store::content_of(out["ecds"]["version"].as_str().unwrap()),
+        keygate::store::content_of(&second)
+    );
+    assert_eq!(out["revision"], 7);
     assert_eq!(out["envoys"][0]["current"], true);
     assert_eq!(out["envoys"][1]["current"], false);
     assert_eq!(out["envoys"][1]["serves"], serde_json::json!([first]));
@@ -2369,11 +2424,14 @@ fn policy_show_check_and_set_change_plans_in_place() {
     fs::write(&dropped, r#"{"default_plan": "free"}"#).unwrap();
     let e = env.fail(&["policy", "check", dropped.to_str().unwrap()], 1);
     assert!(
-        e.contains("keys[0].plan: unknown plan \"tiny\""),
+        e.contains(&format!("keys[{id}].plan: unknown plan \"tiny\"")),
         "{e} ({id})"
     );
     let e = env.fail(&["policy", "set", dropped.to_str().unwrap()], 1);
-    assert!(e.contains("keys[0].plan: unknown plan \"tiny\""), "{e}");
+    assert!(
+        e.contains(&format!("keys[{id}].plan: unknown plan \"tiny\"")),
+        "{e}"
+    );
     assert_eq!(env.store_text(), before);
 
     // A policy file with keys is not a policy.
@@ -2905,7 +2963,10 @@ fn list_shows_last_used_when_the_store_names_admins() {
     assert_eq!(stderr, "");
     assert_eq!(
         columns(text.lines().next().unwrap()),
-        ["ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "EXPIRES"]
+        [
+            "ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "CLIENT", "TENANT", "SCOPES",
+            "CREATED", "EXPIRES"
+        ]
     );
     let out = env.json(&["list"]);
     assert_eq!(out[0]["last_used"], Value::Null);

@@ -1057,8 +1057,8 @@ impl Store {
 /// where it can: what `policy check`, `policy set` and `check` print, one per line.
 ///
 /// For now the filter's compile step reports its first error only, so this is keygate's
-/// own checks (every key's plan and the default plan exist, every route prefix is given
-/// once) plus that one error when it is about something else.
+/// own checks (every key's plan and the default plan exist) plus that one error, with a
+/// key's or route's position in its path replaced by the key's id or the route's prefix.
 pub fn policy_problems(plugin: &PluginConfig) -> Vec<ConfigError> {
     let mut out: Vec<ConfigError> = Vec::new();
     let mut known: Vec<String> = config::builtin_plans().into_keys().collect();
@@ -1084,15 +1084,7 @@ pub fn policy_problems(plugin: &PluginConfig) -> Vec<ConfigError> {
             }
         }
     }
-    for (i, route) in plugin.routes.iter().enumerate() {
-        if plugin.routes[..i].iter().any(|r| r.prefix == route.prefix) {
-            out.push(ConfigError {
-                path: format!("routes[{:?}]", route.prefix),
-                reason: "this prefix is given twice; the second rule would never be the one that decides".into(),
-            });
-        }
-    }
-    if let Err(e) = Config::compile(plugin) {
+    if let Err(e) = Config::compile(plugin).map_err(|e| by_name(e, plugin)) {
         // Already said by a check above, by its key id: not twice.
         let plan_error = e.path.ends_with(".plan") || e.path == "default_plan";
         if (!plan_error || out.is_empty()) && !out.contains(&e) {
@@ -1100,6 +1092,24 @@ pub fn policy_problems(plugin: &PluginConfig) -> Vec<ConfigError> {
         }
     }
     out
+}
+
+/// `e` with a key's position in its path (`keys[2].plan`) replaced by the key's id
+/// (`keys[k_abc].plan`), and a route's by its prefix (`routes["/v1"].roles`).
+fn by_name(mut e: ConfigError, plugin: &PluginConfig) -> ConfigError {
+    let rename = |path: &str, list: &str, name: &dyn Fn(usize) -> Option<String>| {
+        let rest = path.strip_prefix(list)?.strip_prefix('[')?;
+        let (index, tail) = rest.split_once(']')?;
+        let name = name(index.parse().ok()?)?;
+        Some(format!("{list}[{name}]{tail}"))
+    };
+    let key = |i: usize| plugin.keys.get(i).map(|k| k.id.clone());
+    let route = |i: usize| plugin.routes.get(i).map(|r| format!("{:?}", r.prefix));
+    if let Some(path) = rename(&e.path, "keys", &key).or_else(|| rename(&e.path, "routes", &route))
+    {
+        e.path = path;
+    }
+    e
 }
 
 /// Warnings for a key given `role` and `scopes` that no route of `policy` uses: a typo

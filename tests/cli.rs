@@ -3943,3 +3943,76 @@ fn a_version_1_store_is_upgraded_with_a_backup_and_a_newer_one_refused() {
     }
     assert_eq!(env.store_text(), newer);
 }
+
+#[test]
+fn update_sets_and_clears_every_field_and_a_rejected_apply_changes_nothing() {
+    let env = Env::init();
+    let (id, key) = env.create(&["--client", "acme", "--description", "first"]);
+    env.ok(&[
+        "update",
+        &id,
+        "--scope",
+        "a",
+        "--scope",
+        "b",
+        "--tenant",
+        "t9",
+        "--clear-client",
+        "--description",
+        "second",
+        "--expires-at",
+        "2099-01-01T00:00:00Z",
+        "--role",
+        "miner",
+    ]);
+    let shown = env.json(&["show", &id]);
+    assert_eq!(shown["scopes"], serde_json::json!(["a", "b"]));
+    assert_eq!(
+        (&shown["tenant"], &shown["client"], &shown["description"]),
+        (&"t9".into(), &Value::Null, &"second".into())
+    );
+    assert_eq!(shown["expires_at"], "2099-01-01T00:00:00Z");
+    assert_eq!(env.accepted(&key)["role"], "miner");
+    env.ok(&["update", &id, "--clear-description", "--client", "globex"]);
+    let shown = env.json(&["show", &id]);
+    assert_eq!(
+        (&shown["description"], &shown["client"]),
+        (&Value::Null, &"globex".into())
+    );
+    // The client address decides for a key bound to addresses.
+    env.ok(&["update", &id, "--allowed-ip", "10.1.0.0/16"]);
+    let answer = |ip: &str| {
+        let out = env.run(
+            &[
+                "--json",
+                "verify",
+                "--method",
+                "GET",
+                "--path",
+                "/x",
+                "--client-ip",
+                ip,
+            ],
+            &format!("{key}\n"),
+        );
+        json(&String::from_utf8(out.stdout).unwrap())["request"].clone()
+    };
+    assert_eq!(answer("10.1.2.3")["status"], 200);
+    let refused = answer("192.0.2.1");
+    assert_eq!(
+        (&refused["status"], &refused["error"]),
+        (&403.into(), &"ip_not_allowed".into())
+    );
+
+    // An Envoy that rejects the change: the store, the ECDS file and the audit log stay.
+    env.ok(&["apply"]);
+    let admin = fake_admin(&env, Admin::Rejects);
+    env.ok(&["set-admin", &admin]);
+    let ecds = env.ecds_bytes();
+    let e = fails_changing_nothing(&env, &["update", &id, "--add-scope", "c", "--apply"], 1);
+    assert!(
+        e.contains("rejected version sha256:") && e.contains("nothing was changed"),
+        "{e}"
+    );
+    assert_eq!(env.ecds_bytes(), ecds);
+}

@@ -1603,6 +1603,10 @@ pub fn update_as<T>(
         }
         Err(failure) => {
             let store_back = write_atomically(path, &before, Access::OwnerOnly).map(drop);
+            // The store is its old version again: the backup of the upgrade goes too.
+            if let (Ok(()), Some((_, backup))) = (&store_back, &upgraded) {
+                let _ = fs::remove_file(backup);
+            }
             Err(failure.undone(store_back, path))
         }
     }

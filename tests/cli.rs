@@ -4016,3 +4016,19 @@ fn update_sets_and_clears_every_field_and_a_rejected_apply_changes_nothing() {
     );
     assert_eq!(env.ecds_bytes(), ecds);
 }
+
+#[test]
+fn an_upgrade_whose_apply_envoy_rejects_leaves_the_version_1_store_and_no_backup() {
+    let env = Env::init();
+    let (id, _) = env.create(&["--apply"]);
+    let admin = fake_admin(&env, Admin::Rejects);
+    env.ok(&["set-admin", &admin]);
+    env.edit_store(|doc| {
+        doc["version"] = 1.into();
+        doc.as_object_mut().unwrap().remove("revision");
+    });
+    let e = fails_changing_nothing(&env, &["suspend", &id, "--apply"], 1);
+    assert!(e.contains("rejected version"), "{e}");
+    assert!(!env.dir.path().join("keygate.json.v1.bak").exists());
+    assert_eq!(env.store_json()["version"], 1);
+}

@@ -3224,8 +3224,10 @@ fn update_refuses_what_create_refuses_and_changes_nothing() {
     let e = fails_changing_nothing(&env, &["update", &id, "--plan", "gold"], 1);
     assert_eq!(
         e,
-        "keygate: invalid configuration: keys[0].plan: unknown plan \"gold\"; known plans: \
-         enterprise, free, pro, tiny"
+        format!(
+            "keygate: invalid configuration: keys[{id}].plan: unknown plan \"gold\"; known plans: \
+             enterprise, free, pro, tiny"
+        )
     );
     let e = fails_changing_nothing(&env, &["update", &id, "--remove-scope", "nope"], 1);
     assert_eq!(
@@ -3246,7 +3248,9 @@ fn update_refuses_what_create_refuses_and_changes_nothing() {
     );
     let e = fails_changing_nothing(&env, &["update", &id, "--allowed-ip", "10.0.0.300/8"], 1);
     assert!(
-        e.starts_with("keygate: invalid configuration: keys[0].allowed_ips[0]:"),
+        e.starts_with(&format!(
+            "keygate: invalid configuration: keys[{id}].allowed_ips[0]:"
+        )),
         "{e}"
     );
     let e = fails_changing_nothing(&env, &["update", &id, "--name", ""], 1);

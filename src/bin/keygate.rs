@@ -1509,6 +1509,10 @@ fn update(
     let who = actor(cli, "update")?;
     let done = store::update_as(&cli.store, apply, Some(&who), |s| {
         let (before, after) = s.edit(id, edit, now)?;
+        // Checked here too (update_as validates again), to name the field by the key's id.
+        if let Some(first) = store::policy_problems(&s.plugin_with(&s.policy)).first() {
+            return Err(Error::Invalid(first.clone()));
+        }
         let added: Vec<String> = after
             .scopes
             .iter()

@@ -3391,7 +3391,22 @@ fn a_rotated_key_renders_sharing_the_oldest_budget_in_the_store() {
             (k3.clone(), Value::from(k1.as_str())),
         ]
     );
-    assert_eq!(env.json(&["show", &k3])["plan"], "pro");
+    let shown = env.json(&["show", &k3]);
+    assert_eq!(shown["plan"], "pro");
+    assert_eq!(
+        (&shown["rotated_from"], &shown["shares_quota_with"]),
+        (&Value::from(k2.as_str()), &Value::from(k1.as_str()))
+    );
+    let text = env.ok(&["show", &k3]);
+    assert!(
+        text.contains(&format!(
+            "\nrotated_from: {k2}\nbudget:      shared with {k1}"
+        )),
+        "{text}"
+    );
+    assert!(env
+        .ok(&["show", &other])
+        .ends_with("budget:      its own\n"));
     // k1 expired a second after the first rotation; pruned, k2 is the oldest.
     env.ok(&["prune", "--older-than", "0s"]);
     assert_eq!(

@@ -1870,6 +1870,7 @@ fn describe(s: &Store, key: &StoredKey, now: i64) -> Value {
         "tenant": key.tenant, "scopes": key.scopes, "plan": key.effective_plan(&s.policy),
         "allowed_ips": key.allowed_ips, "created_at": key.created_at,
         "expires_at": key.expires_at, "revoked_at": key.revoked_at,
+        "rotated_from": key.rotated_from, "shares_quota_with": s.budget_root(&key.id),
     })
 }
 
@@ -1914,6 +1915,17 @@ fn show_text(s: &Store, key: &StoredKey, now: i64) -> String {
         (
             "revoked_at",
             key.revoked_at.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "rotated_from",
+            key.rotated_from.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "budget",
+            s.budget_root(&key.id).map_or_else(
+                || "its own".to_string(),
+                |root| format!("shared with {root}"),
+            ),
         ),
     ];
     rows.iter()

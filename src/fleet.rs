@@ -250,10 +250,27 @@ impl EnvoyStatus {
         out
     }
 
-    /// Whether every keygate subscription of this Envoy serves `version`.
+    /// Whether every keygate subscription of this Envoy serves the content of `version`.
+    /// Only the content counts (`sha256:<hex>`, not the `-r<revision>` after it): a change
+    /// that leaves Envoy's configuration as it was (a key's name, the admins) does not put
+    /// the fleet out of sync.
     pub fn is_current(&self, version: &str) -> bool {
+        let content = store::content_of(version);
         matches!(&self.state, EnvoyState::Answered(subs)
-            if !subs.is_empty() && subs.iter().all(|s| s.version == version))
+            if !subs.is_empty() && subs.iter().all(|s| store::content_of(&s.version) == content))
+    }
+
+    /// The store revisions its keygate subscriptions serve, each once (`None` for a
+    /// version without one).
+    pub fn revisions(&self) -> Vec<Option<u64>> {
+        let mut out: Vec<Option<u64>> = Vec::new();
+        for v in self.serves() {
+            let r = store::revision_of(v);
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+        out
     }
 
     /// Updates Envoy rejected, over all its keygate subscriptions.
@@ -279,6 +296,8 @@ pub struct EcdsFile {
 pub struct Status {
     /// The `version_info` of the ECDS document the store renders now.
     pub version: String,
+    /// The store's revision.
+    pub revision: u64,
     /// Keys in that configuration.
     pub keys: usize,
     /// The ECDS file `apply` writes, if the store names one.
@@ -330,6 +349,7 @@ pub fn status(path: &Path, store: &Store, timeout: Duration) -> Result<Status, E
         .collect();
     Ok(Status {
         version,
+        revision: store.revision,
         keys: rendered.plugin.keys.len(),
         ecds,
         envoys,
@@ -574,6 +594,7 @@ mod tests {
         assert!(!down.reachable() && !down.is_current("v1") && down.serves().is_empty());
         let status = Status {
             version: "v1".into(),
+            revision: 1,
             keys: 1,
             ecds: None,
             envoys: vec![current.clone()],
@@ -584,5 +605,14 @@ mod tests {
             ..status
         };
         assert!(!status.in_sync());
+
+        // Only the content decides: a newer revision of the same content is in sync, an
+        // Envoy serving a version from before revisions too; other content is not.
+        let serving = |v: &str| envoy(EnvoyState::Answered(vec![sub(v)]));
+        assert!(serving("sha256:00aa-r3").is_current("sha256:00aa-r4"));
+        assert!(serving("sha256:00aa").is_current("sha256:00aa-r4"));
+        assert!(!serving("sha256:00bb-r4").is_current("sha256:00aa-r4"));
+        assert_eq!(serving("sha256:00aa-r3").revisions(), [Some(3)]);
+        assert_eq!(serving("sha256:00aa").revisions(), [None]);
     }
 }

@@ -18,6 +18,7 @@ use crate::config::{
 };
 use crate::{keys, time};
 use serde::{Deserialize, Serialize, Serializer};
+use serde_json::Value;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
@@ -31,8 +32,10 @@ pub const DEFAULT_STORE: &str = "keygate.json";
 pub const DEFAULT_WASM: &str = "target/wasm32-wasip1/release/keygate.wasm";
 /// Key prefix used when the policy has no `key_format`.
 pub const DEFAULT_PREFIX: &str = "kg";
-/// The store format this tool reads and writes.
-pub const VERSION: u32 = 1;
+/// The store format this tool reads and writes. Version 1 (before `revision` and
+/// `keys[].rotated_from`) is read too, and upgraded in place by the first command that
+/// writes the store, which keeps the version 1 file as `<store>.v1.bak`.
+pub const VERSION: u32 = 2;
 /// Characters of a key kept in the store to recognise it by.
 pub const PREFIX_CHARS: usize = 8;
 /// The ECDS resource's name, which is the name of the filter in Envoy's configuration
@@ -40,6 +43,9 @@ pub const PREFIX_CHARS: usize = 8;
 pub const FILTER_NAME: &str = "keygate";
 /// How long `--apply` waits for Envoy to take a change up, unless told otherwise.
 pub const DEFAULT_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub mod audit;
+pub mod simulate;
 
 /// Why a store operation failed; displayed as the text after `keygate: `.
 #[derive(Debug)]
@@ -82,6 +88,11 @@ fn io_error(action: &str, path: &Path, e: io::Error) -> Error {
 pub struct Store {
     /// Format version, [`VERSION`].
     pub version: u32,
+    /// Bumped by every command that changes the store; `apply` writes it into the ECDS
+    /// file's `version_info`, so `keygate status` can tell which revision Envoy serves.
+    /// 0 in a store upgraded from version 1 that no command has changed yet.
+    #[serde(default)]
+    pub revision: u64,
     /// Where `apply` writes, and the filter binary the ECDS resource names.
     #[serde(default)]
     pub envoy: EnvoyTargets,
@@ -197,6 +208,10 @@ pub struct StoredKey {
     /// When the key was revoked (RFC 3339 UTC).
     #[serde(default)]
     pub revoked_at: Option<String>,
+    /// The key this one replaced (`keygate rotate`): the two spend one rate-limit budget
+    /// for as long as both are in the store (see [`Store::render`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_from: Option<String>,
 }
 
 /// A key's state at a given time: its status, or `Expired` once `expires_at` is reached.
@@ -246,7 +261,7 @@ impl StoredKey {
         self.plan.as_deref().or(policy.default_plan.as_deref())
     }
 
-    fn spec(&self) -> KeySpec {
+    fn spec(&self, shares_quota_with: Option<String>) -> KeySpec {
         KeySpec {
             id: self.id.clone(),
             hash: self.hash.clone(),
@@ -258,7 +273,7 @@ impl StoredKey {
             expires_at: self.expires_at.clone(),
             plan: self.plan.clone(),
             allowed_ips: self.allowed_ips.clone(),
-            shares_quota_with: None,
+            shares_quota_with,
         }
     }
 }
@@ -292,6 +307,41 @@ pub struct NewKey {
     pub expires_at: Option<i64>,
     /// Addresses the key may be used from.
     pub allowed_ips: Vec<String>,
+}
+
+/// What `keygate update` changes in a key ([`Store::edit`]); `None` leaves a field as it
+/// is, `Some(None)` clears an optional one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyEdit {
+    /// New name.
+    pub name: Option<String>,
+    /// New description, or none.
+    pub description: Option<Option<String>>,
+    /// New role.
+    pub role: Option<String>,
+    /// Exactly these scopes (before removals and additions).
+    pub scopes: Option<Vec<String>>,
+    /// Scopes to add.
+    pub add_scopes: Vec<String>,
+    /// Scopes to remove; each must be the key's.
+    pub remove_scopes: Vec<String>,
+    /// New plan, or the policy's default.
+    pub plan: Option<Option<String>>,
+    /// New client, or none.
+    pub client: Option<Option<String>>,
+    /// New tenant, or none.
+    pub tenant: Option<Option<String>>,
+    /// Exactly these addresses (empty: any).
+    pub allowed_ips: Option<Vec<String>>,
+    /// New expiry (Unix seconds), or never.
+    pub expires_at: Option<Option<i64>>,
+}
+
+impl KeyEdit {
+    /// Whether it asks for no change at all.
+    pub fn is_empty(&self) -> bool {
+        *self == KeyEdit::default()
+    }
 }
 
 /// A change to the Envoy admins a store names ([`Store::set_admins`]).
@@ -402,6 +452,7 @@ impl Store {
     pub fn new(ecds: Option<String>, wasm: String, prefix: String) -> Store {
         Store {
             version: VERSION,
+            revision: 1,
             envoy: EnvoyTargets {
                 ecds,
                 wasm: Some(wasm),
@@ -426,12 +477,57 @@ impl Store {
     }
 
     /// The plugin configuration, validated with the filter's own rules.
+    ///
+    /// A rotated key's successor spends its predecessor's rate-limit budget
+    /// (`shares_quota_with`) for as long as the predecessor is in the store, whatever its
+    /// state: a client never gets a fresh budget by rotating, during the grace period or
+    /// at the first apply after it. Chains (k1 rotated to k2, k2 to k3) share the budget of
+    /// the oldest key still in the store, since the filter allows no chains of sharing.
     pub fn render(&self) -> Result<Rendered, Error> {
         self.check_metadata()?;
-        let mut plugin = self.policy.clone();
-        plugin.keys = self.keys.iter().map(StoredKey::spec).collect();
+        let plugin = self.plugin_with(&self.policy);
         let config = Config::compile(&plugin)?;
         Ok(Rendered { plugin, config })
+    }
+
+    /// `policy` with the store's keys rendered into it (not validated).
+    pub fn plugin_with(&self, policy: &PluginConfig) -> PluginConfig {
+        let mut plugin = policy.clone();
+        plugin.keys = self
+            .keys
+            .iter()
+            .map(|k| k.spec(self.budget_root(&k.id)))
+            .collect();
+        plugin
+    }
+
+    /// The oldest key still in the store that `id` descends from by rotation, if any:
+    /// the key whose budget `id` spends.
+    pub fn budget_root(&self, id: &str) -> Option<String> {
+        let mut seen: Vec<&str> = vec![id];
+        let mut root: Option<&str> = None;
+        let mut at = self.keys.iter().find(|k| k.id == id)?;
+        while let Some(from) = at.rotated_from.as_deref() {
+            let Some(prev) = self.keys.iter().find(|k| k.id == from) else {
+                break;
+            };
+            if seen.contains(&from) {
+                // A loop (only a hand-edited store has one): no sharing rather than a guess.
+                return None;
+            }
+            seen.push(from);
+            root = Some(from);
+            at = prev;
+        }
+        root.map(str::to_string)
+    }
+
+    /// The keys rotated from `id` (its successors) still in the store.
+    pub fn successors(&self, id: &str) -> Vec<&StoredKey> {
+        self.keys
+            .iter()
+            .filter(|k| k.rotated_from.as_deref() == Some(id))
+            .collect()
     }
 
     /// Everything a store must satisfy to be written. A store without keys yet (just
@@ -507,12 +603,13 @@ impl Store {
     /// The ECDS resource Envoy watches, wrapping the rendered plugin configuration.
     ///
     /// An ECDS file is a DiscoveryResponse, so next to `resources` it carries a
-    /// `version_info` naming its content: `sha256:` and the first 16 hex digits of the
-    /// SHA-256 of the serialised `resources`. Envoy reports the version it serves as the
-    /// stat `extension_config_discovery.<prefix>.keygate.version_text`, which is how
-    /// `--apply` confirms a change. A digest rather than a counter: the same content always
-    /// has the same version, with no state to keep, and restoring a file restores its
-    /// version.
+    /// `version_info` naming its content and the store's revision:
+    /// `sha256:<16 hex digits>-r<revision>`, the first 16 hex digits of the SHA-256 of the
+    /// serialised `resources`, then the store's [`Store::revision`]. Envoy reports the
+    /// version it serves as the stat `extension_config_discovery.<prefix>.keygate.version_text`,
+    /// which is how `--apply` confirms a change and `keygate status` tells which revision
+    /// each Envoy serves. The digest names the content (restoring a file restores it); the
+    /// revision says which change of the store it came from.
     pub fn ecds_document(&self, plugin: &PluginConfig) -> Result<serde_json::Value, Error> {
         let wasm = self.envoy.wasm.as_deref().ok_or_else(|| {
             other("the store names no filter binary (envoy.wasm); set it with keygate init --wasm PATH")
@@ -543,7 +640,7 @@ impl Store {
         let canonical = serde_json::to_vec(&resources)
             .map_err(|e| other(format!("cannot serialise the ECDS resource: {e}")))?;
         Ok(serde_json::json!({
-            "version_info": content_version(&canonical),
+            "version_info": format!("{}-r{}", content_version(&canonical), self.revision),
             "resources": resources,
         }))
     }
@@ -677,6 +774,7 @@ impl Store {
             created_at: time::format_rfc3339(now),
             expires_at: new.expires_at.map(time::format_rfc3339),
             revoked_at: None,
+            rotated_from: None,
         };
         self.keys.push(record.clone());
         Ok(record)
@@ -722,27 +820,52 @@ impl Store {
     }
 
     /// Issues a new key with the old one's identity; the old key keeps working for
-    /// `grace_s` seconds (or until its own expiry, if sooner).
+    /// `grace_s` seconds (or until its own expiry, if sooner). The new key records the
+    /// old one (`rotated_from`), so the two spend one rate-limit budget.
+    ///
+    /// Refused for a suspended key; and, unless `force`, for a revoked or expired key
+    /// (a working key would replace one that no longer works), or one already rotated
+    /// whose grace period is still running (its successor is the key to rotate). Forced,
+    /// a revoked or expired key keeps its state and expiry.
     pub fn rotate(
         &mut self,
         id: &str,
         grace_s: i64,
         expires_at: Option<i64>,
+        force: bool,
         now: i64,
     ) -> Result<Rotated, Error> {
         let old = self.find(id)?.clone();
-        match old.status {
-            KeyStatus::Revoked => {
-                return Err(other(format!(
-                    "key {id} is revoked; create a new key instead of rotating it"
-                )))
-            }
-            KeyStatus::Suspended => {
+        let state = old.state(now);
+        match (state, force) {
+            (State::Suspended, _) => {
                 return Err(other(format!(
                     "key {id} is suspended; reactivate it first, so rotation does not lift the suspension"
                 )))
             }
-            KeyStatus::Active => {}
+            (State::Revoked, false) => {
+                return Err(other(format!(
+                    "key {id} is revoked; create a new key instead of rotating it (or rotate --force to issue a successor anyway)"
+                )))
+            }
+            (State::Expired, false) => {
+                return Err(other(format!(
+                    "key {id} expired at {}; create a new key instead of rotating it (or rotate --force to issue a successor anyway)",
+                    old.expires_at.as_deref().unwrap_or("?")
+                )))
+            }
+            _ => {}
+        }
+        if !force && state == State::Active {
+            if let Some(next) = self.successors(id).first() {
+                return Err(other(format!(
+                    "key {id} was already rotated: its successor {} was created at {}, and {id} keeps working until {} (its grace period); rotate {} instead, or rotate --force to issue another successor",
+                    next.id,
+                    next.created_at,
+                    old.expires_at.as_deref().unwrap_or("never"),
+                    next.id
+                )));
+            }
         }
         let name = if old.name.ends_with(" (rotated)") {
             old.name.clone()
@@ -760,20 +883,140 @@ impl Store {
             expires_at,
             allowed_ips: old.allowed_ips.clone(),
         };
-        let created = self.create(&new, now)?;
+        let mut created = self.create(&new, now)?;
+        created.record.rotated_from = Some(id.to_string());
+        if let Some(last) = self.keys.last_mut() {
+            last.rotated_from = Some(id.to_string());
+        }
         let grace_end = now.saturating_add(grace_s);
         let old = self.find_mut(id)?;
         let current = old
             .expires_at
             .as_deref()
             .and_then(|s| time::parse_rfc3339(s).ok());
-        if current.is_none_or(|t| t > grace_end) {
+        if state == State::Active && current.is_none_or(|t| t > grace_end) {
             old.expires_at = Some(time::format_rfc3339(grace_end));
         }
         Ok(Rotated {
             new: created,
             old: old.clone(),
         })
+    }
+
+    /// Changes a key's identity, permissions or expiry, never its secret. The new values
+    /// are checked as `create` checks them (the whole store is validated before it is
+    /// written). Returns the key before and after.
+    pub fn edit(
+        &mut self,
+        id: &str,
+        edit: &KeyEdit,
+        now: i64,
+    ) -> Result<(StoredKey, StoredKey), Error> {
+        if let Some(name) = &edit.name {
+            check_text(name, 200).map_err(|r| other(format!("--name: {r}")))?;
+        }
+        if let Some(Some(d)) = &edit.description {
+            check_text(d, 2000).map_err(|r| other(format!("--description: {r}")))?;
+        }
+        if let Some(Some(t)) = edit.expires_at.filter(|t| t.is_some_and(|t| t <= now)) {
+            return Err(other(format!(
+                "the expiry {} is not in the future",
+                time::format_rfc3339(t)
+            )));
+        }
+        let key = self.find_mut(id)?;
+        if key.status == KeyStatus::Revoked {
+            return Err(other(format!(
+                "key {id} is revoked, and revocation is permanent; nothing to update (keygate prune removes it)"
+            )));
+        }
+        let before = key.clone();
+        if let Some(name) = &edit.name {
+            key.name = name.clone();
+        }
+        if let Some(d) = &edit.description {
+            key.description = d.clone();
+        }
+        if let Some(role) = &edit.role {
+            key.role = role.clone();
+        }
+        if let Some(scopes) = &edit.scopes {
+            key.scopes = Vec::new();
+            for scope in scopes {
+                if !key.scopes.contains(scope) {
+                    key.scopes.push(scope.clone());
+                }
+            }
+        }
+        for scope in &edit.remove_scopes {
+            if !key.scopes.contains(scope) {
+                return Err(other(format!(
+                    "--remove-scope: key {id} has no scope {scope:?} (it has: {}); nothing was changed",
+                    if key.scopes.is_empty() {
+                        "none".to_string()
+                    } else {
+                        key.scopes.join(", ")
+                    }
+                )));
+            }
+            key.scopes.retain(|s| s != scope);
+        }
+        for scope in &edit.add_scopes {
+            if !key.scopes.contains(scope) {
+                key.scopes.push(scope.clone());
+            }
+        }
+        if let Some(plan) = &edit.plan {
+            key.plan = plan.clone();
+        }
+        if let Some(client) = &edit.client {
+            key.client = client.clone();
+        }
+        if let Some(tenant) = &edit.tenant {
+            key.tenant = tenant.clone();
+        }
+        if let Some(ips) = &edit.allowed_ips {
+            key.allowed_ips = ips.clone();
+        }
+        if let Some(t) = edit.expires_at {
+            key.expires_at = t.map(time::format_rfc3339);
+        }
+        Ok((before, key.clone()))
+    }
+
+    /// The keys `prune` would remove at `now`: revoked ones revoked (else created) at
+    /// least `older_than_s` seconds ago, and expired ones expired at least that long ago,
+    /// with that instant.
+    pub fn prunable(&self, older_than_s: i64, now: i64) -> Vec<(&StoredKey, State, i64)> {
+        let cutoff = now.saturating_sub(older_than_s);
+        let at = |s: Option<&str>| s.and_then(|s| time::parse_rfc3339(s).ok());
+        self.keys
+            .iter()
+            .filter_map(|k| {
+                let state = k.state(now);
+                let since = match state {
+                    State::Revoked => {
+                        at(k.revoked_at.as_deref()).or(at(Some(k.created_at.as_str())))
+                    }
+                    State::Expired => at(k.expires_at.as_deref()),
+                    State::Active | State::Suspended => None,
+                }?;
+                (since <= cutoff).then_some((k, state, since))
+            })
+            .collect()
+    }
+
+    /// Removes the keys [`Store::prunable`] lists; returns them.
+    pub fn prune(&mut self, older_than_s: i64, now: i64) -> Vec<StoredKey> {
+        let ids: Vec<String> = self
+            .prunable(older_than_s, now)
+            .iter()
+            .map(|(k, _, _)| k.id.clone())
+            .collect();
+        let (gone, kept): (Vec<StoredKey>, Vec<StoredKey>) =
+            self.keys.drain(..).partition(|k| ids.contains(&k.id));
+        self.keys = kept;
+        gone
     }
 
     /// Adds the hashes of existing keys; keys already in the store are skipped.
@@ -807,6 +1050,108 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Every problem of a plugin configuration (the store's policy with its keys rendered,
+/// or a file given to `check`), each naming its field by a key's id or a route's prefix
+/// where it can: what `policy check`, `policy set` and `check` print, one per line.
+///
+/// For now the filter's compile step reports its first error only, so this is keygate's
+/// own checks (every key's plan and the default plan exist) plus that one error, with a
+/// key's or route's position in its path replaced by the key's id or the route's prefix.
+pub fn policy_problems(plugin: &PluginConfig) -> Vec<ConfigError> {
+    let mut out: Vec<ConfigError> = Vec::new();
+    let mut known: Vec<String> = config::builtin_plans().into_keys().collect();
+    for name in plugin.plans.keys() {
+        if !known.contains(name) {
+            known.push(name.clone());
+        }
+    }
+    known.sort();
+    let unknown_plan = |path: String, name: &str| ConfigError {
+        path,
+        reason: format!("unknown plan {name:?}; known plans: {}", known.join(", ")),
+    };
+    if let Some(name) = plugin.default_plan.as_deref() {
+        if !known.iter().any(|k| k == name) {
+            out.push(unknown_plan("default_plan".into(), name));
+        }
+    }
+    for key in &plugin.keys {
+        if let Some(name) = key.plan.as_deref() {
+            if !known.iter().any(|k| k == name) {
+                out.push(unknown_plan(format!("keys[{}].plan", key.id), name));
+            }
+        }
+    }
+    if let Err(e) = Config::compile(plugin).map_err(|e| by_name(e, plugin)) {
+        // Already said by a check above, by its key id: not twice.
+        let plan_error = e.path.ends_with(".plan") || e.path == "default_plan";
+        if (!plan_error || out.is_empty()) && !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// `e` with a key's position in its path (`keys[2].plan`) replaced by the key's id
+/// (`keys[k_abc].plan`), and a route's by its prefix (`routes["/v1"].roles`).
+fn by_name(mut e: ConfigError, plugin: &PluginConfig) -> ConfigError {
+    let rename = |path: &str, list: &str, name: &dyn Fn(usize) -> Option<String>| {
+        let rest = path.strip_prefix(list)?.strip_prefix('[')?;
+        let (index, tail) = rest.split_once(']')?;
+        let name = name(index.parse().ok()?)?;
+        Some(format!("{list}[{name}]{tail}"))
+    };
+    let key = |i: usize| plugin.keys.get(i).map(|k| k.id.clone());
+    let route = |i: usize| plugin.routes.get(i).map(|r| format!("{:?}", r.prefix));
+    if let Some(path) = rename(&e.path, "keys", &key).or_else(|| rename(&e.path, "routes", &route))
+    {
+        e.path = path;
+    }
+    e
+}
+
+/// Warnings for a key given `role` and `scopes` that no route of `policy` uses: a typo
+/// must not pass silently. Only when some route names roles (scopes): with none, every
+/// role (scope) is as good as another.
+pub fn identity_warnings(
+    policy: &PluginConfig,
+    role: Option<&str>,
+    scopes: &[String],
+) -> Vec<String> {
+    let collect = |pick: fn(&config::RouteSpec) -> Option<&Vec<String>>| {
+        let mut all: Vec<&str> = policy
+            .routes
+            .iter()
+            .filter_map(pick)
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    };
+    let roles = collect(|r| r.roles.as_ref());
+    let route_scopes = collect(|r| r.scopes.as_ref());
+    let mut out = Vec::new();
+    if let Some(role) = role.filter(|r| !roles.is_empty() && !roles.contains(r)) {
+        out.push(format!(
+            "warning: role {role:?} is not used by any route (routes use: {})",
+            roles.join(", ")
+        ));
+    }
+    if !route_scopes.is_empty() {
+        for scope in scopes {
+            if !route_scopes.contains(&scope.as_str()) {
+                out.push(format!(
+                    "warning: scope {scope:?} is not required by any route (routes require: {})",
+                    route_scopes.join(", ")
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Reads an import list: one key per line, blank lines and `#` comments ignored, and
@@ -933,9 +1278,17 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Reads and parses the store; errors name the offending field.
+/// Reads and parses the store; errors name the offending field. A version 1 store is
+/// returned as version 2 (the file is upgraded by the next command that writes it).
 pub fn load(path: &Path) -> Result<Store, Error> {
-    parse(path, &read_store(path)?)
+    parse(path, &read_store(path)?).map(|(store, _)| store)
+}
+
+/// Where the file of a store upgraded from `version` is kept: `<store>.v<version>.bak`.
+pub fn backup_path(store: &Path, version: u32) -> PathBuf {
+    let mut name = store.as_os_str().to_owned();
+    name.push(format!(".v{version}.bak"));
+    PathBuf::from(name)
 }
 
 fn read_store(path: &Path) -> Result<Vec<u8>, Error> {
@@ -951,7 +1304,7 @@ fn read_store(path: &Path) -> Result<Vec<u8>, Error> {
     })
 }
 
-fn parse(path: &Path, bytes: &[u8]) -> Result<Store, Error> {
+fn parse(path: &Path, bytes: &[u8]) -> Result<(Store, Option<u32>), Error> {
     let invalid = |at: String, e: &dyn fmt::Display| {
         let at = if at == "." || at == "?" {
             String::new()
@@ -960,11 +1313,49 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Store, Error> {
         };
         other(format!("invalid store {}: {at}{e}", path.display()))
     };
+    // The format version first: a newer store is refused before its fields are read
+    // (they may mean something this keygate does not know), and a version 1 store must
+    // not hold what only version 2 has.
+    let version = serde_json::from_slice::<Value>(bytes).ok().and_then(|doc| {
+        let v = doc.get("version")?.as_u64()?;
+        Some((u32::try_from(v).unwrap_or(u32::MAX), doc))
+    });
+    let mut upgraded_from = None;
+    if let Some((v, doc)) = &version {
+        if *v > VERSION {
+            return Err(other(format!(
+                "{} is a version {v} store, and this keygate reads versions up to {VERSION}; \
+                 upgrade keygate to use it (nothing was changed)",
+                path.display()
+            )));
+        }
+        if *v == 1 {
+            if doc.get("revision").is_some() {
+                return Err(invalid(
+                    "revision".into(),
+                    &"unknown field in a version 1 store",
+                ));
+            }
+            let keys = doc.get("keys").and_then(Value::as_array);
+            for (i, key) in keys.into_iter().flatten().enumerate() {
+                if key.get("rotated_from").is_some() {
+                    return Err(invalid(
+                        format!("keys[{i}].rotated_from"),
+                        &"unknown field in a version 1 store",
+                    ));
+                }
+            }
+            upgraded_from = Some(1);
+        }
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let store: Store = serde_path_to_error::deserialize(&mut de)
+    let mut store: Store = serde_path_to_error::deserialize(&mut de)
         .map_err(|e| invalid(e.path().to_string(), e.inner()))?;
     de.end().map_err(|e| invalid(String::new(), &e))?;
-    Ok(store)
+    if upgraded_from.is_some() {
+        store.version = VERSION;
+    }
+    Ok((store, upgraded_from))
 }
 
 /// Reads a policy file for `init --policy`: a plugin configuration without keys, parsed
@@ -975,8 +1366,9 @@ pub fn read_policy(path: &Path) -> Result<PluginConfig, Error> {
         .map_err(|e| other(format!("invalid policy {}: {e}", path.display())))
 }
 
-/// Creates a new store; refuses to replace an existing one.
-pub fn init(path: &Path, store: &Store) -> Result<(), Error> {
+/// Creates a new store; refuses to replace an existing one. With `actor`, records it in
+/// the audit log.
+pub fn init(path: &Path, store: &Store, actor: Option<&audit::Actor>) -> Result<(), Error> {
     store.validate()?;
     let _lock = lock(path)?;
     if fs::symlink_metadata(path).is_ok() {
@@ -985,7 +1377,50 @@ pub fn init(path: &Path, store: &Store) -> Result<(), Error> {
             path.display()
         )));
     }
-    write_atomically(path, &store_bytes(store)?, Access::OwnerOnly).map(drop)
+    let mut log = actor.map(|_| audit::Log::open(path)).transpose()?;
+    write_atomically(path, &store_bytes(store)?, Access::OwnerOnly)?;
+    if let (Some(log), Some(actor)) = (log.as_mut(), actor) {
+        let line = audit::Line {
+            time: time::format_rfc3339(unix_now()),
+            actor: actor.name.clone(),
+            action: actor.action.clone(),
+            revision: store.revision,
+            key: None,
+            changes: Default::default(),
+            apply: None,
+        };
+        audit_or_warn(log, &[line]);
+    }
+    Ok(())
+}
+
+/// Appends audit lines after a committed change; the change stands whatever happens, so
+/// a failure is said on stderr rather than returned.
+fn audit_or_warn(log: &mut audit::Log, lines: &[audit::Line]) {
+    if let Err(e) = log.append(lines) {
+        eprintln!("keygate: warning: the change is made, but {e}");
+    }
+}
+
+/// An apply's audit record.
+fn apply_record(applied: &Applied) -> audit::ApplyRecord {
+    audit::ApplyRecord {
+        ecds: applied.ecds.display().to_string(),
+        version: applied.version.clone(),
+        confirmed: !applied.envoys.is_empty()
+            && applied.confirmed().count() == applied.envoys.len(),
+        envoys: applied
+            .envoys
+            .iter()
+            .map(|c| {
+                let state = match c {
+                    Confirmation::Confirmed { .. } => "confirmed",
+                    Confirmation::Unreachable { .. } => "unreachable",
+                };
+                (c.admin().to_string(), state.to_string())
+            })
+            .collect(),
+    }
 }
 
 /// A committed change, and what `--apply` made of it.
@@ -998,6 +1433,11 @@ pub struct Committed<T> {
     pub applied: Option<Applied>,
     /// The store's mode before this change made it 0600, when it was readable by others.
     pub tightened: Option<u32>,
+    /// The store's revision after the change (bumped when the change changed anything).
+    pub revision: u64,
+    /// When this change upgraded the store's format: the version it had, and the backup
+    /// of the old file.
+    pub upgraded: Option<(u32, PathBuf)>,
 }
 
 /// How `--apply` and `keygate apply` wait for Envoy.
@@ -1082,10 +1522,33 @@ pub fn update<T>(
     apply: Option<ApplyOptions>,
     change: impl FnOnce(&mut Store) -> Result<T, Error>,
 ) -> Result<Committed<T>, Error> {
+    update_as(path, apply, None, change)
+}
+
+/// [`update`], recording the change in the audit log as `actor`'s (when given): one line
+/// per key changed and one for the store's own fields ([`audit::diff`]), and with
+/// `apply`, one for the apply. The log is opened before anything is written (a log that
+/// cannot be opened fails the command, changing nothing) and appended to only once the
+/// change is committed, under the store's lock, so lines are in the order of the changes
+/// and a change that did not happen has none. A change that changes nothing (the store
+/// before and after are equal) keeps the revision and records nothing.
+///
+/// A version 1 store is upgraded here: its file is first copied to `<store>.v1.bak`
+/// (0600), then replaced by the version 2 store.
+pub fn update_as<T>(
+    path: &Path,
+    apply: Option<ApplyOptions>,
+    actor: Option<&audit::Actor>,
+    change: impl FnOnce(&mut Store) -> Result<T, Error>,
+) -> Result<Committed<T>, Error> {
     let _lock = lock(path)?;
     let before = read_store(path)?;
-    let mut store = parse(path, &before)?;
+    let (mut store, upgraded_from) = parse(path, &before)?;
+    let original = store.clone();
     let value = change(&mut store)?;
+    if store != original {
+        store.revision = original.revision.saturating_add(1);
+    }
     store.validate()?;
     // Rendered, and Envoy's admin asked where it stands, before the store is written:
     // a store that cannot be applied is not written either.
@@ -1093,24 +1556,71 @@ pub fn update<T>(
         Some(_) => Some(prepare(path, &store)?),
         None => None,
     };
+    let mut log = actor.map(|_| audit::Log::open(path)).transpose()?;
+    let upgraded = match upgraded_from {
+        Some(v) => {
+            let backup = backup_path(path, v);
+            write_atomically(&backup, &before, Access::OwnerOnly)?;
+            Some((v, backup))
+        }
+        None => None,
+    };
     let tightened = write_atomically(path, &store_bytes(&store)?, Access::OwnerOnly)?;
+    let mut lines = Vec::new();
+    if let Some(actor) = actor {
+        let mut was = original;
+        if let Some(v) = upgraded_from {
+            was.version = v;
+        }
+        lines = audit::diff(&was, &store, actor, unix_now());
+    }
+    let revision = store.revision;
     let Some((pending, options)) = pending.zip(apply) else {
+        if let Some(log) = log.as_mut() {
+            audit_or_warn(log, &lines);
+        }
         return Ok(Committed {
             value,
             applied: None,
             tightened,
+            revision,
+            upgraded,
         });
     };
     match pending.commit(options) {
-        Ok(applied) => Ok(Committed {
-            value,
-            applied: Some(applied),
-            tightened,
-        }),
+        Ok(applied) => {
+            if let (Some(log), Some(actor)) = (log.as_mut(), actor) {
+                lines.push(apply_line(actor, revision, &applied));
+                audit_or_warn(log, &lines);
+            }
+            Ok(Committed {
+                value,
+                applied: Some(applied),
+                tightened,
+                revision,
+                upgraded,
+            })
+        }
         Err(failure) => {
             let store_back = write_atomically(path, &before, Access::OwnerOnly).map(drop);
+            // The store is its old version again: the backup of the upgrade goes too.
+            if let (Ok(()), Some((_, backup))) = (&store_back, &upgraded) {
+                let _ = fs::remove_file(backup);
+            }
             Err(failure.undone(store_back, path))
         }
+    }
+}
+
+fn apply_line(actor: &audit::Actor, revision: u64, applied: &Applied) -> audit::Line {
+    audit::Line {
+        time: time::format_rfc3339(unix_now()),
+        actor: actor.name.clone(),
+        action: actor.action.clone(),
+        revision,
+        key: None,
+        changes: Default::default(),
+        apply: Some(apply_record(applied)),
     }
 }
 
@@ -1129,14 +1639,23 @@ pub fn update<T>(
 /// Why stats and not `/config_dump?resource=ecds_filters`: Envoy 1.40 shows there the
 /// version it last *received*, rejected or not, and no error state; `version_text` is
 /// only set by an accepted update.
-pub fn apply(path: &Path, options: ApplyOptions) -> Result<Applied, Error> {
+pub fn apply(
+    path: &Path,
+    options: ApplyOptions,
+    actor: Option<&audit::Actor>,
+) -> Result<Applied, Error> {
     let _lock = lock(path)?;
     let store = load(path)?;
     store.validate()?;
     let pending = prepare(path, &store)?;
-    pending
+    let mut log = actor.map(|_| audit::Log::open(path)).transpose()?;
+    let applied = pending
         .commit(options)
-        .map_err(|failure| failure.undone(Ok(()), path))
+        .map_err(|failure| failure.undone(Ok(()), path))?;
+    if let (Some(log), Some(actor)) = (log.as_mut(), actor) {
+        audit_or_warn(log, &[apply_line(actor, store.revision, &applied)]);
+    }
+    Ok(applied)
 }
 
 /// The rendered ECDS file and what to compare the Envoys against.
@@ -1407,7 +1926,10 @@ impl Pending {
             let look = deadline.min(Instant::now() + Duration::from_secs(2));
             match admin::subscriptions(url, look) {
                 Ok(now) => {
-                    if !now.is_empty() && now.iter().all(|s| s.version == self.version) {
+                    // The content decides (not the `-r<revision>`): a revision whose
+                    // content Envoy already serves is served.
+                    let content = content_of(&self.version);
+                    if !now.is_empty() && now.iter().all(|s| content_of(&s.version) == content) {
                         return Waited::Served(written.elapsed());
                     }
                     for sub in &now {
@@ -1532,6 +2054,24 @@ pub fn seconds(d: Duration) -> String {
 /// `sha256:` and the first 16 hex digits of the SHA-256 of `bytes`.
 pub fn content_version(bytes: &[u8]) -> String {
     format!("sha256:{}", hex(&keys::digest(bytes)[..8]))
+}
+
+/// The store revision an ECDS `version_info` (`sha256:<hex>-r<revision>`) names; `None`
+/// for a version written before revisions (`sha256:<hex>`) or by something else.
+pub fn revision_of(version: &str) -> Option<u64> {
+    let (_, rev) = version.rsplit_once("-r")?;
+    if rev.is_empty() || !rev.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    rev.parse().ok()
+}
+
+/// The content part of an ECDS `version_info`: without its `-r<revision>`.
+pub fn content_of(version: &str) -> &str {
+    match (revision_of(version), version.rsplit_once("-r")) {
+        (Some(_), Some((content, _))) => content,
+        _ => version,
+    }
 }
 
 /// The filter binary `envoy.wasm` names, as seen from this host.
@@ -2186,19 +2726,26 @@ mod tests {
                 .unwrap()
                 .changed
         );
-        assert!(store.rotate(&id, 60, None, now).is_err());
+        assert!(store.rotate(&id, 60, None, true, now).is_err());
         assert!(
             store
                 .transition(&id, Transition::Reactivate, now)
                 .unwrap()
                 .changed
         );
-        let rotated = store.rotate(&id, 60, None, now).unwrap();
+        let rotated = store.rotate(&id, 60, None, false, now).unwrap();
         assert_eq!(rotated.old.expires_at, Some(time::format_rfc3339(now + 60)));
         assert_eq!(rotated.new.record.name, "acme (rotated)");
+        assert_eq!(
+            rotated.new.record.rotated_from.as_deref(),
+            Some(id.as_str())
+        );
         assert_eq!(store.find(&id).unwrap().state(now + 60), State::Expired);
-        // A second rotation never extends the old key.
-        store.rotate(&id, 3600, None, now).unwrap();
+        // A second rotation in the grace period is refused unless forced, and never
+        // extends the old key.
+        let e = store.rotate(&id, 3600, None, false, now).unwrap_err();
+        assert!(e.to_string().contains("was already rotated"), "{e}");
+        store.rotate(&id, 3600, None, true, now).unwrap();
         assert_eq!(
             store.find(&id).unwrap().expires_at,
             Some(time::format_rfc3339(now + 60))
@@ -2407,8 +2954,28 @@ mod tests {
         let plugin = with_key.render().unwrap().plugin;
         let doc = with_key.ecds_document(&plugin).unwrap();
         let version = doc["version_info"].as_str().unwrap();
-        assert_eq!(version.len(), "sha256:".len() + 16);
+        assert_eq!(version.len(), "sha256:".len() + 16 + "-r1".len());
+        assert!(version.ends_with("-r1"), "{version}");
+        assert_eq!(revision_of(version), Some(1));
+        assert_eq!(content_of(version), &version[..version.len() - 3]);
         assert_eq!(doc, with_key.ecds_document(&plugin).unwrap());
+        // Another revision of the same content: the same content part.
+        let mut later = with_key.clone();
+        later.revision = 17;
+        let later_version = later.ecds_document(&plugin).unwrap()["version_info"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(later_version.ends_with("-r17"));
+        assert_eq!(content_of(&later_version), content_of(version));
+        // Versions from before revisions, and anything else, name no revision.
+        assert_eq!(revision_of("sha256:0011223344556677"), None);
+        assert_eq!(
+            content_of("sha256:0011223344556677"),
+            "sha256:0011223344556677"
+        );
+        assert_eq!(revision_of("sha256:00-r"), None);
+        assert_eq!(revision_of("sha256:00-rx1"), None);
         let mut moved = with_key.clone();
         moved.envoy.wasm = Some("g.wasm".into());
         assert_ne!(
@@ -2417,5 +2984,295 @@ mod tests {
         );
         assert_eq!(seconds(Duration::from_secs(10)), "10 s");
         assert_eq!(seconds(Duration::from_millis(430)), "0.4 s");
+    }
+
+    fn key_named(store: &mut Store, name: &str, now: i64) -> String {
+        store
+            .create(
+                &NewKey {
+                    name: name.into(),
+                    role: "client".into(),
+                    ..NewKey::default()
+                },
+                now,
+            )
+            .unwrap()
+            .record
+            .id
+    }
+
+    fn shares(store: &Store, id: &str) -> Option<String> {
+        let plugin = store.render().unwrap().plugin;
+        plugin
+            .keys
+            .iter()
+            .find(|k| k.id == id)
+            .unwrap()
+            .shares_quota_with
+            .clone()
+    }
+
+    #[test]
+    fn rotated_keys_share_the_oldest_budget_still_in_the_store() {
+        let now = 1_800_000_000;
+        let mut store = Store::new(None, "f.wasm".into(), "kg".into());
+        let k1 = key_named(&mut store, "one", now);
+        let other = key_named(&mut store, "other", now);
+        let k2 = store
+            .rotate(&k1, 60, None, false, now)
+            .unwrap()
+            .new
+            .record
+            .id;
+        let k3 = store
+            .rotate(&k2, 60, None, false, now + 1)
+            .unwrap()
+            .new
+            .record
+            .id;
+        assert_eq!(shares(&store, &k1), None);
+        assert_eq!(shares(&store, &other), None);
+        assert_eq!(shares(&store, &k2), Some(k1.clone()));
+        assert_eq!(shares(&store, &k3), Some(k1.clone()), "no chains: the root");
+        let config = store.render().unwrap().config;
+        let bucket = |id: &str| {
+            config
+                .keys
+                .iter()
+                .find(|k| k.id == id)
+                .unwrap()
+                .bucket
+                .clone()
+        };
+        assert_eq!(bucket(&k3), bucket(&k1));
+        assert_ne!(bucket(&other), bucket(&k1));
+        // The predecessor stays in the store revoked or expired: still shared.
+        store.transition(&k1, Transition::Revoke, now).unwrap();
+        assert_eq!(shares(&store, &k3), Some(k1.clone()));
+        // Pruned: the next oldest is the root.
+        assert_eq!(store.prune(0, now + 10).len(), 1);
+        assert!(store.find(&k1).is_err());
+        assert_eq!(shares(&store, &k2), None);
+        assert_eq!(shares(&store, &k3), Some(k2.clone()));
+        // A loop (hand-edited) shares nothing rather than guessing.
+        store
+            .keys
+            .iter_mut()
+            .find(|k| k.id == k2)
+            .unwrap()
+            .rotated_from = Some(k3.clone());
+        assert_eq!(store.budget_root(&k3), None);
+    }
+
+    #[test]
+    fn rotation_refuses_revoked_expired_and_already_rotated_keys_unless_forced() {
+        let now = 1_800_000_000;
+        let mut store = Store::new(None, "f.wasm".into(), "kg".into());
+        let revoked = key_named(&mut store, "r", now);
+        store.transition(&revoked, Transition::Revoke, now).unwrap();
+        let e = store.rotate(&revoked, 60, None, false, now).unwrap_err();
+        assert!(e.to_string().contains("is revoked"), "{e}");
+        let forced = store.rotate(&revoked, 60, None, true, now).unwrap();
+        assert_eq!(forced.old.status, KeyStatus::Revoked);
+        assert_eq!(
+            forced.old.expires_at, None,
+            "a forced rotation leaves the old key"
+        );
+
+        let expired = key_named(&mut store, "e", now);
+        store.find_mut(&expired).unwrap().expires_at = Some(time::format_rfc3339(now - 1));
+        let e = store.rotate(&expired, 60, None, false, now).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("key {expired} expired at ")),
+            "{e}"
+        );
+        store.rotate(&expired, 60, None, true, now).unwrap();
+
+        let live = key_named(&mut store, "l", now);
+        let next = store
+            .rotate(&live, 600, None, false, now)
+            .unwrap()
+            .new
+            .record
+            .id;
+        let e = store.rotate(&live, 60, None, false, now + 1).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("its successor {next} was created at")),
+            "{e}"
+        );
+        // Once the grace period is over the old key is expired: the expiry says so.
+        let e = store.rotate(&live, 60, None, false, now + 601).unwrap_err();
+        assert!(e.to_string().contains("expired at"), "{e}");
+    }
+
+    #[test]
+    fn prune_takes_revoked_and_expired_keys_older_than_the_age() {
+        let now = 1_800_000_000;
+        let day = 86_400;
+        let mut store = Store::new(None, "f.wasm".into(), "kg".into());
+        let active = key_named(&mut store, "a", now - 100 * day);
+        let old_revoked = key_named(&mut store, "b", now - 100 * day);
+        store
+            .transition(&old_revoked, Transition::Revoke, now - 40 * day)
+            .unwrap();
+        let new_revoked = key_named(&mut store, "c", now - 100 * day);
+        store
+            .transition(&new_revoked, Transition::Revoke, now - day)
+            .unwrap();
+        let old_expired = key_named(&mut store, "d", now - 100 * day);
+        store.find_mut(&old_expired).unwrap().expires_at =
+            Some(time::format_rfc3339(now - 31 * day));
+        let suspended = key_named(&mut store, "e", now - 100 * day);
+        store
+            .transition(&suspended, Transition::Suspend, now - 90 * day)
+            .unwrap();
+        let listed: Vec<&str> = store
+            .prunable(30 * day, now)
+            .iter()
+            .map(|(k, _, _)| k.id.as_str())
+            .collect();
+        assert_eq!(listed, [old_revoked.as_str(), old_expired.as_str()]);
+        let gone: Vec<String> = store
+            .prune(30 * day, now)
+            .into_iter()
+            .map(|k| k.id)
+            .collect();
+        assert_eq!(gone, [old_revoked, old_expired]);
+        let left: Vec<&str> = store.keys.iter().map(|k| k.id.as_str()).collect();
+        assert_eq!(
+            left,
+            [active.as_str(), new_revoked.as_str(), suspended.as_str()]
+        );
+        assert!(store.prune(30 * day, now).is_empty());
+    }
+
+    #[test]
+    fn edit_changes_fields_and_refuses_what_create_refuses() {
+        let now = 1_800_000_000;
+        let mut store = Store::new(None, "f.wasm".into(), "kg".into());
+        let id = key_named(&mut store, "a", now);
+        let hash = store.find(&id).unwrap().hash.clone();
+        let edit = KeyEdit {
+            scopes: Some(vec!["a".into(), "b".into(), "a".into()]),
+            add_scopes: vec!["c".into()],
+            remove_scopes: vec!["b".into()],
+            plan: Some(Some("pro".into())),
+            client: Some(Some("acme".into())),
+            expires_at: Some(Some(now + 60)),
+            ..KeyEdit::default()
+        };
+        let (before, after) = store.edit(&id, &edit, now).unwrap();
+        assert_eq!(before.scopes, Vec::<String>::new());
+        assert_eq!(after.scopes, ["a", "c"]);
+        assert_eq!(after.plan.as_deref(), Some("pro"));
+        assert_eq!(after.hash, hash, "the secret stays");
+        store.render().unwrap();
+        let clear = KeyEdit {
+            client: Some(None),
+            expires_at: Some(None),
+            plan: Some(None),
+            ..KeyEdit::default()
+        };
+        let (_, after) = store.edit(&id, &clear, now).unwrap();
+        assert_eq!(
+            (after.client, after.expires_at, after.plan),
+            (None, None, None)
+        );
+        let e = store
+            .edit(
+                &id,
+                &KeyEdit {
+                    remove_scopes: vec!["zz".into()],
+                    ..KeyEdit::default()
+                },
+                now,
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("has no scope \"zz\" (it has: a, c)"),
+            "{e}"
+        );
+        let past = KeyEdit {
+            expires_at: Some(Some(now - 1)),
+            ..KeyEdit::default()
+        };
+        assert!(store.edit(&id, &past, now).is_err());
+        assert!(KeyEdit::default().is_empty() && !past.is_empty());
+        // A plan that does not exist is refused by validation, as at create.
+        store
+            .edit(
+                &id,
+                &KeyEdit {
+                    plan: Some(Some("gold".into())),
+                    ..KeyEdit::default()
+                },
+                now,
+            )
+            .unwrap();
+        assert!(store.validate().is_err());
+    }
+
+    #[test]
+    fn stores_of_version_1_are_read_and_newer_ones_refused() {
+        let path = Path::new("s.json");
+        let mut store = Store::new(None, "f.wasm".into(), "kg".into());
+        key_named(&mut store, "a", 1_800_000_000);
+        let mut v1 = serde_json::to_value(&store).unwrap();
+        v1["version"] = 1.into();
+        v1.as_object_mut().unwrap().remove("revision");
+        let (read, from) = parse(path, &serde_json::to_vec(&v1).unwrap()).unwrap();
+        assert_eq!((read.version, read.revision, from), (VERSION, 0, Some(1)));
+        let mut bad = v1.clone();
+        bad["keys"][0]["rotated_from"] = "k_x".into();
+        let e = parse(path, &serde_json::to_vec(&bad).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("keys[0].rotated_from"), "{e}");
+        let mut newer = serde_json::to_value(&store).unwrap();
+        newer["version"] = 3.into();
+        newer["something_new"] = true.into();
+        let e = parse(path, &serde_json::to_vec(&newer).unwrap()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "s.json is a version 3 store, and this keygate reads versions up to 2; upgrade keygate to use it (nothing was changed)"
+        );
+        let (same, from) = parse(path, &store_bytes(&store).unwrap()).unwrap();
+        assert_eq!((same, from), (store, None));
+    }
+
+    #[test]
+    fn problems_name_keys_by_id_and_warnings_name_the_routes() {
+        let mut store = Store::new(None, "f.wasm".into(), "kg".into());
+        let id = key_named(&mut store, "a", 1_800_000_000);
+        store.find_mut(&id).unwrap().plan = Some("gold".into());
+        store.policy.default_plan = Some("silver".into());
+        let problems = policy_problems(&store.plugin_with(&store.policy));
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "default_plan: unknown plan \"silver\"; known plans: enterprise, free, pro",
+                &format!(
+                    "keys[{id}].plan: unknown plan \"gold\"; known plans: enterprise, free, pro"
+                ),
+            ]
+        );
+        store.policy = serde_json::from_value(serde_json::json!({
+            "routes": [
+                {"prefix": "/admin", "roles": ["admin"]},
+                {"prefix": "/jobs", "roles": ["client", "miner"], "scopes": ["jobs:write"]}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            identity_warnings(&store.policy, Some("admn"), &["jobs:wrte".into()]),
+            [
+                "warning: role \"admn\" is not used by any route (routes use: admin, client, miner)",
+                "warning: scope \"jobs:wrte\" is not required by any route (routes require: jobs:write)",
+            ]
+        );
+        assert!(identity_warnings(&store.policy, Some("admin"), &["jobs:write".into()]).is_empty());
+        assert!(identity_warnings(&store.policy, None, &[]).is_empty());
+        assert!(identity_warnings(&PluginConfig::default(), Some("any"), &["x".into()]).is_empty());
     }
 }

@@ -740,6 +740,7 @@ envoy_server_uptime{} 7260
                 created_at: "2026-01-01T00:00:00Z".into(),
                 expires_at: None,
                 revoked_at: None,
+                rotated_from: None,
             });
         }
         store

@@ -184,7 +184,8 @@ fn unix(rfc3339: &Value) -> i64 {
 fn init_writes_the_default_policy_and_refuses_to_overwrite() {
     let env = Env::init();
     let doc = env.store_json();
-    assert_eq!(doc["version"], 1);
+    assert_eq!(doc["version"], 2);
+    assert_eq!(doc["revision"], 1);
     assert_eq!(doc["envoy"]["ecds"], "ecds/keygate.yaml");
     assert_eq!(doc["envoy"]["wasm"], "/opt/keygate.wasm");
     let policy = &doc["policy"];
@@ -375,7 +376,10 @@ fn create_prints_the_key_once_and_stores_only_its_hash() {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "EXPIRES"]
+        [
+            "ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "CLIENT", "TENANT", "SCOPES",
+            "CREATED", "EXPIRES"
+        ]
     );
     let row = lines.next().unwrap();
     for cell in [
@@ -553,7 +557,7 @@ fn verify_refuses_unknown_mistyped_and_expired_keys() {
     assert_eq!(text.status.code(), Some(1));
     assert_eq!(
         String::from_utf8(text.stdout).unwrap().trim(),
-        "refused: invalid_api_key (Invalid API key): nope-nop..."
+        "refused: invalid_api_key (Invalid API key): nope-nop...: unknown: no key in the store has its hash"
     );
 
     env.edit_store(|doc| doc["keys"][0]["expires_at"] = "2020-01-01T00:00:00Z".into());
@@ -821,11 +825,15 @@ fn check_names_the_field_of_a_hand_broken_store() {
 
     env.edit_store(|doc| doc["keys"][0]["hash"] = "sha256:ABC".into());
     let broken = env.store_text();
+    let first = str_of(&env.store_json()["keys"][0]["id"]);
+    // check names the key by its id; the other commands by its position, as the filter.
     let err = env.fail(&["check"], 1);
     assert_eq!(
         err,
-        "keygate: invalid configuration: keys[0].hash: expected \"sha256:\" followed by 64 \
-         lowercase hex digits (printf %s \"$KEY\" | sha256sum), got \"sha256:ABC\""
+        format!(
+            "keygate: invalid configuration: keys[{first}].hash: expected \"sha256:\" followed by 64 \
+             lowercase hex digits (printf %s \"$KEY\" | sha256sum), got \"sha256:ABC\""
+        )
     );
     // Nothing is rendered, verified or written from a store the filter would refuse.
     for args in [
@@ -850,7 +858,10 @@ fn check_names_the_field_of_a_hand_broken_store() {
     });
     let err = env.fail(&["check"], 1);
     assert!(
-        err.starts_with("keygate: invalid configuration: keys[1].plan: unknown plan \"gold\""),
+        err.starts_with(&format!(
+            "keygate: invalid configuration: keys[{}].plan: unknown plan \"gold\"",
+            str_of(&env.store_json()["keys"][1]["id"])
+        )),
         "{err}"
     );
     // Store-only fields and the JSON itself are checked too.
@@ -883,7 +894,7 @@ fn check_file_still_validates_a_plugin_configuration() {
     .unwrap();
     let err = env.fail(&["check", file.to_str().unwrap()], 1);
     assert!(
-        err.starts_with("keygate: invalid configuration: keys[0].hash:"),
+        err.starts_with("keygate: invalid configuration: keys[c].hash:"),
         "{err}"
     );
 }
@@ -1002,7 +1013,12 @@ fn apply_replaces_the_ecds_file_atomically() {
     assert_eq!(env.files(Path::new("ecds")), ["keygate.yaml"]);
     assert_eq!(
         env.files(Path::new(".")),
-        ["ecds", "keygate.json", "keygate.json.lock"]
+        [
+            "ecds",
+            "keygate.json",
+            "keygate.json.audit.jsonl",
+            "keygate.json.lock"
+        ]
     );
 }
 
@@ -1081,7 +1097,11 @@ fn concurrent_creates_lose_no_key() {
     );
     assert_eq!(
         env.files(Path::new(".")),
-        ["keygate.json", "keygate.json.lock"]
+        [
+            "keygate.json",
+            "keygate.json.audit.jsonl",
+            "keygate.json.lock"
+        ]
     );
 }
 
@@ -1147,7 +1167,11 @@ fn stray_temp_file_of_a_crashed_writer_leaves_the_store_intact() {
     );
     assert_eq!(
         env.files(Path::new(".")),
-        ["keygate.json", "keygate.json.lock"]
+        [
+            "keygate.json",
+            "keygate.json.audit.jsonl",
+            "keygate.json.lock"
+        ]
     );
 }
 
@@ -1469,16 +1493,20 @@ fn the_ecds_file_carries_a_version_that_names_its_content() {
     let version = str_of(&doc["version_info"]);
     let digest = keys::digest(&serde_json::to_vec(&doc["resources"]).unwrap());
     let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(version, format!("sha256:{hex}"));
+    assert_eq!(version, format!("sha256:{hex}-r2"));
     assert_eq!(
         doc.as_object().unwrap().keys().collect::<Vec<_>>(),
         ["resources", "version_info"]
     );
-    // What render shows is what apply writes; the same content has the same version.
+    // What render shows is what apply writes; the same store has the same version.
     let rendered = json(&env.ok(&["render", "--format", "envoy-ecds"]));
     assert_eq!(rendered, doc);
     env.ok(&["apply"]);
     assert_eq!(env.ecds_version(), version);
+    // A change that leaves the configuration as it was: the same content, a new revision.
+    env.ok(&["update", &id, "--name", "renamed"]);
+    env.ok(&["apply"]);
+    assert_eq!(env.ecds_version(), format!("sha256:{hex}-r3"));
     let out = env.json(&["revoke", &id, "--apply"]);
     assert_ne!(env.ecds_version(), version);
     assert_eq!(out["version"], env.ecds_version().as_str());
@@ -1666,7 +1694,12 @@ fn a_rejected_apply_changes_nothing_and_prints_no_key() {
     assert_eq!(env.files(Path::new("ecds")), ["keygate.yaml"]);
     assert_eq!(
         env.files(Path::new(".")),
-        ["ecds", "keygate.json", "keygate.json.lock"]
+        [
+            "ecds",
+            "keygate.json",
+            "keygate.json.audit.jsonl",
+            "keygate.json.lock"
+        ]
     );
 
     // The first apply ever: undone means no ECDS file at all.
@@ -2252,7 +2285,13 @@ fn status_compares_every_envoy_with_the_store() {
     let (code, text) = status(&env, false);
     assert_eq!(code, Some(1), "{text}");
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], format!("store: version {first} (1 key)"));
+    // set-admin made revision 3 of the same content: the Envoy serving the content of
+    // revision 2 is current.
+    let content = first.strip_suffix("-r2").unwrap();
+    assert_eq!(
+        lines[0],
+        format!("store: revision 3, version {content}-r3 (1 key)")
+    );
     assert_eq!(
         lines[1],
         format!(
@@ -2267,13 +2306,27 @@ fn status_compares_every_envoy_with_the_store() {
     };
     assert_eq!(
         columns(lines[2]),
-        ["ENVOY", "REACHABLE", "SERVES", "CURRENT", "NOTE"]
+        [
+            "ENVOY",
+            "REACHABLE",
+            "REVISION",
+            "SERVES",
+            "CURRENT",
+            "NOTE"
+        ]
     );
-    assert_eq!(columns(lines[3]), [accepts.as_str(), "yes", &first, "yes"]);
-    assert_eq!(columns(lines[4]), [stale.as_str(), "yes", &first, "yes"]);
+    // Each Envoy's revision against the store's.
+    assert_eq!(
+        columns(lines[3]),
+        [accepts.as_str(), "yes", "r2", "of", "r3", &first, "yes"]
+    );
+    assert_eq!(
+        columns(lines[4]),
+        [stale.as_str(), "yes", "r2", "of", "r3", &first, "yes"]
+    );
     assert_eq!(
         columns(lines[5]),
-        [down.as_str(), "no", "-", "no", "connection", "refused"]
+        [down.as_str(), "no", "-", "-", "no", "connection", "refused"]
     );
     assert_eq!(
         lines[6],
@@ -2302,7 +2355,7 @@ fn status_compares_every_envoy_with_the_store() {
     assert_eq!(
         out["envoys"][0],
         serde_json::json!({"admin": accepts, "reachable": true, "serves": [first],
-                           "current": false, "rejected": 0, "error": null})
+                           "revisions": [2], "current": false, "rejected": 0, "error": null})
     );
     let (_, text) = status(&env, false);
     assert!(
@@ -2321,7 +2374,13 @@ fn status_compares_every_envoy_with_the_store() {
     let (code, out) = status(&env, true);
     assert_eq!(code, Some(1));
     let out = json(&out);
-    assert_eq!(out["ecds"]["version"], second.as_str());
+    // The same content as `second`, at the revision set-admin --remove made (--add made
+    // another since).
+    assert_eq!(
+        keygate::store::content_of(out["ecds"]["version"].as_str().unwrap()),
+        keygate::store::content_of(&second)
+    );
+    assert_eq!(out["revision"], 7);
     assert_eq!(out["envoys"][0]["current"], true);
     assert_eq!(out["envoys"][1]["current"], false);
     assert_eq!(out["envoys"][1]["serves"], serde_json::json!([first]));
@@ -2369,11 +2428,14 @@ fn policy_show_check_and_set_change_plans_in_place() {
     fs::write(&dropped, r#"{"default_plan": "free"}"#).unwrap();
     let e = env.fail(&["policy", "check", dropped.to_str().unwrap()], 1);
     assert!(
-        e.contains("keys[0].plan: unknown plan \"tiny\""),
+        e.contains(&format!("keys[{id}].plan: unknown plan \"tiny\"")),
         "{e} ({id})"
     );
     let e = env.fail(&["policy", "set", dropped.to_str().unwrap()], 1);
-    assert!(e.contains("keys[0].plan: unknown plan \"tiny\""), "{e}");
+    assert!(
+        e.contains(&format!("keys[{id}].plan: unknown plan \"tiny\"")),
+        "{e}"
+    );
     assert_eq!(env.store_text(), before);
 
     // A policy file with keys is not a policy.
@@ -2905,7 +2967,10 @@ fn list_shows_last_used_when_the_store_names_admins() {
     assert_eq!(stderr, "");
     assert_eq!(
         columns(text.lines().next().unwrap()),
-        ["ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "EXPIRES"]
+        [
+            "ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "CLIENT", "TENANT", "SCOPES",
+            "CREATED", "EXPIRES"
+        ]
     );
     let out = env.json(&["list"]);
     assert_eq!(out[0]["last_used"], Value::Null);
@@ -2997,4 +3062,992 @@ fn render_envoy_stats_tags_is_the_filters_own_list() {
         tags,
         ["outcome", "reason", "status_class", "route", "key_id"]
     );
+}
+
+// ---------------------------------------------------------------- update, prune, audit
+
+/// The policy of the tests below: routes that name roles and scopes, a small plan.
+const ROUTED_POLICY: &str = r#"{
+  "routes": [
+    {"prefix": "/admin", "roles": ["admin"]},
+    {"prefix": "/v1/jobs", "roles": ["client", "miner"], "scopes": ["jobs:write"]},
+    {"prefix": "/v1", "roles": ["client", "miner", "admin"]}
+  ],
+  "plans": {"tiny": {"requests": 5, "per": "minute"}},
+  "default_plan": "free",
+  "key_format": {"prefix": "kg", "checksum": true}
+}"#;
+
+fn routed_env() -> Env {
+    let env = Env::init();
+    let policy = env.dir.path().join("policy.json");
+    fs::write(&policy, ROUTED_POLICY).unwrap();
+    env.ok(&["policy", "set", policy.to_str().unwrap()]);
+    env
+}
+
+/// The audit log's lines, parsed.
+fn audit_lines(env: &Env) -> Vec<Value> {
+    let path = env.dir.path().join("keygate.json.audit.jsonl");
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(json)
+        .collect()
+}
+
+fn audit_text(env: &Env) -> String {
+    fs::read_to_string(env.dir.path().join("keygate.json.audit.jsonl")).unwrap_or_default()
+}
+
+/// Runs a command that must fail, and checks that it changed neither the store nor the
+/// audit log; returns its stderr.
+fn fails_changing_nothing(env: &Env, args: &[&str], code: i32) -> String {
+    let (store, audit) = (env.store_text(), audit_text(env));
+    let out = env.run(args, "");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(code), "keygate {args:?}: {stderr}");
+    assert_eq!(
+        env.store_text(),
+        store,
+        "keygate {args:?} changed the store"
+    );
+    assert_eq!(
+        audit_text(env),
+        audit,
+        "keygate {args:?} wrote an audit line"
+    );
+    stderr.trim_end().to_string()
+}
+
+#[test]
+fn update_changes_a_key_in_place_and_keeps_its_secret() {
+    let env = routed_env();
+    let (id, key) = env.create(&["--client", "acme", "--scope", "jobs:read"]);
+    let hash = env.store_json()["keys"][0]["hash"].clone();
+    let out = env.ok(&[
+        "update",
+        &id,
+        "--remove-scope",
+        "jobs:read",
+        "--add-scope",
+        "jobs:write",
+        "--plan",
+        "tiny",
+        "--tenant",
+        "t1",
+        "--name",
+        "renamed",
+        "--allowed-ip",
+        "10.0.0.0/8",
+        "--expires-in",
+        "30d",
+    ]);
+    let rev = env.store_json()["revision"].as_u64().unwrap();
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        format!("updated {id} (revision {rev}):")
+    );
+    let changed: Vec<&str> = lines.map(|l| l.split(':').next().unwrap().trim()).collect();
+    assert_eq!(
+        changed,
+        [
+            "allowed_ips",
+            "expires_at",
+            "name",
+            "plan",
+            "scopes",
+            "tenant"
+        ]
+    );
+    let k = env.accepted(&key);
+    assert_eq!(k["scopes"], serde_json::json!(["jobs:write"]));
+    assert_eq!((&k["plan"], &k["tenant"]), (&"tiny".into(), &"t1".into()));
+    assert!((unix(&k["expires_at"]) - (now() + 30 * 86_400)).abs() <= 5);
+    assert_eq!(
+        env.store_json()["keys"][0]["hash"],
+        hash,
+        "the secret stays"
+    );
+    let shown = env.json(&["show", &id]);
+    assert_eq!(shown["name"], "renamed");
+    assert_eq!(shown["allowed_ips"], serde_json::json!(["10.0.0.0/8"]));
+
+    // Clearing: expiry, tenant, own plan, addresses, scopes.
+    let out = env.json(&[
+        "update",
+        &id,
+        "--no-expiry",
+        "--clear-tenant",
+        "--default-plan",
+        "--any-ip",
+        "--clear-scopes",
+    ]);
+    assert_eq!(out["changed"], true);
+    assert_eq!(out["revision"], rev + 1);
+    assert_eq!(
+        out["changes"]["scopes"],
+        serde_json::json!({"old": ["jobs:write"], "new": []})
+    );
+    let k = env.accepted(&key);
+    assert_eq!(
+        (&k["expires_at"], &k["tenant"]),
+        (&Value::Null, &Value::Null)
+    );
+    assert_eq!(k["plan"], "free");
+    assert_eq!(
+        env.json(&["show", &id])["allowed_ips"],
+        serde_json::json!([])
+    );
+
+    // Asking for what already is changes nothing: same revision, no audit line.
+    let lines = audit_lines(&env).len();
+    let out = env.ok(&["update", &id, "--name", "renamed"]);
+    assert_eq!(
+        out.trim(),
+        format!("{id}: nothing changed (it already is as asked)")
+    );
+    assert_eq!(env.store_json()["revision"], rev + 1);
+    assert_eq!(audit_lines(&env).len(), lines);
+}
+
+#[test]
+fn update_refuses_what_create_refuses_and_changes_nothing() {
+    let env = routed_env();
+    let (id, _) = env.create(&["--scope", "jobs:write"]);
+    let e = fails_changing_nothing(&env, &["update", "k_nope", "--name", "x"], 1);
+    assert_eq!(
+        e,
+        "keygate: no key with id \"k_nope\"; keygate list shows the ids"
+    );
+    let e = fails_changing_nothing(&env, &["update", &id, "--plan", "gold"], 1);
+    assert_eq!(
+        e,
+        format!(
+            "keygate: invalid configuration: keys[{id}].plan: unknown plan \"gold\"; known plans: \
+             enterprise, free, pro, tiny"
+        )
+    );
+    let e = fails_changing_nothing(&env, &["update", &id, "--remove-scope", "nope"], 1);
+    assert_eq!(
+        e,
+        format!(
+            "keygate: --remove-scope: key {id} has no scope \"nope\" (it has: jobs:write); \
+             nothing was changed"
+        )
+    );
+    let e = fails_changing_nothing(
+        &env,
+        &["update", &id, "--expires-at", "2020-01-01T00:00:00Z"],
+        1,
+    );
+    assert_eq!(
+        e,
+        "keygate: the expiry 2020-01-01T00:00:00Z is not in the future"
+    );
+    let e = fails_changing_nothing(&env, &["update", &id, "--allowed-ip", "10.0.0.300/8"], 1);
+    assert!(
+        e.starts_with(&format!(
+            "keygate: invalid configuration: keys[{id}].allowed_ips[0]:"
+        )),
+        "{e}"
+    );
+    let e = fails_changing_nothing(&env, &["update", &id, "--name", ""], 1);
+    assert_eq!(
+        e,
+        "keygate: --name: \"\" must be 1 to 200 characters without control characters"
+    );
+    let e = fails_changing_nothing(&env, &["update", &id], 2);
+    assert!(
+        e.starts_with("keygate: the following required arguments were not provided:"),
+        "{e}"
+    );
+    let e = fails_changing_nothing(&env, &["update", &id, "--plan", "pro", "--default-plan"], 2);
+    assert!(e.contains("cannot be used with"), "{e}");
+    env.ok(&["revoke", &id]);
+    let e = fails_changing_nothing(&env, &["update", &id, "--name", "x"], 1);
+    assert_eq!(
+        e,
+        format!(
+            "keygate: key {id} is revoked, and revocation is permanent; nothing to update \
+             (keygate prune removes it)"
+        )
+    );
+}
+
+#[test]
+fn roles_and_scopes_no_route_uses_are_accepted_with_a_warning() {
+    let env = routed_env();
+    let (out, stderr) = ok_with_stderr(
+        &env,
+        &[
+            "create",
+            "--name",
+            "n",
+            "--role",
+            "admn",
+            "--scope",
+            "jobs:wrte",
+        ],
+    );
+    assert!(out.starts_with("created key "), "{out}");
+    assert_eq!(
+        stderr,
+        "warning: role \"admn\" is not used by any route (routes use: admin, client, miner)\n\
+         warning: scope \"jobs:wrte\" is not required by any route (routes require: jobs:write)\n"
+    );
+    let (_, stderr) = ok_with_stderr(&env, &["create", "--name", "n", "--role", "admin"]);
+    assert_eq!(stderr, "");
+    let (id, _) = env.create(&[]);
+    let (_, stderr) = ok_with_stderr(&env, &["update", &id, "--add-scope", "jobs:writ"]);
+    assert_eq!(
+        stderr,
+        "warning: scope \"jobs:writ\" is not required by any route (routes require: jobs:write)\n"
+    );
+    let (_, stderr) = ok_with_stderr(&env, &["update", &id, "--name", "other"]);
+    assert_eq!(stderr, "", "only new roles and scopes are warned about");
+}
+
+#[test]
+fn rotation_refuses_revoked_expired_and_rotated_keys_unless_forced() {
+    let env = Env::init();
+    let (id, _) = env.create(&[]);
+    let next = str_of(&env.json(&["rotate", &id, "--grace", "1h"])["id"]);
+    let e = fails_changing_nothing(&env, &["rotate", &id, "--grace", "1h"], 1);
+    let created = str_of(&env.json(&["show", &next])["created_at"]);
+    let until = str_of(&env.json(&["show", &id])["expires_at"]);
+    assert_eq!(
+        e,
+        format!(
+            "keygate: key {id} was already rotated: its successor {next} was created at \
+             {created}, and {id} keeps working until {until} (its grace period); rotate {next} \
+             instead, or rotate --force to issue another successor"
+        )
+    );
+    let forced = env.json(&["rotate", &id, "--grace", "1h", "--force"]);
+    assert_eq!(forced["rotated_from"], id.as_str());
+
+    let (revoked, _) = env.create(&[]);
+    env.ok(&["revoke", &revoked]);
+    let e = fails_changing_nothing(&env, &["rotate", &revoked, "--grace", "1h"], 1);
+    assert_eq!(
+        e,
+        format!(
+            "keygate: key {revoked} is revoked; create a new key instead of rotating it (or \
+             rotate --force to issue a successor anyway)"
+        )
+    );
+    let out = env.json(&["rotate", &revoked, "--grace", "1h", "--force"]);
+    assert_eq!(env.json(&["show", &revoked])["status"], "revoked");
+    assert_eq!(
+        out["old_expires_at"],
+        Value::Null,
+        "a forced rotation leaves it"
+    );
+
+    let (expired, _) = env.create(&[]);
+    env.edit_store(|doc| {
+        let keys = doc["keys"].as_array_mut().unwrap();
+        let k = keys
+            .iter_mut()
+            .find(|k| k["id"] == expired.as_str())
+            .unwrap();
+        k["expires_at"] = "2020-01-01T00:00:00Z".into();
+    });
+    let e = fails_changing_nothing(&env, &["rotate", &expired, "--grace", "1h"], 1);
+    assert_eq!(
+        e,
+        format!(
+            "keygate: key {expired} expired at 2020-01-01T00:00:00Z; create a new key instead of \
+             rotating it (or rotate --force to issue a successor anyway)"
+        )
+    );
+}
+
+#[test]
+fn a_rotated_key_renders_sharing_the_oldest_budget_in_the_store() {
+    let env = Env::init();
+    let (k1, _) = env.create(&["--plan", "pro"]);
+    let (other, _) = env.create(&[]);
+    let k2 = str_of(&env.json(&["rotate", &k1, "--grace", "1s"])["id"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let k3 = str_of(&env.json(&["rotate", &k2, "--grace", "1h"])["id"]);
+    let shares = |env: &Env| -> Vec<(String, Value)> {
+        let plugin = json(&env.ok(&["render"]));
+        plugin["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| (str_of(&k["id"]), k["shares_quota_with"].clone()))
+            .collect()
+    };
+    assert_eq!(
+        shares(&env),
+        [
+            (k1.clone(), Value::Null),
+            (other.clone(), Value::Null),
+            (k2.clone(), Value::from(k1.as_str())),
+            (k3.clone(), Value::from(k1.as_str())),
+        ]
+    );
+    let shown = env.json(&["show", &k3]);
+    assert_eq!(shown["plan"], "pro");
+    assert_eq!(
+        (&shown["rotated_from"], &shown["shares_quota_with"]),
+        (&Value::from(k2.as_str()), &Value::from(k1.as_str()))
+    );
+    let text = env.ok(&["show", &k3]);
+    assert!(
+        text.contains(&format!(
+            "\nrotated_from: {k2}\nbudget:      shared with {k1}"
+        )),
+        "{text}"
+    );
+    assert!(env
+        .ok(&["show", &other])
+        .ends_with("budget:      its own\n"));
+    // k1 expired a second after the first rotation; pruned, k2 is the oldest.
+    env.ok(&["prune", "--older-than", "0s"]);
+    assert_eq!(
+        shares(&env),
+        [
+            (other, Value::Null),
+            (k2.clone(), Value::Null),
+            (k3, Value::from(k2.as_str())),
+        ]
+    );
+}
+
+#[test]
+fn prune_lists_then_removes_old_revoked_and_expired_keys() {
+    let env = Env::init();
+    let (active, _) = env.create(&[]);
+    let (revoked, _) = env.create(&[]);
+    env.ok(&["revoke", &revoked]);
+    let (recent, _) = env.create(&[]);
+    let (expired, _) = env.create(&[]);
+    env.edit_store(|doc| {
+        for k in doc["keys"].as_array_mut().unwrap() {
+            if k["id"] == revoked.as_str() {
+                k["revoked_at"] = "2026-01-01T00:00:00Z".into();
+            }
+            if k["id"] == expired.as_str() {
+                k["expires_at"] = "2026-02-01T00:00:00Z".into();
+            }
+        }
+    });
+    env.ok(&["revoke", &recent]);
+    let before = env.store_text();
+    let lines = audit_lines(&env).len();
+    let dry = env.ok(&["prune", "--older-than", "7d", "--dry-run"]);
+    assert_eq!(
+        dry.trim(),
+        format!(
+            "would remove 2 keys (dry run; nothing was changed)\n  {revoked} \"test\": revoked at \
+             2026-01-01T00:00:00Z\n  {expired} \"test\": expired at 2026-02-01T00:00:00Z"
+        )
+    );
+    assert_eq!(env.store_text(), before);
+    assert_eq!(audit_lines(&env).len(), lines);
+    let out = env.json(&["prune", "--older-than", "7d"]);
+    let removed: Vec<String> = out["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| str_of(&k["id"]))
+        .collect();
+    assert_eq!(removed, [revoked.clone(), expired.clone()]);
+    let ids: Vec<String> = env
+        .json(&["list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| str_of(&k["id"]))
+        .collect();
+    assert_eq!(ids, [active, recent]);
+    let audit = audit_lines(&env);
+    let pruned: Vec<&Value> = audit.iter().filter(|l| l["action"] == "prune").collect();
+    assert_eq!(pruned.len(), 2);
+    assert_eq!(pruned[0]["key"], revoked.as_str());
+    assert_eq!(
+        pruned[0]["changes"]["status"],
+        serde_json::json!({"old": "revoked", "new": null})
+    );
+    assert_eq!(
+        env.ok(&["prune", "--older-than", "7d"]).trim(),
+        "removed 0 keys"
+    );
+    let e = fails_changing_nothing(&env, &["prune", "--older-than", "7x"], 2);
+    assert!(e.contains("\"7x\" is not a duration such as 90d"), "{e}");
+    fails_changing_nothing(&env, &["prune"], 2);
+}
+
+#[test]
+fn list_shows_client_tenant_scopes_and_created_and_filters() {
+    let env = Env::init();
+    let (a, _) = env.create(&[
+        "--client", "acme", "--tenant", "t1", "--scope", "x", "--scope", "y",
+    ]);
+    let b = str_of(&env.json(&["create", "--name", "m", "--role", "miner", "--plan", "pro"])["id"]);
+    let (c, _) = env.create(&["--client", "acme"]);
+    env.ok(&["suspend", &c]);
+    let text = env.ok(&["list"]);
+    let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+    let created = str_of(&env.json(&["show", &a])["created_at"]);
+    assert_eq!(
+        row,
+        [
+            a.as_str(),
+            "test",
+            row[2],
+            "client",
+            "free",
+            "active",
+            "acme",
+            "t1",
+            "x,y",
+            &created,
+            "never"
+        ]
+    );
+    let listed = env.json(&["list"]);
+    assert_eq!(listed[0]["client"], "acme");
+    assert_eq!(listed[0]["tenant"], "t1");
+    assert_eq!(listed[0]["scopes"], serde_json::json!(["x", "y"]));
+    assert_eq!(listed[0]["created_at"], created.as_str());
+    let ids = |args: &[&str]| -> Vec<String> {
+        env.json(&[&["list"], args].concat())
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| str_of(&k["id"]))
+            .collect()
+    };
+    assert_eq!(ids(&["--role", "miner"]), [b.as_str()]);
+    assert_eq!(ids(&["--plan", "free"]), [a.clone(), c.clone()]);
+    assert_eq!(ids(&["--plan", "pro"]), [b.as_str()]);
+    assert_eq!(ids(&["--client", "acme"]), [a.clone(), c.clone()]);
+    assert_eq!(ids(&["--status", "suspended"]), [c.as_str()]);
+    assert_eq!(ids(&["--client", "acme", "--status", "active"]), [a]);
+    assert!(ids(&["--role", "nobody"]).is_empty());
+    assert_eq!(
+        env.ok(&["list", "--role", "nobody"]).trim(),
+        format!("no keys match in {}", env.store.display())
+    );
+    let e = env.fail(&["list", "--status", "gone"], 2);
+    assert!(e.contains("invalid value 'gone' for '--status"), "{e}");
+}
+
+#[test]
+fn verify_says_why_a_key_is_refused_and_what_a_request_would_get() {
+    let env = routed_env();
+    let (id, key) = env.create(&[
+        "--client",
+        "acme",
+        "--tenant",
+        "t1",
+        "--scope",
+        "jobs:write",
+    ]);
+    // Bad checksum: the last character changed.
+    let mut typo = key.clone();
+    let last = typo.pop().unwrap();
+    typo.push(if last == 'A' { 'B' } else { 'A' });
+    let (code, out) = env.verify(&typo);
+    assert_eq!(
+        (code, &out["cause"]),
+        (Some(1), &"bad_checksum".into()),
+        "{out}"
+    );
+    let text = String::from_utf8(env.run(&["verify"], &typo).stdout).unwrap();
+    assert_eq!(
+        text.trim(),
+        format!(
+            "refused: invalid_api_key (Invalid API key): {}...: bad checksum: it has the \"kg\" \
+             prefix but its checksum does not hold (mistyped or cut short?)",
+            &key[..8]
+        )
+    );
+    assert_eq!(env.verify("short").1["cause"], "malformed");
+    // A well-formed key in no store: unknown.
+    let other = Env::init();
+    other.create(&[]);
+    let (_, out) = other.verify(&key);
+    assert_eq!(out["cause"], "unknown");
+    env.ok(&["suspend", &id]);
+    assert_eq!(env.verify(&key).1["cause"], "suspended");
+    env.ok(&["reactivate", &id]);
+
+    let request = |method: &str, path: &str| {
+        let out = env.run(
+            &["--json", "verify", "--method", method, "--path", path],
+            &format!("{key}\n"),
+        );
+        (
+            out.status.code(),
+            json(&String::from_utf8(out.stdout).unwrap()),
+        )
+    };
+    let (code, out) = request("POST", "/v1/jobs/1");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out["request"]["status"], 200);
+    assert_eq!(
+        out["request"]["headers"],
+        serde_json::json!({
+            "x-keygate-key-id": id, "x-keygate-role": "client", "x-keygate-client": "acme",
+            "x-keygate-scopes": "jobs:write", "x-keygate-plan": "free", "x-tenant-id": "t1",
+        })
+    );
+    let (code, out) = request("GET", "/admin/users");
+    assert_eq!(code, Some(1));
+    assert_eq!(out["request"]["status"], 403);
+    assert_eq!(out["request"]["error"], "insufficient_permissions");
+    assert_eq!(out["request"]["requirement"], "role");
+    let text = env.run(
+        &["verify", "--method", "GET", "--path", "/admin/users"],
+        &format!("{key}\n"),
+    );
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert_eq!(
+        text.lines().nth(1).unwrap(),
+        "GET /admin/users: 403 insufficient_permissions (API key lacks permission for this route): role"
+    );
+    // Once the scope is removed, the same request is refused for it.
+    env.ok(&["update", &id, "--clear-scopes"]);
+    let (_, out) = request("POST", "/v1/jobs/1");
+    assert_eq!(
+        (&out["request"]["status"], &out["request"]["requirement"]),
+        (&403.into(), &"scope".into())
+    );
+    // A revoked key: the request gets the 401.
+    env.ok(&["revoke", &id]);
+    let (code, out) = request("GET", "/v1/x");
+    assert_eq!(code, Some(1));
+    assert_eq!(out["cause"], "revoked");
+    assert_eq!(out["request"]["status"], 401);
+    assert_eq!(out["request"]["error"], "key_revoked");
+    let e = env.fail_in(&["verify", "--method", "GET"], &key, 2);
+    assert!(e.contains("--path"), "{e}");
+}
+
+#[test]
+fn policy_check_prints_every_problem_and_set_changes_nothing() {
+    let env = Env::init();
+    let (id, _) = env.create(&["--plan", "pro"]);
+    let file = env.dir.path().join("bad.json");
+    fs::write(
+        &file,
+        r#"{"plans": {"tiny": {"requests": 5, "per": "minute"}}, "default_plan": "silver",
+            "routes": [{"prefix": "/a"}, {"prefix": "/a"}]}"#,
+    )
+    .unwrap();
+    let good = env.dir.path().join("good.json");
+    fs::write(&good, r#"{"default_plan": "free"}"#).unwrap();
+    env.ok(&["update", &id, "--plan", "free"]);
+    env.edit_store(|doc| doc["keys"][0]["plan"] = "gold".into());
+    let f = file.display().to_string();
+    for action in ["check", "set"] {
+        let e = fails_changing_nothing(&env, &["policy", action, &f], 1);
+        assert_eq!(
+            e,
+            format!(
+                "keygate: {f}: default_plan: unknown plan \"silver\"; known plans: enterprise, free, pro, tiny\n\
+                 keygate: {f}: keys[{id}].plan: unknown plan \"gold\"; known plans: enterprise, free, pro, tiny\n\
+                 keygate: {f}: routes[\"/a\"].prefix: \"/a\" is never reached: routes[0] (\"/a\") matches every such path first; put the longer prefix first\n\
+                 keygate: {f}: 3 problems; nothing was changed"
+            )
+        );
+    }
+    env.edit_store(|doc| doc["keys"][0]["plan"] = "free".into());
+    // A policy whose routes do not use a key's role: accepted, with a warning per key.
+    fs::write(
+        &good,
+        r#"{"default_plan": "free", "routes": [{"prefix": "/", "roles": ["admin"]}]}"#,
+    )
+    .unwrap();
+    let (_, stderr) = ok_with_stderr(&env, &["policy", "check", good.to_str().unwrap()]);
+    assert_eq!(
+        stderr,
+        format!(
+            "warning: role \"client\" is not used by any route (routes use: admin) (key {id})\n"
+        )
+    );
+    let out = env.json(&["policy", "set", good.to_str().unwrap()]);
+    assert_eq!(out["changed"], true);
+    let last = audit_lines(&env).pop().unwrap();
+    assert_eq!(last["action"], "policy-set");
+    assert_eq!(last["key"], Value::Null);
+    assert_eq!(
+        last["changes"]["policy.routes"]["new"],
+        serde_json::json!([{"prefix": "/", "roles": ["admin"]}])
+    );
+}
+
+#[test]
+fn the_audit_log_has_one_line_per_change_and_no_key_material() {
+    let env = Env::new();
+    env.ok(&[
+        "init",
+        "--ecds",
+        "ecds/keygate.yaml",
+        "--wasm",
+        "/opt/keygate.wasm",
+        "--actor",
+        "alice",
+    ]);
+    let mut keys: Vec<String> = Vec::new();
+    let (a, key_a) = env.create(&["--client", "acme", "--scope", "s1"]);
+    keys.push(key_a);
+    env.ok(&[
+        "--actor",
+        "bob",
+        "update",
+        &a,
+        "--add-scope",
+        "s2",
+        "--plan",
+        "pro",
+    ]);
+    env.ok(&["suspend", &a]);
+    env.ok(&["reactivate", &a]);
+    let rotated = env.json(&["rotate", &a, "--grace", "1h"]);
+    let b = str_of(&rotated["id"]);
+    keys.push(str_of(&rotated["key"]));
+    let imported = "legacy_key_0000000000001\nlegacy_key_0000000000002\n";
+    env.ok_in(&["import", "--role", "client"], imported);
+    keys.extend(imported.lines().map(String::from));
+    env.ok(&["revoke", &b]);
+    env.ok(&["apply"]);
+    env.ok(&["prune", "--older-than", "0s"]);
+
+    let lines = audit_lines(&env);
+    let summary: Vec<(String, String, Option<String>)> = lines
+        .iter()
+        .map(|l| {
+            (
+                str_of(&l["actor"]),
+                str_of(&l["action"]),
+                l["key"].as_str().map(String::from),
+            )
+        })
+        .collect();
+    let me = summary[1].0.clone();
+    assert!(!me.is_empty() && me != "bob");
+    let imported_ids: Vec<String> = env
+        .json(&["list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["name"].as_str().unwrap().starts_with("legacy-"))
+        .map(|k| str_of(&k["id"]))
+        .collect();
+    let s = |v: &str| v.to_string();
+    assert_eq!(
+        summary,
+        [
+            (s("alice"), s("init"), None),
+            (me.clone(), s("create"), Some(a.clone())),
+            (s("bob"), s("update"), Some(a.clone())),
+            (me.clone(), s("suspend"), Some(a.clone())),
+            (me.clone(), s("reactivate"), Some(a.clone())),
+            (me.clone(), s("rotate"), Some(a.clone())),
+            (me.clone(), s("rotate"), Some(b.clone())),
+            (me.clone(), s("import"), Some(imported_ids[0].clone())),
+            (me.clone(), s("import"), Some(imported_ids[1].clone())),
+            (me.clone(), s("revoke"), Some(b.clone())),
+            (me.clone(), s("apply"), None),
+            (me.clone(), s("prune"), Some(b.clone())),
+        ]
+    );
+    // The fields: time, revision, old and new values.
+    for l in &lines {
+        assert!(keygate::time::parse_rfc3339(l["time"].as_str().unwrap()).is_ok());
+        assert!(l["revision"].as_u64().is_some());
+    }
+    let update = &lines[2];
+    assert_eq!(
+        update["changes"],
+        serde_json::json!({
+            "plan": {"old": null, "new": "pro"},
+            "scopes": {"old": ["s1"], "new": ["s1", "s2"]},
+        })
+    );
+    assert_eq!(
+        update["revision"],
+        lines[1]["revision"].as_u64().unwrap() + 1
+    );
+    let create = &lines[1]["changes"];
+    assert_eq!(
+        create["client"],
+        serde_json::json!({"old": null, "new": "acme"})
+    );
+    assert_eq!(create["role"]["new"], "client");
+    assert!(create.get("hash").is_none() && create.get("prefix").is_none());
+    assert_eq!(
+        lines[3]["changes"],
+        serde_json::json!({"status": {"old": "active", "new": "suspended"}})
+    );
+    assert_eq!(lines[5]["changes"]["expires_at"]["old"], Value::Null);
+    assert_eq!(lines[6]["changes"]["rotated_from"]["new"], a.as_str());
+    let apply = &lines[10]["apply"];
+    assert_eq!(apply["confirmed"], false);
+    assert_eq!(
+        apply["version"],
+        str_of(&json(&fs::read_to_string(env.ecds_path()).unwrap())["version_info"]).as_str()
+    );
+    // No key material, nor any hash.
+    let text = audit_text(&env);
+    for key in &keys {
+        assert!(!text.contains(key.as_str()), "the audit log holds a key");
+        assert!(
+            !text.contains(&key[..12]),
+            "the audit log holds a key's start"
+        );
+        let hash = keys::hash_string(key.as_bytes());
+        assert!(!text.contains(&hash[7..23]), "the audit log holds a hash");
+    }
+    assert!(!text.contains("sha256:") || !text.contains("\"hash\""));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(env.dir.path().join("keygate.json.audit.jsonl"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // keygate audit reads it back, filtered.
+    let read = env.json(&["audit"]);
+    assert_eq!(read.as_array().unwrap().len(), lines.len());
+    let about_a = env.json(&["audit", "--key", &a]);
+    assert_eq!(about_a.as_array().unwrap().len(), 5);
+    assert_eq!(
+        env.json(&["audit", "--action", "update"])[0]["actor"],
+        "bob"
+    );
+    assert_eq!(
+        env.json(&["audit", "--since", "1h"])
+            .as_array()
+            .unwrap()
+            .len(),
+        lines.len()
+    );
+    assert!(env
+        .json(&["audit", "--since", "2099-01-01T00:00:00Z"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let table = env.ok(&["audit", "--key", &a, "--action", "update"]);
+    let mut rows = table.lines();
+    assert_eq!(
+        rows.next().unwrap().split_whitespace().collect::<Vec<_>>(),
+        ["TIME", "ACTOR", "ACTION", "REV", "KEY", "CHANGES"]
+    );
+    assert_eq!(
+        columns(rows.next().unwrap()),
+        [
+            str_of(&update["time"]),
+            s("bob"),
+            s("update"),
+            format!("r{}", update["revision"]),
+            a.clone(),
+            s("plan: - -> pro; scopes: s1 -> s1,s2"),
+        ],
+        "{table}"
+    );
+    let e = env.fail(&["audit", "--since", "yesterday"], 1);
+    assert_eq!(
+        e,
+        "keygate: --since: \"yesterday\" is neither a duration such as 24h or 7d nor an RFC 3339 instant"
+    );
+    // A failed command writes no line; a bad --actor is refused before anything.
+    let n = audit_lines(&env).len();
+    fails_changing_nothing(&env, &["update", "k_nope", "--name", "x"], 1);
+    let e = fails_changing_nothing(
+        &env,
+        &["--actor", "", "create", "--name", "n", "--role", "r"],
+        1,
+    );
+    assert_eq!(
+        e,
+        "keygate: --actor: \"\" must be 1 to 200 characters without control characters"
+    );
+    assert_eq!(audit_lines(&env).len(), n);
+    // A line that is not an audit line is reported with its number.
+    let path = env.dir.path().join("keygate.json.audit.jsonl");
+    let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
+    writeln!(f, "not json").unwrap();
+    let e = env.fail(&["audit"], 1);
+    assert!(
+        e.starts_with(&format!(
+            "keygate: {} line {}: not an audit line:",
+            path.display(),
+            n + 1
+        )),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_version_1_store_is_upgraded_with_a_backup_and_a_newer_one_refused() {
+    let env = Env::init();
+    let (id, key) = env.create(&[]);
+    env.edit_store(|doc| {
+        doc["version"] = 1.into();
+        doc.as_object_mut().unwrap().remove("revision");
+    });
+    let v1 = env.store_text();
+    // Read as it is: nothing written.
+    env.accepted(&key);
+    env.ok(&["list"]);
+    assert_eq!(env.store_text(), v1);
+    // Fields a version 1 store cannot have are refused.
+    env.edit_store(|doc| doc["revision"] = 3.into());
+    let e = env.fail(&["list"], 1);
+    assert_eq!(
+        e,
+        format!(
+            "keygate: invalid store {}: revision: unknown field in a version 1 store",
+            env.store.display()
+        )
+    );
+    fs::write(&env.store, &v1).unwrap();
+    // The first write upgrades, keeping the old file.
+    let out = env.run(&["suspend", &id], "");
+    assert!(out.status.success());
+    let backup = env.dir.path().join("keygate.json.v1.bak");
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        format!(
+            "keygate: note: upgraded the store from format version 1 to 2; the version 1 file is kept as {}\n",
+            backup.display()
+        )
+    );
+    assert_eq!(fs::read_to_string(&backup).unwrap(), v1);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(&backup).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let doc = env.store_json();
+    assert_eq!((&doc["version"], &doc["revision"]), (&2.into(), &1.into()));
+    let upgrade = audit_lines(&env).pop().unwrap();
+    assert_eq!(
+        upgrade["changes"]["version"],
+        serde_json::json!({"old": 1, "new": 2})
+    );
+    // A newer store is refused, naming both versions, and left as it is.
+    env.edit_store(|doc| {
+        doc["version"] = 3.into();
+        doc["future"] = true.into();
+    });
+    let newer = env.store_text();
+    for args in [
+        &["list"][..],
+        &["suspend", &id],
+        &["update", &id, "--name", "x"],
+    ] {
+        let e = env.fail(args, 1);
+        assert_eq!(
+            e,
+            format!(
+                "keygate: {} is a version 3 store, and this keygate reads versions up to 2; \
+                 upgrade keygate to use it (nothing was changed)",
+                env.store.display()
+            )
+        );
+    }
+    assert_eq!(env.store_text(), newer);
+}
+
+#[test]
+fn update_sets_and_clears_every_field_and_a_rejected_apply_changes_nothing() {
+    let env = Env::init();
+    let (id, key) = env.create(&["--client", "acme", "--description", "first"]);
+    env.ok(&[
+        "update",
+        &id,
+        "--scope",
+        "a",
+        "--scope",
+        "b",
+        "--tenant",
+        "t9",
+        "--clear-client",
+        "--description",
+        "second",
+        "--expires-at",
+        "2099-01-01T00:00:00Z",
+        "--role",
+        "miner",
+    ]);
+    let shown = env.json(&["show", &id]);
+    assert_eq!(shown["scopes"], serde_json::json!(["a", "b"]));
+    assert_eq!(
+        (&shown["tenant"], &shown["client"], &shown["description"]),
+        (&"t9".into(), &Value::Null, &"second".into())
+    );
+    assert_eq!(shown["expires_at"], "2099-01-01T00:00:00Z");
+    assert_eq!(env.accepted(&key)["role"], "miner");
+    env.ok(&["update", &id, "--clear-description", "--client", "globex"]);
+    let shown = env.json(&["show", &id]);
+    assert_eq!(
+        (&shown["description"], &shown["client"]),
+        (&Value::Null, &"globex".into())
+    );
+    // The client address decides for a key bound to addresses.
+    env.ok(&["update", &id, "--allowed-ip", "10.1.0.0/16"]);
+    let answer = |ip: &str| {
+        let out = env.run(
+            &[
+                "--json",
+                "verify",
+                "--method",
+                "GET",
+                "--path",
+                "/x",
+                "--client-ip",
+                ip,
+            ],
+            &format!("{key}\n"),
+        );
+        json(&String::from_utf8(out.stdout).unwrap())["request"].clone()
+    };
+    assert_eq!(answer("10.1.2.3")["status"], 200);
+    let refused = answer("192.0.2.1");
+    assert_eq!(
+        (&refused["status"], &refused["error"]),
+        (&403.into(), &"ip_not_allowed".into())
+    );
+
+    // An Envoy that rejects the change: the store, the ECDS file and the audit log stay.
+    env.ok(&["apply"]);
+    let admin = fake_admin(&env, Admin::Rejects);
+    env.ok(&["set-admin", &admin]);
+    let ecds = env.ecds_bytes();
+    let e = fails_changing_nothing(&env, &["update", &id, "--add-scope", "c", "--apply"], 1);
+    assert!(
+        e.contains("rejected version sha256:") && e.contains("nothing was changed"),
+        "{e}"
+    );
+    assert_eq!(env.ecds_bytes(), ecds);
+}
+
+#[test]
+fn an_upgrade_whose_apply_envoy_rejects_leaves_the_version_1_store_and_no_backup() {
+    let env = Env::init();
+    let (id, _) = env.create(&["--apply"]);
+    let admin = fake_admin(&env, Admin::Rejects);
+    env.ok(&["set-admin", &admin]);
+    env.edit_store(|doc| {
+        doc["version"] = 1.into();
+        doc.as_object_mut().unwrap().remove("revision");
+    });
+    let e = fails_changing_nothing(&env, &["suspend", &id, "--apply"], 1);
+    assert!(e.contains("rejected version"), "{e}");
+    assert!(!env.dir.path().join("keygate.json.v1.bak").exists());
+    assert_eq!(env.store_json()["version"], 1);
 }

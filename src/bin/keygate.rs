@@ -35,6 +35,9 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Who makes the change, in the audit log [default: $SUDO_USER, else $USER, else the uid].
+    #[arg(long, global = true, value_name = "NAME")]
+    actor: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -96,8 +99,121 @@ enum Command {
         #[command(flatten)]
         apply: ApplyFlags,
     },
-    /// List the keys (never a key or its hash).
-    List,
+    /// List the keys (never a key or its hash), optionally only some of them.
+    List {
+        /// Only keys with this role.
+        #[arg(long)]
+        role: Option<String>,
+        /// Only keys in this state now.
+        #[arg(long, value_enum)]
+        status: Option<StatusFilter>,
+        /// Only keys on this plan (the default plan counts for keys without their own).
+        #[arg(long)]
+        plan: Option<String>,
+        /// Only keys of this client.
+        #[arg(long)]
+        client: Option<String>,
+    },
+    /// Change a key's role, scopes, plan, client, tenant, allowed IPs, expiry, name or
+    /// description; its secret stays the same. Checked as create checks.
+    #[command(group(
+        clap::ArgGroup::new("changes")
+            .required(true)
+            .multiple(true)
+            .args(["name", "description", "clear_description", "role", "scopes", "add_scopes",
+                   "remove_scopes", "clear_scopes", "plan", "default_plan", "client",
+                   "clear_client", "tenant", "clear_tenant", "allowed_ips", "any_ip",
+                   "expires_in", "expires_at", "no_expiry"])
+    ))]
+    Update {
+        /// Key id.
+        id: String,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+        /// New description.
+        #[arg(long, conflicts_with = "clear_description")]
+        description: Option<String>,
+        /// Remove the description.
+        #[arg(long)]
+        clear_description: bool,
+        /// New role.
+        #[arg(long)]
+        role: Option<String>,
+        /// Exactly these scopes (repeatable); --add-scope and --remove-scope apply after.
+        #[arg(long = "scope", value_name = "SCOPE", conflicts_with = "clear_scopes")]
+        scopes: Vec<String>,
+        /// Add a scope (repeatable).
+        #[arg(long = "add-scope", value_name = "SCOPE")]
+        add_scopes: Vec<String>,
+        /// Remove a scope the key has (repeatable).
+        #[arg(long = "remove-scope", value_name = "SCOPE")]
+        remove_scopes: Vec<String>,
+        /// Remove every scope.
+        #[arg(long)]
+        clear_scopes: bool,
+        /// New rate-limit plan.
+        #[arg(long, conflicts_with = "default_plan")]
+        plan: Option<String>,
+        /// Use the policy's default_plan (remove the key's own plan).
+        #[arg(long)]
+        default_plan: bool,
+        /// New client.
+        #[arg(long, conflicts_with = "clear_client")]
+        client: Option<String>,
+        /// Remove the client.
+        #[arg(long)]
+        clear_client: bool,
+        /// New tenant.
+        #[arg(long, conflicts_with = "clear_tenant")]
+        tenant: Option<String>,
+        /// Remove the tenant.
+        #[arg(long)]
+        clear_tenant: bool,
+        /// Exactly these addresses or CIDR blocks (repeatable).
+        #[arg(long = "allowed-ip", value_name = "CIDR", conflicts_with = "any_ip")]
+        allowed_ips: Vec<String>,
+        /// Allow any address (remove the allowed IPs).
+        #[arg(long)]
+        any_ip: bool,
+        /// New lifetime from now: 90d, 24h, 30m or 3600s.
+        #[arg(long, value_name = "DURATION", value_parser = store::parse_duration,
+              conflicts_with_all = ["expires_at", "no_expiry"])]
+        expires_in: Option<i64>,
+        /// New expiry instant (RFC 3339).
+        #[arg(long, value_name = "RFC3339", value_parser = time::parse_rfc3339,
+              conflicts_with = "no_expiry")]
+        expires_at: Option<i64>,
+        /// Never expire (remove the expiry).
+        #[arg(long)]
+        no_expiry: bool,
+        #[command(flatten)]
+        apply: ApplyFlags,
+    },
+    /// Remove revoked and expired keys from the store (and so, at the next apply, from
+    /// Envoy's configuration), after listing them.
+    Prune {
+        /// Only keys revoked or expired at least this long ago: 30d, 24h, 0s, ...
+        #[arg(long, value_name = "DURATION", value_parser = store::parse_duration)]
+        older_than: i64,
+        /// List what would be removed; change nothing.
+        #[arg(long, conflicts_with = "apply")]
+        dry_run: bool,
+        #[command(flatten)]
+        apply: ApplyFlags,
+    },
+    /// Read the audit log (`<store>.audit.jsonl`): who changed what, when.
+    Audit {
+        /// Only lines about this key.
+        #[arg(long, value_name = "ID")]
+        key: Option<String>,
+        /// Only lines this recent: a duration (24h, 7d) or an RFC 3339 instant.
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+        /// Only lines of this action (create, update, rotate, apply, ...).
+        #[arg(long)]
+        action: Option<String>,
+    },
     /// Show one key's metadata.
     Show {
         /// Key id, as `list` shows it.
@@ -130,10 +246,14 @@ enum Command {
         #[command(flatten)]
         apply: ApplyFlags,
     },
-    /// Issue a new key with the same identity; the old key works until the grace ends.
+    /// Issue a new key with the same identity; the old key works until the grace ends,
+    /// and the two spend one rate-limit budget.
     Rotate {
         /// Id of the key to replace.
         id: String,
+        /// Rotate a revoked or expired key, or one already rotated in its grace period.
+        #[arg(long)]
+        force: bool,
         /// How long the old key keeps working: 90d, 24h, 30m or 3600s.
         #[arg(long, value_name = "DURATION", value_parser = store::parse_duration)]
         grace: i64,
@@ -159,8 +279,20 @@ enum Command {
         #[command(flatten)]
         apply: ApplyFlags,
     },
-    /// Tell, offline, whether the key on stdin is accepted and as whom (exit 0 only then).
-    Verify,
+    /// Tell, offline, whether the key on stdin is accepted and as whom, or why not (exit
+    /// 0 only when accepted); with --method and --path, what the filter would answer that
+    /// request (exit 0 only for 200).
+    Verify {
+        /// The request's method.
+        #[arg(long, requires = "path")]
+        method: Option<String>,
+        /// The request's path (and query).
+        #[arg(long, requires = "method")]
+        path: Option<String>,
+        /// The client address the request comes from [default: unknown].
+        #[arg(long, value_name = "IP", requires = "path")]
+        client_ip: Option<std::net::IpAddr>,
+    },
     /// Print the filter configuration rendered from the store, or the configuration of a
     /// shared rate-limit service for the store's plans.
     Render {
@@ -323,6 +455,26 @@ impl Expiry {
     }
 }
 
+/// `list --status`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StatusFilter {
+    Active,
+    Suspended,
+    Revoked,
+    Expired,
+}
+
+impl StatusFilter {
+    fn state(self) -> State {
+        match self {
+            StatusFilter::Active => State::Active,
+            StatusFilter::Suspended => State::Suspended,
+            StatusFilter::Revoked => State::Revoked,
+            StatusFilter::Expired => State::Expired,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
     /// The plugin configuration JSON.
@@ -418,7 +570,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             if let Some(file) = policy {
                 new.policy = store::read_policy(file)?;
             }
-            store::init(path, &new)?;
+            store::init(path, &new, Some(&actor(cli, "init")?))?;
             let ecds = ecds.as_deref().map(|e| store::resolve(path, e));
             let mut text = format!(
                 "created {}; ECDS file: {}",
@@ -447,7 +599,13 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             apply,
         } => {
             let new = identity.new_key(name.clone(), description.clone(), expiry.at(now));
-            let done = store::update(path, apply.options(), |s| {
+            let who = actor(cli, "create")?;
+            let done = store::update_as(path, apply.options(), Some(&who), |s| {
+                warn(&store::identity_warnings(
+                    &s.policy,
+                    Some(&new.role),
+                    &new.scopes,
+                ));
                 let created = s.create(&new, now)?;
                 let plan = created.record.effective_plan(&s.policy).map(str::to_string);
                 Ok((created, plan))
@@ -470,9 +628,93 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             );
             return committed(cli, &done, out, text);
         }
-        Command::List => {
-            let s = store::load(path)?;
-            list(cli, &s, now)?;
+        Command::List {
+            role,
+            status,
+            plan,
+            client,
+        } => {
+            let mut s = store::load(path)?;
+            let policy = s.policy.clone();
+            s.keys.retain(|k| {
+                role.as_ref().is_none_or(|r| &k.role == r)
+                    && status.is_none_or(|st| k.state(now) == st.state())
+                    && plan
+                        .as_deref()
+                        .is_none_or(|p| k.effective_plan(&policy) == Some(p))
+                    && client.as_ref().is_none_or(|c| k.client.as_ref() == Some(c))
+            });
+            let filtered = role.is_some() || status.is_some() || plan.is_some() || client.is_some();
+            list(cli, &s, now, filtered)?;
+        }
+        Command::Update {
+            id,
+            name,
+            description,
+            clear_description,
+            role,
+            scopes,
+            add_scopes,
+            remove_scopes,
+            clear_scopes,
+            plan,
+            default_plan,
+            client,
+            clear_client,
+            tenant,
+            clear_tenant,
+            allowed_ips,
+            any_ip,
+            expires_in,
+            expires_at,
+            no_expiry,
+            apply,
+        } => {
+            let clear = |flag: bool, value: &Option<String>| match (flag, value) {
+                (true, _) => Some(None),
+                (false, Some(v)) => Some(Some(v.clone())),
+                (false, None) => None,
+            };
+            let list = |flag: bool, values: &Vec<String>| match (flag, values.is_empty()) {
+                (true, _) => Some(Vec::new()),
+                (false, false) => Some(values.clone()),
+                (false, true) => None,
+            };
+            let edit = store::KeyEdit {
+                name: name.clone(),
+                description: clear(*clear_description, description),
+                role: role.clone(),
+                scopes: list(*clear_scopes, scopes),
+                add_scopes: add_scopes.clone(),
+                remove_scopes: remove_scopes.clone(),
+                plan: clear(*default_plan, plan),
+                client: clear(*clear_client, client),
+                tenant: clear(*clear_tenant, tenant),
+                allowed_ips: list(*any_ip, allowed_ips),
+                expires_at: if *no_expiry {
+                    Some(None)
+                } else {
+                    expires_in
+                        .map(|d| now.saturating_add(d))
+                        .or(*expires_at)
+                        .map(Some)
+                },
+            };
+            return update(cli, id, &edit, apply.options(), now);
+        }
+        Command::Prune {
+            older_than,
+            dry_run,
+            apply,
+        } => return prune(cli, *older_than, *dry_run, apply.options(), now),
+        Command::Audit { key, since, action } => {
+            return audit(
+                cli,
+                key.as_deref(),
+                since.as_deref(),
+                action.as_deref(),
+                now,
+            )
         }
         Command::Show { id } => {
             let s = store::load(path)?;
@@ -491,12 +733,14 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
         }
         Command::Rotate {
             id,
+            force,
             grace,
             expiry,
             apply,
         } => {
-            let done = store::update(path, apply.options(), |s| {
-                s.rotate(id, *grace, expiry.at(now), now)
+            let who = actor(cli, "rotate")?;
+            let done = store::update_as(path, apply.options(), Some(&who), |s| {
+                s.rotate(id, *grace, expiry.at(now), *force, now)
             })?;
             let (new, old) = (&done.value.new, &done.value.old);
             let old_expiry = old.expires_at.as_deref().unwrap_or("never");
@@ -504,9 +748,10 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
                 "id": new.record.id, "key": new.key, "name": new.record.name,
                 "prefix": new.record.prefix, "expires_at": new.record.expires_at,
                 "old_id": old.id, "old_expires_at": old.expires_at,
+                "rotated_from": old.id, "revision": done.revision,
             });
             let text = format!(
-                "rotated {}: new key {} {:?}; {} keeps working until {old_expiry}\n\
+                "rotated {}: new key {} {:?}; {} keeps working until {old_expiry}; the two share one rate-limit budget\n\
                  the new key, shown only now (the store keeps its hash):\n{}",
                 old.id, new.record.id, new.record.name, old.id, new.key
             );
@@ -522,7 +767,13 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             let input = String::from_utf8(input)
                 .map_err(|_| Error::Other("standard input is not UTF-8 text".into()))?;
             let template = identity.new_key(String::new(), None, expiry.at(now));
-            let done = store::update(path, apply.options(), |s| {
+            let who = actor(cli, "import")?;
+            let done = store::update_as(path, apply.options(), Some(&who), |s| {
+                warn(&store::identity_warnings(
+                    &s.policy,
+                    Some(&template.role),
+                    &template.scopes,
+                ));
                 let checksum_prefix = s
                     .policy
                     .key_format
@@ -556,7 +807,14 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             let out = json!({"imported": added, "skipped": skipped});
             return committed(cli, &done, out, text);
         }
-        Command::Verify => return verify(cli, now),
+        Command::Verify {
+            method,
+            path: req_path,
+            client_ip,
+        } => {
+            let request = method.as_deref().zip(req_path.as_deref());
+            return verify(cli, request, *client_ip, now);
+        }
         Command::Render {
             format: Format::EnvoyStatsTags,
         } => {
@@ -592,6 +850,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
                 ApplyOptions {
                     timeout: *apply_timeout,
                 },
+                Some(&actor(cli, "apply")?),
             )?;
             let mut out = json!({"ecds": applied.ecds, "keys": applied.keys});
             add_confirmation(&mut out, &applied);
@@ -652,7 +911,12 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
         Command::Check { file: Some(file) } => {
             let bytes = std::fs::read(file)
                 .map_err(|e| Error::Other(format!("cannot read {}: {e}", file.display())))?;
-            let c = config::Config::from_json(&bytes)?;
+            let plugin = config::PluginConfig::from_json(&bytes)?;
+            let problems = store::policy_problems(&plugin);
+            if !problems.is_empty() {
+                return report_problems(&file.display().to_string(), &problems);
+            }
+            let c = config::Config::compile(&plugin)?;
             let text = format!(
                 "{}: valid ({} keys, {} routes)",
                 file.display(),
@@ -667,6 +931,10 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
         }
         Command::Check { file: None } => {
             let s = store::load(path)?;
+            let problems = store::policy_problems(&s.plugin_with(&s.policy));
+            if !problems.is_empty() {
+                return report_problems(&path.display().to_string(), &problems);
+            }
             s.render()?;
             let module = check_module(&s)?;
             let c = s.counts(now);
@@ -733,6 +1001,7 @@ fn committed<T>(
     if let Some(mode) = done.tightened {
         note_tightened(&cli.store, mode);
     }
+    note_upgraded(done);
     if let Some(applied) = &done.applied {
         if let Some(fields) = out.as_object_mut() {
             fields.insert("applied".into(), json!(applied.ecds));
@@ -905,13 +1174,15 @@ fn probe(
 /// `set-admin URL...`, `--add`, `--remove`, `--clear`; then says whether each Envoy the
 /// store names answers.
 fn set_admin(cli: &Cli, change: &AdminChange) -> Result<ExitCode, Error> {
-    let done = store::update(&cli.store, None, |s| {
+    let who = actor(cli, "set-admin")?;
+    let done = store::update_as(&cli.store, None, Some(&who), |s| {
         let previous = s.set_admins(change)?;
         Ok((previous, s.envoy.admins.clone()))
     })?;
     if let Some(mode) = done.tightened {
         note_tightened(&cli.store, mode);
     }
+    note_upgraded(&done);
     let (previous, admins) = &done.value;
     let mut lines: Vec<String> = Vec::new();
     let count = |n: usize| match n {
@@ -1012,13 +1283,14 @@ fn status_json(status: &Status) -> Value {
             };
             json!({
                 "admin": envoy.admin, "reachable": envoy.reachable(), "serves": envoy.serves(),
+                "revisions": envoy.revisions(),
                 "current": envoy.is_current(&status.version), "rejected": envoy.rejected(),
                 "error": error,
             })
         })
         .collect();
     json!({
-        "version": status.version, "keys": status.keys,
+        "version": status.version, "revision": status.revision, "keys": status.keys,
         "ecds": status.ecds.as_ref().map(|f| json!({"path": f.path, "version": f.version})),
         "in_sync": status.in_sync(), "envoys": envoys,
     })
@@ -1028,15 +1300,19 @@ fn status_json(status: &Status) -> Value {
 /// verdict.
 fn status_text(status: &Status) -> String {
     let mut lines = vec![format!(
-        "store: version {} ({} key{})",
+        "store: revision {}, version {} ({} key{})",
+        status.revision,
         status.version,
         status.keys,
         if status.keys == 1 { "" } else { "s" }
     )];
+    // The content decides, as for the Envoys: a newer revision of the same content is
+    // what the file already holds.
+    let same = |v: &str| store::content_of(v) == store::content_of(&status.version);
     let file_differs = status
         .ecds
         .as_ref()
-        .is_some_and(|f| f.version.as_deref() != Some(status.version.as_str()));
+        .is_some_and(|f| !f.version.as_deref().is_some_and(same));
     lines.push(match &status.ecds {
         None => "ECDS file: none named (envoy.ecds)".to_string(),
         Some(f) => match &f.version {
@@ -1044,7 +1320,7 @@ fn status_text(status: &Status) -> String {
                 "ECDS file: {} is not written yet (keygate apply writes it)",
                 f.path.display()
             ),
-            Some(v) if v == &status.version => {
+            Some(v) if same(v) => {
                 format!("ECDS file: {} holds version {v}", f.path.display())
             }
             Some(v) => format!(
@@ -1053,8 +1329,16 @@ fn status_text(status: &Status) -> String {
             ),
         },
     });
-    let header = ["ENVOY", "REACHABLE", "SERVES", "CURRENT", "NOTE"].map(String::from);
-    let rows: Vec<[String; 5]> = status
+    let header = [
+        "ENVOY",
+        "REACHABLE",
+        "REVISION",
+        "SERVES",
+        "CURRENT",
+        "NOTE",
+    ]
+    .map(String::from);
+    let rows: Vec<[String; 6]> = status
         .envoys
         .iter()
         .map(|envoy| {
@@ -1082,16 +1366,27 @@ fn status_text(status: &Status) -> String {
                 EnvoyState::NotEnvoy(why) => format!("not Envoy's admin: {why}"),
             };
             let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+            let revisions = envoy.revisions();
+            let revision = if revisions.is_empty() {
+                "-".to_string()
+            } else {
+                let each: Vec<String> = revisions
+                    .iter()
+                    .map(|r| r.map_or_else(|| "?".to_string(), |r| format!("r{r}")))
+                    .collect();
+                format!("{} of r{}", each.join(","), status.revision)
+            };
             [
                 envoy.admin.clone(),
                 yes(envoy.reachable()),
+                revision,
                 serves,
                 yes(envoy.is_current(&status.version)),
                 note,
             ]
         })
         .collect();
-    let mut widths = [0usize; 5];
+    let mut widths = [0usize; 6];
     for row in std::iter::once(&header).chain(&rows) {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -1163,6 +1458,247 @@ fn check_module(s: &Store) -> Result<Value, Error> {
     }
 }
 
+/// Said once, by the command that upgrades a store's format.
+fn note_upgraded<T>(done: &Committed<T>) {
+    if let Some((from, backup)) = &done.upgraded {
+        eprintln!(
+            "keygate: note: upgraded the store from format version {from} to {}; the version {from} file is kept as {}",
+            store::VERSION,
+            backup.display()
+        );
+    }
+}
+
+/// Who the audit log names for `action`: `--actor`, else the OS user.
+fn actor(cli: &Cli, action: &str) -> Result<store::audit::Actor, Error> {
+    store::audit::Actor::new(cli.actor.as_deref(), action)
+}
+
+/// Prints warnings on stderr, one a line (each starts with `warning:`).
+fn warn(lines: &[String]) {
+    for line in lines {
+        eprintln!("{line}");
+    }
+}
+
+/// Fails with the problems of a configuration: one as the usual one-line error, several
+/// one a line (then a count), exit 1.
+fn report_problems(what: &str, problems: &[config::ConfigError]) -> Result<ExitCode, Error> {
+    if let [one] = problems {
+        return Err(Error::Invalid(one.clone()));
+    }
+    for p in problems {
+        eprintln!("keygate: {what}: {p}");
+    }
+    eprintln!(
+        "keygate: {what}: {} problem{}; nothing was changed",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    Ok(ExitCode::from(1))
+}
+
+/// `keygate update ID ...`.
+fn update(
+    cli: &Cli,
+    id: &str,
+    edit: &store::KeyEdit,
+    apply: Option<ApplyOptions>,
+    now: i64,
+) -> Result<ExitCode, Error> {
+    let who = actor(cli, "update")?;
+    let done = store::update_as(&cli.store, apply, Some(&who), |s| {
+        let (before, after) = s.edit(id, edit, now)?;
+        // Checked here too (update_as validates again), to name the field by the key's id.
+        if let Some(first) = store::policy_problems(&s.plugin_with(&s.policy)).first() {
+            return Err(Error::Invalid(first.clone()));
+        }
+        let added: Vec<String> = after
+            .scopes
+            .iter()
+            .filter(|sc| !before.scopes.contains(sc))
+            .cloned()
+            .collect();
+        // Only a new role and new scopes are warned about.
+        let role = (before.role != after.role).then_some(after.role.as_str());
+        warn(&store::identity_warnings(&s.policy, role, &added));
+        let changes = store::audit::diff_keys(&before, &after);
+        Ok((describe(s, &after, now), changes))
+    })?;
+    let (mut out, changes) = done.value.clone();
+    let text = if changes.is_empty() {
+        format!("{id}: nothing changed (it already is as asked)")
+    } else {
+        let mut text = format!("updated {id} (revision {}):", done.revision);
+        for (field, c) in &changes {
+            text += &format!("\n  {field}: {} -> {}", short(&c.old), short(&c.new));
+        }
+        text
+    };
+    if let Some(fields) = out.as_object_mut() {
+        fields.insert("changed".into(), json!(!changes.is_empty()));
+        fields.insert("changes".into(), json!(changes));
+        fields.insert("revision".into(), json!(done.revision));
+    }
+    committed(cli, &done, out, text)
+}
+
+/// A JSON value in one short line: strings bare, absent as "-".
+fn short(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.is_empty() => "-".into(),
+        Value::Array(a) => a.iter().map(short).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// `keygate prune --older-than D [--dry-run]`.
+fn prune(
+    cli: &Cli,
+    older_than: i64,
+    dry_run: bool,
+    apply: Option<ApplyOptions>,
+    now: i64,
+) -> Result<ExitCode, Error> {
+    let row = |k: &StoredKey, state: State, since: i64| -> (Value, String) {
+        let verb = match state {
+            State::Expired => "expired",
+            _ => "revoked",
+        };
+        let at = time::format_rfc3339(since);
+        (
+            json!({"id": k.id, "name": k.name, "status": state.as_str(), "since": at}),
+            format!("  {} {:?}: {verb} at {at}", k.id, k.name),
+        )
+    };
+    if dry_run {
+        let s = store::load(&cli.store)?;
+        let found: Vec<(Value, String)> = s
+            .prunable(older_than, now)
+            .into_iter()
+            .map(|(k, st, t)| row(k, st, t))
+            .collect();
+        let mut text = format!(
+            "would remove {} key{} (dry run; nothing was changed)",
+            found.len(),
+            if found.len() == 1 { "" } else { "s" }
+        );
+        for (_, line) in &found {
+            text += &format!("\n{line}");
+        }
+        let keys: Vec<&Value> = found.iter().map(|(v, _)| v).collect();
+        print(cli, &json!({"dry_run": true, "removed": keys}), &text)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let who = actor(cli, "prune")?;
+    let done = store::update_as(&cli.store, apply, Some(&who), |s| {
+        let found: Vec<(Value, String)> = s
+            .prunable(older_than, now)
+            .into_iter()
+            .map(|(k, st, t)| row(k, st, t))
+            .collect();
+        s.prune(older_than, now);
+        Ok(found)
+    })?;
+    let found = &done.value;
+    let mut text = format!(
+        "removed {} key{}",
+        found.len(),
+        if found.len() == 1 { "" } else { "s" }
+    );
+    for (_, line) in found {
+        text += &format!("\n{line}");
+    }
+    if !found.is_empty() && done.applied.is_none() {
+        text += "\nEnvoy keeps them until the next keygate apply";
+    }
+    let keys: Vec<&Value> = found.iter().map(|(v, _)| v).collect();
+    let out = json!({"dry_run": false, "removed": keys, "revision": done.revision});
+    committed(cli, &done, out, text)
+}
+
+/// `keygate audit [--key ID] [--since WHEN] [--action A]`.
+fn audit(
+    cli: &Cli,
+    key: Option<&str>,
+    since: Option<&str>,
+    action: Option<&str>,
+    now: i64,
+) -> Result<ExitCode, Error> {
+    let since = match since {
+        None => None,
+        Some(text) => Some(
+            store::parse_duration(text)
+                .map(|d| now.saturating_sub(d))
+                .or_else(|_| time::parse_rfc3339(text))
+                .map_err(|_| {
+                    Error::Other(format!(
+                        "--since: {text:?} is neither a duration such as 24h or 7d nor an RFC 3339 instant"
+                    ))
+                })?,
+        ),
+    };
+    let lines: Vec<store::audit::Line> = store::audit::read(&cli.store)?
+        .into_iter()
+        .filter(|l| key.is_none_or(|k| l.key.as_deref() == Some(k)))
+        .filter(|l| action.is_none_or(|a| l.action == a))
+        .filter(|l| since.is_none_or(|t| time::parse_rfc3339(&l.time).is_ok_and(|at| at >= t)))
+        .collect();
+    if cli.json {
+        let out = serde_json::to_value(&lines)
+            .map_err(|e| Error::Other(format!("cannot serialise: {e}")))?;
+        emit(&pretty(&out))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if lines.is_empty() {
+        emit(&format!(
+            "no audit lines{} in {}",
+            if key.is_some() || since.is_some() || action.is_some() {
+                " match"
+            } else {
+                ""
+            },
+            store::audit::path_of(&cli.store).display()
+        ))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = lines
+        .iter()
+        .map(|l| {
+            let mut what: Vec<String> = l
+                .changes
+                .iter()
+                .map(|(f, c)| format!("{f}: {} -> {}", short(&c.old), short(&c.new)))
+                .collect();
+            if let Some(a) = &l.apply {
+                what.push(format!(
+                    "version {} {}",
+                    a.version,
+                    if a.confirmed {
+                        "confirmed".to_string()
+                    } else if a.envoys.is_empty() {
+                        "written (no Envoy admin named)".to_string()
+                    } else {
+                        "written (not confirmed by every Envoy)".to_string()
+                    }
+                ));
+            }
+            vec![
+                l.time.clone(),
+                l.actor.clone(),
+                l.action.clone(),
+                format!("r{}", l.revision),
+                l.key.clone().unwrap_or_else(|| "-".into()),
+                what.join("; "),
+            ]
+        })
+        .collect();
+    emit(&table(&["TIME", "ACTOR", "ACTION", "REV", "KEY", "CHANGES"], &rows).join("\n"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Said once, by the rewrite that makes an old world-readable store owner-only: a
 /// backup job or another user that read the store learns why it no longer can.
 fn note_tightened(path: &std::path::Path, mode: u32) {
@@ -1185,6 +1721,41 @@ fn read_policy_file(file: &std::path::Path) -> Result<keygate::config::PluginCon
     Ok(policy)
 }
 
+/// Every problem of `policy` with the store's keys (a store without keys yet: with a
+/// stand-in key, as the store is validated).
+fn policy_problems_of(s: &Store, policy: &config::PluginConfig) -> Vec<config::ConfigError> {
+    let mut plugin = s.plugin_with(policy);
+    if plugin.keys.is_empty() {
+        plugin.keys.push(config::KeySpec {
+            id: "policy-check".into(),
+            hash: keys::hash_string(b"policy-check-stand-in"),
+            client: None,
+            tenant: None,
+            role: "policy-check".into(),
+            scopes: Vec::new(),
+            status: None,
+            expires_at: None,
+            plan: None,
+            allowed_ips: Vec::new(),
+            shares_quota_with: None,
+        });
+    }
+    store::policy_problems(&plugin)
+}
+
+/// Warnings for the store's usable keys whose role or scopes no route of `policy` uses.
+fn key_warnings(s: &Store, policy: &config::PluginConfig) -> Vec<String> {
+    let now = store::unix_now();
+    let mut out: Vec<String> = Vec::new();
+    for k in s.keys.iter().filter(|k| k.state(now) == State::Active) {
+        for w in store::identity_warnings(policy, Some(&k.role), &k.scopes) {
+            let line = format!("{w} (key {})", k.id);
+            out.push(line);
+        }
+    }
+    out
+}
+
 fn policy(cli: &Cli, action: &PolicyAction) -> Result<ExitCode, Error> {
     match action {
         PolicyAction::Show => {
@@ -1198,9 +1769,13 @@ fn policy(cli: &Cli, action: &PolicyAction) -> Result<ExitCode, Error> {
             emit(&pretty(&value))?;
         }
         PolicyAction::Check { file } => {
-            let mut s = store::load(&cli.store)?;
-            s.policy = read_policy_file(file)?;
-            s.validate()?;
+            let s = store::load(&cli.store)?;
+            let policy = read_policy_file(file)?;
+            let problems = policy_problems_of(&s, &policy);
+            if !problems.is_empty() {
+                return report_problems(&file.display().to_string(), &problems);
+            }
+            warn(&key_warnings(&s, &policy));
             print(
                 cli,
                 &json!({"file": file.display().to_string(), "valid": true}),
@@ -1213,18 +1788,34 @@ fn policy(cli: &Cli, action: &PolicyAction) -> Result<ExitCode, Error> {
         }
         PolicyAction::Set { file, apply } => {
             let policy = read_policy_file(file)?;
-            let done = store::update(&cli.store, apply.options(), |s| {
+            let s = store::load(&cli.store)?;
+            let problems = policy_problems_of(&s, &policy);
+            if !problems.is_empty() {
+                return report_problems(&file.display().to_string(), &problems);
+            }
+            let who = actor(cli, "policy-set")?;
+            let done = store::update_as(&cli.store, apply.options(), Some(&who), |s| {
                 let changed = s.policy != policy;
+                warn(&key_warnings(s, &policy));
                 s.policy = policy;
                 Ok(changed)
             })?;
             let changed = done.value;
             let text = if changed {
-                format!("policy replaced from {}", file.display())
+                format!(
+                    "policy replaced from {} (revision {})",
+                    file.display(),
+                    done.revision
+                )
             } else {
                 format!("the policy is already {}", file.display())
             };
-            return committed(cli, &done, json!({"changed": changed}), text);
+            return committed(
+                cli,
+                &done,
+                json!({"changed": changed, "revision": done.revision}),
+                text,
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -1237,7 +1828,13 @@ fn transition(
     apply: Option<ApplyOptions>,
     now: i64,
 ) -> Result<ExitCode, Error> {
-    let done = store::update(&cli.store, apply, |s| {
+    let action = match to {
+        Transition::Revoke => "revoke",
+        Transition::Suspend => "suspend",
+        Transition::Reactivate => "reactivate",
+    };
+    let who = actor(cli, action)?;
+    let done = store::update_as(&cli.store, apply, Some(&who), |s| {
         let changed = s.transition(id, to, now)?;
         Ok((describe(s, &changed.record, now), changed.changed))
     })?;
@@ -1273,6 +1870,7 @@ fn describe(s: &Store, key: &StoredKey, now: i64) -> Value {
         "tenant": key.tenant, "scopes": key.scopes, "plan": key.effective_plan(&s.policy),
         "allowed_ips": key.allowed_ips, "created_at": key.created_at,
         "expires_at": key.expires_at, "revoked_at": key.revoked_at,
+        "rotated_from": key.rotated_from, "shares_quota_with": s.budget_root(&key.id),
     })
 }
 
@@ -1317,6 +1915,17 @@ fn show_text(s: &Store, key: &StoredKey, now: i64) -> String {
         (
             "revoked_at",
             key.revoked_at.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "rotated_from",
+            key.rotated_from.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "budget",
+            s.budget_root(&key.id).map_or_else(
+                || "its own".to_string(),
+                |root| format!("shared with {root}"),
+            ),
         ),
     ];
     rows.iter()
@@ -1438,7 +2047,7 @@ fn last_used_for_list(s: &Store) -> Option<LastUsed> {
     Some(LastUsed::Known(merged))
 }
 
-fn list(cli: &Cli, s: &Store, now: i64) -> Result<(), Error> {
+fn list(cli: &Cli, s: &Store, now: i64, filtered: bool) -> Result<(), Error> {
     let last_used = last_used_for_list(s);
     let of = |id: &str| -> Option<&KeyUsage> {
         match &last_used {
@@ -1454,12 +2063,17 @@ fn list(cli: &Cli, s: &Store, now: i64) -> Result<(), Error> {
                 json!({
                     "id": k.id, "name": k.name, "prefix": k.prefix, "role": k.role,
                     "plan": k.effective_plan(&s.policy), "status": k.state(now).as_str(),
-                    "expires_at": k.expires_at,
+                    "client": k.client, "tenant": k.tenant, "scopes": k.scopes,
+                    "created_at": k.created_at, "expires_at": k.expires_at,
+                    "rotated_from": k.rotated_from,
                     "last_used": of(&k.id).and_then(usage::last_used_rfc3339),
                 })
             })
             .collect();
         return emit(&pretty(&Value::from(out)));
+    }
+    if s.keys.is_empty() && filtered {
+        return emit(&format!("no keys match in {}", cli.store.display()));
     }
     if s.keys.is_empty() {
         return emit(&format!(
@@ -1492,6 +2106,14 @@ fn list(cli: &Cli, s: &Store, now: i64) -> Result<(), Error> {
                 k.role.clone(),
                 k.effective_plan(&s.policy).unwrap_or("-").into(),
                 k.state(now).as_str().into(),
+                k.client.clone().unwrap_or_else(|| "-".into()),
+                k.tenant.clone().unwrap_or_else(|| "-".into()),
+                if k.scopes.is_empty() {
+                    "-".into()
+                } else {
+                    k.scopes.join(",")
+                },
+                k.created_at.clone(),
                 k.expires_at.clone().unwrap_or_else(|| "never".into()),
             ];
             if last_used.is_some() {
@@ -1500,7 +2122,10 @@ fn list(cli: &Cli, s: &Store, now: i64) -> Result<(), Error> {
             row
         })
         .collect();
-    let mut header = vec!["ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "EXPIRES"];
+    let mut header = vec![
+        "ID", "NAME", "PREFIX", "ROLE", "PLAN", "STATUS", "CLIENT", "TENANT", "SCOPES", "CREATED",
+        "EXPIRES",
+    ];
     if last_used.is_some() {
         header.push("LAST USED");
     }
@@ -1837,13 +2462,18 @@ fn usage(
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify(cli: &Cli, now: i64) -> Result<ExitCode, Error> {
+fn verify(
+    cli: &Cli,
+    request: Option<(&str, &str)>,
+    client_ip: Option<std::net::IpAddr>,
+    now: i64,
+) -> Result<ExitCode, Error> {
     let key = read_key()?;
     let s = store::load(&cli.store)?;
     let rendered = s.render()?;
     let config = &rendered.config;
     let prefix = keys::log_prefix(&key);
-    match decision::identify(config, &key, now) {
+    let (mut out, mut text, accepted) = match decision::identify(config, &key, now) {
         Ok(found) => {
             let k = found.key;
             let plan = k.limit.as_ref().map(|l| l.plan.as_str());
@@ -1863,26 +2493,83 @@ fn verify(cli: &Cli, now: i64) -> Result<ExitCode, Error> {
                 plan.unwrap_or("none"),
                 expires.as_deref().unwrap_or("never"),
             );
-            print(cli, &out, &text)?;
-            Ok(ExitCode::SUCCESS)
+            (out, text, true)
         }
         Err(reason) => {
             // Name the key when it is a known one (revoked, expired, suspended).
             let id = config.find_key(&keys::digest(&key)).map(|k| k.id);
+            let cause = store::simulate::cause(config, &key, reason);
+            let stored = id.as_deref().and_then(|id| s.find(id).ok());
+            let when = match cause {
+                store::simulate::Cause::Revoked => stored
+                    .and_then(|k| k.revoked_at.as_deref())
+                    .map(|t| format!(" at {t}")),
+                store::simulate::Cause::Expired => stored
+                    .and_then(|k| k.expires_at.as_deref())
+                    .map(|t| format!(" at {t}")),
+                _ => None,
+            }
+            .unwrap_or_default();
             let out = json!({
                 "accepted": false, "prefix": prefix, "error": reason.code(),
-                "message": reason.message(), "id": id,
+                "message": reason.message(), "id": id, "cause": cause.as_str(),
             });
             let who = id.map_or_else(String::new, |id| format!(" (key {id})"));
             let text = format!(
-                "refused: {} ({}): {prefix}...{who}",
+                "refused: {} ({}): {prefix}...{who}: {}{when}",
                 reason.code(),
-                reason.message()
+                reason.message(),
+                cause.text(config)
             );
-            print(cli, &out, &text)?;
-            Ok(ExitCode::from(1))
+            (out, text, false)
+        }
+    };
+    let Some((method, req_path)) = request else {
+        print(cli, &out, &text)?;
+        return Ok(ExitCode::from(if accepted { 0 } else { 1 }));
+    };
+    let answer = store::simulate::answer(config, &key, method, req_path, client_ip, now);
+    let headers: serde_json::Map<String, Value> = answer
+        .headers
+        .iter()
+        .map(|(n, v)| (n.clone(), json!(v)))
+        .collect();
+    if let Some(fields) = out.as_object_mut() {
+        fields.insert(
+            "request".into(),
+            json!({
+                "method": method, "path": req_path, "client_ip": client_ip,
+                "status": answer.status,
+                "error": answer.refusal.map(|r| r.0),
+                "message": answer.refusal.map(|r| r.1),
+                "requirement": answer.requirement,
+                "detail": answer.detail,
+                "headers": headers,
+            }),
+        );
+    }
+    let shown_method = decision::log_method(method.as_bytes());
+    let shown_path = decision::log_path(req_path.as_bytes());
+    text += &format!("\n{shown_method} {shown_path}: {}", answer.status);
+    match answer.refusal {
+        None => {
+            text += " (forwarded upstream) with";
+            for (name, value) in &answer.headers {
+                text += &format!("\n  {name}: {value}");
+            }
+        }
+        Some((code, message)) => {
+            text += &format!(" {code} ({message})");
+            match (answer.requirement, answer.detail) {
+                (Some(r), Some(d)) => text += &format!(": {r}: {d}"),
+                (Some(r), None) => text += &format!(": {r}"),
+                (None, Some(d)) => text += &format!(": {d}"),
+                (None, None) => {}
+            }
         }
     }
+    print(cli, &out, &text)?;
+    Ok(ExitCode::from(if answer.status == 200 { 0 } else { 1 }))
 }
 
 fn read_stdin() -> Result<Vec<u8>, Error> {

@@ -10,7 +10,7 @@
 //! Both services count fixed windows, not keygate's token bucket; every rendering says so
 //! in a comment at its top, and names the plans whose `burst` it cannot express.
 
-use crate::config::{self, Per, PluginConfig, RateSpec};
+use crate::config::{self, Per, PlanSpec, PluginConfig};
 use crate::store::{self, admin, Error, Store};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -29,10 +29,10 @@ pub const LIMITADOR_VERSION: &str = "2.4.0";
 /// Every plan the filter knows, as `Config::compile` builds them: the built-in plans,
 /// with the policy's `plans` added or overriding them by name. The policy is assumed to
 /// be valid ([`Store::validate`]), so every rate is within the filter's bounds.
-pub fn plans(policy: &PluginConfig) -> BTreeMap<String, RateSpec> {
+pub fn plans(policy: &PluginConfig) -> BTreeMap<String, PlanSpec> {
     let mut plans = config::builtin_plans();
     for (name, spec) in &policy.plans {
-        plans.insert(name.clone(), *spec);
+        plans.insert(name.clone(), spec.clone());
     }
     plans
 }
@@ -95,7 +95,8 @@ fn preamble(
     about: &str,
     service: &str,
     window: &str,
-    plans: &BTreeMap<String, RateSpec>,
+    plans: &BTreeMap<String, PlanSpec>,
+    one_rate_per_plan: bool,
 ) {
     comment(out, about);
     out.push_str("#\n");
@@ -117,20 +118,30 @@ fn preamble(
              a whole window's requests at once, and up to twice them across a window boundary. \
              keygate's filter, and keygate-ratelimit, keep a token bucket (burst tokens, refilled \
              continuously at requests per period). A plan whose burst differs from its requests \
-             is approximated by requests per window."
+             is approximated by requests per window. A plan with several rates needs a \
+             request to fit every one of them."
         ),
     );
-    let approximated: Vec<String> = plans
-        .iter()
-        .filter_map(|(name, spec)| {
-            let burst = spec.burst.filter(|&b| b != spec.requests)?;
-            Some(format!(
-                "#   {name}: burst {burst} not expressed; {} requests per {} window",
-                spec.requests,
-                unit(spec.per)
-            ))
-        })
-        .collect();
+    let mut approximated: Vec<String> = Vec::new();
+    for (name, plan) in plans {
+        for (i, spec) in plan.rates().iter().enumerate() {
+            if one_rate_per_plan && i > 0 {
+                approximated.push(format!(
+                    "#   {name}: {} requests per {} not expressed (one limit per descriptor here; only the plan's first rate is)",
+                    spec.requests,
+                    unit(spec.per)
+                ));
+                continue;
+            }
+            if let Some(burst) = spec.burst.filter(|&b| b != spec.requests) {
+                approximated.push(format!(
+                    "#   {name}: burst {burst} not expressed; {} requests per {} window",
+                    spec.requests,
+                    unit(spec.per)
+                ));
+            }
+        }
+    }
     if !approximated.is_empty() {
         out.push_str("# Approximated here:\n");
         for line in approximated {
@@ -143,8 +154,10 @@ fn preamble(
 /// The configuration of envoyproxy/ratelimit (github.com/envoyproxy/ratelimit, its
 /// README's "Configuration"): domain [`DOMAIN`], one descriptor per plan
 /// (`key: plan`, `value: <name>`) with a nested `key: key_id` without a value (one counter
-/// per distinct key id) carrying `rate_limit: {unit, requests_per_unit}`.
-pub fn envoy_ratelimit_yaml(plans: &BTreeMap<String, RateSpec>) -> String {
+/// per distinct key id) carrying `rate_limit: {unit, requests_per_unit}`. The service
+/// takes one limit per descriptor, so a plan with several rates is rendered with its first
+/// one, and the others are named at the top as not expressed.
+pub fn envoy_ratelimit_yaml(plans: &BTreeMap<String, PlanSpec>) -> String {
     let mut out = String::new();
     preamble(
         &mut out,
@@ -155,10 +168,14 @@ pub fn envoy_ratelimit_yaml(plans: &BTreeMap<String, RateSpec>) -> String {
         "envoyproxy/ratelimit",
         "each second, minute, hour or day of the clock",
         plans,
+        true,
     );
     let _ = writeln!(out, "domain: {DOMAIN}");
     out.push_str("descriptors:\n");
-    for (name, spec) in plans {
+    for (name, plan) in plans {
+        let Some(spec) = plan.rates().first() else {
+            continue;
+        };
         let _ = write!(
             out,
             "  - key: {PLAN_ENTRY}\n    value: {}\n    descriptors:\n      - key: {KEY_ID_ENTRY}\n        \
@@ -175,8 +192,10 @@ pub fn envoy_ratelimit_yaml(plans: &BTreeMap<String, RateSpec>) -> String {
 /// for its Envoy RLS interface: one limit per plan in namespace [`DOMAIN`] (the RLS
 /// domain), `max_value` requests per `seconds`, the CEL condition
 /// `descriptors[0]['plan'] == '<name>'` and the variable `descriptors[0]['key_id']` (a
-/// counter per key id).
-pub fn limitador_yaml(plans: &BTreeMap<String, RateSpec>) -> String {
+/// counter per key id). A plan with several rates is several limits with the same
+/// condition (Limitador admits a request only when every limit it matches does), named
+/// `keygate plan <name> per <unit>`.
+pub fn limitador_yaml(plans: &BTreeMap<String, PlanSpec>) -> String {
     let mut out = String::new();
     preamble(
         &mut out,
@@ -191,15 +210,23 @@ pub fn limitador_yaml(plans: &BTreeMap<String, RateSpec>) -> String {
         "Limitador",
         "each starting with the first request counted after the previous window ended",
         plans,
+        false,
     );
     out.push_str("---\n");
-    for (name, spec) in plans {
+    for (name, plan, spec) in plans
+        .iter()
+        .flat_map(|(name, plan)| plan.rates().iter().map(move |spec| (name, plan, spec)))
+    {
         let condition = format!("descriptors[0]['{PLAN_ENTRY}'] == {}", cel_string(name));
+        let title = match plan {
+            PlanSpec::One(_) => format!("keygate plan {name}"),
+            PlanSpec::Several(_) => format!("keygate plan {name} per {}", unit(spec.per)),
+        };
         let _ = write!(
             out,
             "- namespace: {DOMAIN}\n  name: {}\n  max_value: {}\n  seconds: {}\n  conditions:\n    - {}\n  \
              variables:\n    - {}\n",
-            quoted(&format!("keygate plan {name}")),
+            quoted(&title),
             spec.requests,
             spec.per.seconds(),
             quoted(&condition),
@@ -412,7 +439,7 @@ mod tests {
             names,
             ["daily", "enterprise", "free", "per-second", "pro", "yes"]
         );
-        assert_eq!(plans["pro"].burst, Some(20));
+        assert_eq!(plans["pro"].rates()[0].burst, Some(20));
         assert_eq!(plans["free"], config::builtin_plans()["free"]);
         // The filter compiles the same set: every name is a plan it knows.
         let mut plugin = policy();
@@ -436,7 +463,7 @@ mod tests {
         let compiled = config::Config::compile(&plugin).unwrap();
         for key in &compiled.keys {
             let limit = key.limit.as_ref().unwrap();
-            let spec = plans[&limit.plan];
+            let spec = plans[&limit.plan].rates()[0];
             assert_eq!(limit.rate.requests, spec.requests, "{}", limit.plan);
             assert_eq!(limit.rate.period_ns, spec.per.seconds() * 1_000_000_000);
         }
@@ -526,11 +553,12 @@ mod tests {
         let mut plugin = PluginConfig::default();
         plugin.plans.insert(
             name.into(),
-            RateSpec {
+            config::RateSpec {
                 requests: 3,
                 per: Per::Second,
                 burst: None,
-            },
+            }
+            .into(),
         );
         let plans = plans(&plugin);
         let root: RatelimitRoot = serde_norway::from_str(&envoy_ratelimit_yaml(&plans)).unwrap();

@@ -151,7 +151,8 @@ fn write_store(path: &Path, plans: &[(&str, u64, Per, Option<u64>)]) {
                 requests: *requests,
                 per: *per,
                 burst: *burst,
-            },
+            }
+            .into(),
         );
     }
     let json = serde_json::to_vec_pretty(&store).expect("serialise the store");

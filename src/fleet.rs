@@ -5,7 +5,9 @@
 //! The descriptor contract with Envoy's `envoy.filters.http.ratelimit` filter is fixed:
 //! domain [`DOMAIN`], one descriptor per request whose entries are, in order,
 //! [`PLAN_ENTRY`] (the key's plan, from `x-keygate-plan`) and [`KEY_ID_ENTRY`] (from
-//! `x-keygate-key-id`). Each plan becomes one limit counted per key id.
+//! `x-keygate-quota-id`: the id of the key whose budget is spent, a rotated key's
+//! predecessor's for its successor; configurations from before it read
+//! `x-keygate-key-id`). Each rate of a plan becomes one limit counted per key id.
 //!
 //! Both services count fixed windows, not keygate's token bucket; every rendering says so
 //! in a comment at its top, and names the plans whose `burst` it cannot express.
@@ -21,7 +23,8 @@ use std::time::{Duration, Instant};
 pub const DOMAIN: &str = "keygate";
 /// The first descriptor entry: the key's plan (`x-keygate-plan`).
 pub const PLAN_ENTRY: &str = "plan";
-/// The second descriptor entry: the key's id (`x-keygate-key-id`).
+/// The second descriptor entry: the id of the key whose budget is spent
+/// (`x-keygate-quota-id`; `x-keygate-key-id` in configurations from before it).
 pub const KEY_ID_ENTRY: &str = "key_id";
 /// The Limitador release whose limits file [`limitador_yaml`] writes.
 pub const LIMITADOR_VERSION: &str = "2.4.0";
@@ -104,8 +107,10 @@ fn preamble(
         out,
         &format!(
             "Envoy's ratelimit filter calls {service} with domain {DOMAIN:?} and one descriptor per \
-             request: ({PLAN_ENTRY}, <x-keygate-plan>), ({KEY_ID_ENTRY}, <x-keygate-key-id>). Each \
-             plan below is counted per key id, and shared by every Envoy that calls this service. \
+             request: ({PLAN_ENTRY}, <x-keygate-plan>), ({KEY_ID_ENTRY}, <x-keygate-quota-id>), the \
+             quota id being the key's id, or for a rotated key's successor its predecessor's \
+             (configurations from before keygate sent it read x-keygate-key-id). Each plan \
+             below is counted per key id, and shared by every Envoy that calls this service. \
              A request without a plan (a key with none, and no default_plan) matches no limit here."
         ),
     );
@@ -576,6 +581,50 @@ mod tests {
             condition, r#"descriptors[0]['plan'] == 'we\'ird\\"plan*'"#,
             "CEL escapes for ' and \\"
         );
+    }
+
+    #[test]
+    fn plans_with_several_rates_render_as_far_as_each_service_can() {
+        let plugin = PluginConfig::from_json(
+            br#"{"plans": {"two": [{"requests": 60, "per": "minute"}, {"requests": 1000, "per": "day"}]}}"#,
+        )
+        .unwrap();
+        let plans = plans(&plugin);
+        // Limitador: one limit per rate, both on the plan's condition.
+        let limits: Vec<LimitadorLimit> = serde_norway::from_str(&limitador_yaml(&plans)).unwrap();
+        let two: Vec<(Option<&str>, u64, u64)> = limits
+            .iter()
+            .filter(|l| l.conditions[0].ends_with("== 'two'"))
+            .map(|l| (l.name.as_deref(), l.max_value, l.seconds))
+            .collect();
+        assert_eq!(
+            two,
+            [
+                (Some("keygate plan two per minute"), 60, 60),
+                (Some("keygate plan two per day"), 1000, 86_400)
+            ]
+        );
+        assert!(limits
+            .iter()
+            .all(|l| l.variables == ["descriptors[0]['key_id']"]));
+        // envoyproxy/ratelimit: one limit per descriptor; the first rate, the other named.
+        let text = envoy_ratelimit_yaml(&plans);
+        let root: RatelimitRoot = serde_norway::from_str(&text).unwrap();
+        let d = root
+            .descriptors
+            .iter()
+            .find(|d| d.value.as_deref() == Some("two"))
+            .unwrap();
+        let limit = d.descriptors[0].rate_limit.as_ref().unwrap();
+        assert_eq!(
+            (limit.unit.as_str(), limit.requests_per_unit),
+            ("minute", 60)
+        );
+        assert!(
+            text.contains("#   two: 1000 requests per day not expressed"),
+            "{text}"
+        );
+        assert!(!limitador_yaml(&plans).contains("not expressed (one limit"));
     }
 
     #[test]

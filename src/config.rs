@@ -1016,6 +1016,16 @@ pub fn problems(doc: &PluginConfig) -> Vec<ConfigError> {
     checks.errors
 }
 
+/// [`problems`] with elements named by position, as `Config::compile` names them (its
+/// error is the first of these): for tests that the two never drift apart.
+#[doc(hidden)]
+pub fn problems_by_position(doc: &PluginConfig) -> Vec<ConfigError> {
+    let mut checks = Checks::new(Naming::Positional, true);
+    let digests = doc.key_sets.iter().map(|set| set.digests.clone()).collect();
+    checks.run(doc, digests);
+    checks.errors
+}
+
 /// [`problems`] of a policy checked on its own, without its keys: the same checks, but a
 /// document with no keys is not a problem (a store's policy holds none; its keys are added
 /// when the configuration is rendered).
@@ -1193,6 +1203,8 @@ impl<'d> Checks<'d> {
         for (i, spec) in doc.keys.iter().enumerate() {
             let at = self.key(i);
             let Some((mut key, digest)) = compile_key(self, &at, spec) else {
+                // Still known by its id, so that keys naming it are not reported too.
+                ids.entry(spec.id.clone()).or_insert(i);
                 keys.push(None);
                 continue;
             };
@@ -1839,9 +1851,6 @@ fn compile_routes(checks: &mut Checks<'_>, specs: &[RouteSpec]) -> Vec<Route> {
             }
             values.clone()
         };
-        let methods = list(checks, "methods", &spec.methods, check_method);
-        let roles = list(checks, "roles", &spec.roles, check_word);
-        let scopes = list(checks, "scopes", &spec.scopes, check_word);
         let label = match &spec.name {
             Some(name) => {
                 if let Err(reason) = check_route_name(name) {
@@ -1859,6 +1868,9 @@ fn compile_routes(checks: &mut Checks<'_>, specs: &[RouteSpec]) -> Vec<Route> {
             }
             None => spec.prefix.clone(),
         };
+        let methods = list(checks, "methods", &spec.methods, check_method);
+        let roles = list(checks, "roles", &spec.roles, check_word);
+        let scopes = list(checks, "scopes", &spec.scopes, check_word);
         if spec.public && !(methods.is_empty() && roles.is_empty() && scopes.is_empty()) {
             checks.fail(
                 here.clone(),

@@ -39,9 +39,10 @@ pub struct PluginConfig {
     /// Let CORS preflight requests through without a key (default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_cors_preflight: Option<bool>,
-    /// Rate-limit plans by name, added to (or overriding) the built-in ones.
+    /// Rate-limit plans by name, added to (or overriding) the built-in ones. A plan is one
+    /// rate, or a list of rates that all apply at once.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub plans: BTreeMap<String, RateSpec>,
+    pub plans: BTreeMap<String, PlanSpec>,
     /// Plan of keys that name none; without it such keys are not limited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_plan: Option<String>,
@@ -54,9 +55,11 @@ pub struct PluginConfig {
     /// Limit on failed authentications (401s) per client IP; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_auth_limit: Option<RateSpec>,
-    /// Send X-RateLimit-* headers on responses to authenticated requests (default true).
+    /// Rate-limit headers on responses to authenticated requests: `true` or
+    /// `"x-ratelimit"` (the default) for X-RateLimit-*, `"ietf"` for the IETF draft's
+    /// `RateLimit` and `RateLimit-Policy`, `false` for none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limit_headers: Option<bool>,
+    pub rate_limit_headers: Option<RateLimitHeadersSpec>,
     /// A shared limit follows keygate (Envoy's ratelimit filter and a rate-limit service):
     /// it sends X-RateLimit-* on admitted requests, keygate only on its own 429s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +104,141 @@ pub struct RateSpec {
     pub burst: Option<u64>,
 }
 
+/// A plan as written: one rate (`{"requests": 60, "per": "minute"}`), or a list of rates
+/// that all apply at once (`[{"requests": 60, "per": "minute"}, {"requests": 1000, "per":
+/// "day"}]`), each its own bucket: a request needs a token from every one. Each form is
+/// written back as it was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanSpec {
+    /// A single rate.
+    One(RateSpec),
+    /// Several rates at once, at most one per period.
+    Several(Vec<RateSpec>),
+}
+
+impl PlanSpec {
+    /// The plan's rates, in the order written.
+    pub fn rates(&self) -> &[RateSpec] {
+        match self {
+            PlanSpec::One(rate) => std::slice::from_ref(rate),
+            PlanSpec::Several(rates) => rates,
+        }
+    }
+}
+
+impl From<RateSpec> for PlanSpec {
+    fn from(rate: RateSpec) -> PlanSpec {
+        PlanSpec::One(rate)
+    }
+}
+
+impl Serialize for PlanSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PlanSpec::One(rate) => rate.serialize(s),
+            PlanSpec::Several(rates) => rates.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PlanSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<PlanSpec, D::Error> {
+        struct Plan;
+        impl<'de> serde::de::Visitor<'de> for Plan {
+            type Value = PlanSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a rate such as {\"requests\": 60, \"per\": \"minute\"}, or a list of rates",
+                )
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<PlanSpec, A::Error> {
+                RateSpec::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(PlanSpec::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<PlanSpec, A::Error> {
+                Vec::<RateSpec>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(PlanSpec::Several)
+            }
+        }
+        d.deserialize_any(Plan)
+    }
+}
+
+/// `rate_limit_headers` as written: `true`/`false`, or a style by name. Written back as read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitHeadersSpec {
+    /// `true` (X-RateLimit-*) or `false` (none).
+    Switch(bool),
+    /// `"x-ratelimit"`: X-RateLimit-Limit, -Remaining and -Reset (as `true`).
+    XRateLimit,
+    /// `"ietf"`: `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-11).
+    Ietf,
+}
+
+impl RateLimitHeadersSpec {
+    /// The style it asks for.
+    pub fn style(self) -> HeaderStyle {
+        match self {
+            RateLimitHeadersSpec::Switch(false) => HeaderStyle::Off,
+            RateLimitHeadersSpec::Switch(true) | RateLimitHeadersSpec::XRateLimit => {
+                HeaderStyle::XRateLimit
+            }
+            RateLimitHeadersSpec::Ietf => HeaderStyle::Ietf,
+        }
+    }
+}
+
+impl From<bool> for RateLimitHeadersSpec {
+    fn from(on: bool) -> RateLimitHeadersSpec {
+        RateLimitHeadersSpec::Switch(on)
+    }
+}
+
+impl Serialize for RateLimitHeadersSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RateLimitHeadersSpec::Switch(on) => s.serialize_bool(*on),
+            RateLimitHeadersSpec::XRateLimit => s.serialize_str("x-ratelimit"),
+            RateLimitHeadersSpec::Ietf => s.serialize_str("ietf"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RateLimitHeadersSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RateLimitHeadersSpec, D::Error> {
+        struct Style;
+        impl serde::de::Visitor<'_> for Style {
+            type Value = RateLimitHeadersSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false, \"x-ratelimit\" or \"ietf\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<Self::Value, E> {
+                Ok(RateLimitHeadersSpec::Switch(on))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                match v {
+                    "x-ratelimit" => Ok(RateLimitHeadersSpec::XRateLimit),
+                    "ietf" => Ok(RateLimitHeadersSpec::Ietf),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Style)
+    }
+}
+
+/// Which rate-limit headers keygate sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderStyle {
+    /// None.
+    Off,
+    /// `X-RateLimit-Limit`, `-Remaining`, `-Reset` of the limit closest to running out.
+    XRateLimit,
+    /// `RateLimit-Policy` and `RateLimit`, one item per limit
+    /// (draft-ietf-httpapi-ratelimit-headers-11).
+    Ietf,
+}
+
 /// Rate periods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -116,6 +254,16 @@ pub enum Per {
 }
 
 impl Per {
+    /// The word written in the configuration: `second`, `minute`, `hour` or `day`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Per::Second => "second",
+            Per::Minute => "minute",
+            Per::Hour => "hour",
+            Per::Day => "day",
+        }
+    }
+
     /// Length in seconds.
     pub fn seconds(self) -> u64 {
         match self {
@@ -509,8 +657,99 @@ pub struct KeyRef<'c> {
 pub struct Limit {
     /// Plan name.
     pub plan: String,
-    /// The rate.
+    /// The plan's first rate (its only one, unless it has several).
     pub rate: Rate,
+    /// Every rate of the plan, shared by all the keys on it.
+    pub limits: std::sync::Arc<PlanLimits>,
+}
+
+impl Limit {
+    /// The plan's rates, in the order written (bucket `i` of a key is [`bucket_name`]`(.., i)`).
+    pub fn rates(&self) -> &[Rate] {
+        &self.limits.rates
+    }
+}
+
+/// A compiled plan: its rates and what the IETF headers call them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanLimits {
+    /// The rates, in the order written; at most one per period.
+    pub rates: Vec<Rate>,
+    /// Each rate's policy name as a structured-field string, e.g. `"pro/minute"` (quotes
+    /// included), in the `RateLimit` and `RateLimit-Policy` headers.
+    pub policy_names: Vec<String>,
+    /// The `RateLimit-Policy` value (draft-ietf-httpapi-ratelimit-headers-11, section 3):
+    /// one item per rate, `"<plan>/<per>";q=<requests>;w=<period seconds>`, with
+    /// `;keygate-burst=<burst>` when the bucket holds more or fewer than `requests`.
+    pub policy_header: String,
+}
+
+impl PlanLimits {
+    /// The limits of plan `plan` with these rates (periods of a second, minute, hour or
+    /// day are named so; others by their seconds, e.g. `90s`).
+    pub fn new(plan: &str, rates: Vec<Rate>) -> PlanLimits {
+        let seconds = |rate: &Rate| rate.period_ns / 1_000_000_000;
+        let policy_names: Vec<String> = rates
+            .iter()
+            .map(|rate| {
+                let per = match seconds(rate) {
+                    1 => Per::Second.name().to_string(),
+                    60 => Per::Minute.name().to_string(),
+                    3600 => Per::Hour.name().to_string(),
+                    86_400 => Per::Day.name().to_string(),
+                    n => format!("{n}s"),
+                };
+                sf_string(&format!("{plan}/{per}"))
+            })
+            .collect();
+        let items: Vec<String> = rates
+            .iter()
+            .zip(&policy_names)
+            .map(|(rate, name)| {
+                let mut item = format!("{name};q={};w={}", rate.requests, seconds(rate));
+                if rate.burst != rate.requests {
+                    item.push_str(&format!(";keygate-burst={}", rate.burst));
+                }
+                item
+            })
+            .collect();
+        PlanLimits {
+            rates,
+            policy_names,
+            policy_header: items.join(", "),
+        }
+    }
+}
+
+/// A structured-field String (RFC 9651, section 3.3.3): printable ASCII in double quotes,
+/// with `"` and `\` escaped. Plan names are printable ASCII without spaces (see
+/// `check_word`); anything else would be replaced by `?`.
+fn sf_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('?'),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Shared-data name of bucket `index` of a plan for the key whose own bucket is `bucket`:
+/// the first rate's bucket is the key's own (as for a plan with one rate), the others add
+/// `#<index>` (no key id holds `#`, so no two keys' buckets can meet).
+pub fn bucket_name(bucket: &str, index: usize) -> Cow<'_, str> {
+    if index == 0 {
+        Cow::Borrowed(bucket)
+    } else {
+        Cow::Owned(format!("{bucket}#{index}"))
+    }
 }
 
 impl Route {
@@ -617,8 +856,8 @@ pub struct Config {
     pub trusted_proxies: CidrSet,
     /// Failed-authentication limit per client IP.
     pub failed_auth_limit: Option<Rate>,
-    /// Send X-RateLimit-* headers.
-    pub rate_limit_headers: bool,
+    /// Which rate-limit headers to send.
+    pub rate_limit_headers: HeaderStyle,
     /// A shared limit after keygate reports the quota of admitted requests.
     pub shared_rate_limit: bool,
     /// Whether any rule needs the client address (so it is only looked up then).
@@ -639,11 +878,13 @@ pub const MAX_PER_KEY_METRICS: u32 = 100_000;
 pub const MAX_RATE_REQUESTS: u64 = 1_000_000_000;
 
 /// The published plans, present unless the configuration overrides them by name.
-pub fn builtin_plans() -> BTreeMap<String, RateSpec> {
-    let plan = |requests| RateSpec {
-        requests,
-        per: Per::Minute,
-        burst: None,
+pub fn builtin_plans() -> BTreeMap<String, PlanSpec> {
+    let plan = |requests| {
+        PlanSpec::One(RateSpec {
+            requests,
+            per: Per::Minute,
+            burst: None,
+        })
     };
     BTreeMap::from([
         ("free".to_string(), plan(60)),
@@ -699,212 +940,21 @@ impl Config {
         Config::build(doc, digests)
     }
 
-    /// `compile`, with each key set's digests passed separately (in set order).
+    /// `compile`, with each key set's digests passed separately (in set order): the first
+    /// problem [`Checks`] finds, in the order of the checks.
     fn build(
         doc: &PluginConfig,
         set_digests: Vec<Vec<DigestPrefix>>,
     ) -> Result<Config, ConfigError> {
-        let realm = doc.realm.clone().unwrap_or_else(|| DEFAULT_REALM.into());
-        if realm.is_empty()
-            || !realm
-                .bytes()
-                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-        {
-            return Err(ConfigError::new(
-                "realm",
-                "must be non-empty printable ASCII without quotes or backslashes (it is sent in WWW-Authenticate)",
-            ));
+        let mut checks = Checks::new(Naming::Positional, true);
+        match checks.run(doc, set_digests) {
+            Some(config) if checks.errors.is_empty() => Ok(config),
+            _ => Err(checks
+                .errors
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| ConfigError::new("configuration", "invalid configuration"))),
         }
-
-        let key_sources = compile_key_sources(doc.key_sources.as_deref())?;
-        let routes = compile_routes(&doc.routes)?;
-
-        let mut plans = builtin_plans();
-        for (name, spec) in &doc.plans {
-            check_word(name).map_err(|reason| ConfigError::new(format!("plans.{name}"), reason))?;
-            plans.insert(name.clone(), *spec);
-        }
-        let mut rates = BTreeMap::new();
-        for (name, spec) in &plans {
-            rates.insert(name.clone(), compile_rate(&format!("plans.{name}"), spec)?);
-        }
-        let plan_named = |path: String, name: &str| -> Result<Limit, ConfigError> {
-            match rates.get(name) {
-                Some(rate) => Ok(Limit {
-                    plan: name.to_string(),
-                    rate: *rate,
-                }),
-                None => Err(ConfigError::new(
-                    path,
-                    format!(
-                        "unknown plan {name:?}; known plans: {}",
-                        rates
-                            .keys()
-                            .map(String::as_str)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                )),
-            }
-        };
-        let default_limit = match &doc.default_plan {
-            Some(name) => Some(plan_named("default_plan".into(), name)?),
-            None => None,
-        };
-        let cidrs = |path: &str, list: &[String]| {
-            CidrSet::parse(list)
-                .map_err(|(i, reason)| ConfigError::new(format!("{path}[{i}]"), reason))
-        };
-        let rules = doc.ip_rules.clone().unwrap_or_default();
-        let allow_ips = cidrs("ip_rules.allow", &rules.allow)?;
-        let deny_ips = cidrs("ip_rules.deny", &rules.deny)?;
-        let trusted_proxies = cidrs("trusted_proxies", &doc.trusted_proxies)?;
-        let failed_auth_limit = match &doc.failed_auth_limit {
-            Some(spec) => Some(compile_rate("failed_auth_limit", spec)?),
-            None => None,
-        };
-
-        let mut keys = Vec::with_capacity(doc.keys.len());
-        let mut index = KeyIndex::with_capacity(doc.keys.len());
-        let mut ids = std::collections::HashMap::with_capacity(doc.keys.len());
-        let mut key_prefixes = std::collections::HashMap::with_capacity(doc.keys.len());
-        for (i, spec) in doc.keys.iter().enumerate() {
-            let (mut key, digest) = compile_key(i, spec)?;
-            key.limit = match &spec.plan {
-                Some(name) => Some(plan_named(format!("keys[{i}].plan"), name)?),
-                None => default_limit.clone(),
-            };
-            key.allowed_ips = cidrs(&format!("keys[{i}].allowed_ips"), &spec.allowed_ips)?;
-            if let Some(first) = ids.insert(key.id.clone(), i) {
-                return Err(ConfigError::new(
-                    format!("keys[{i}].id"),
-                    format!(
-                        "duplicate id {:?} (also keys[{first}].id); ids must be unique",
-                        key.id
-                    ),
-                ));
-            }
-            // Key-set members are held by prefix: a key's digest must not share one with them.
-            key_prefixes.insert(prefix_of(&digest), i);
-            if let Err(first) = index.insert(digest, i) {
-                return Err(ConfigError::new(
-                    format!("keys[{i}].hash"),
-                    format!("duplicate hash (also keys[{first}].hash); each key must be configured once"),
-                ));
-            }
-            keys.push(key);
-        }
-        for (i, spec) in doc.keys.iter().enumerate() {
-            let Some(other) = &spec.shares_quota_with else {
-                continue;
-            };
-            let field = format!("keys[{i}].shares_quota_with");
-            let Some(&j) = ids.get(other.as_str()) else {
-                return Err(ConfigError::new(
-                    field,
-                    format!("{other:?} is not the id of a key in keys"),
-                ));
-            };
-            if j == i {
-                return Err(ConfigError::new(field, "a key cannot share its own quota"));
-            }
-            if doc.keys[j].shares_quota_with.is_some() {
-                return Err(ConfigError::new(
-                    field,
-                    format!(
-                        "key {other:?} itself shares another key's quota; name the key whose quota it is ({:?})",
-                        doc.keys[j].shares_quota_with.as_deref().unwrap_or_default()
-                    ),
-                ));
-            }
-            keys[i].bucket = format!("{BUCKET_PREFIX}{other}");
-        }
-        let mut key_sets: Vec<KeySet> = Vec::with_capacity(doc.key_sets.len());
-        for (i, (spec, digests)) in doc.key_sets.iter().zip(set_digests).enumerate() {
-            let mut set = compile_key_set(i, spec, digests, &key_prefixes, &ids, &key_sets)?;
-            set.identity.limit = match &spec.plan {
-                Some(name) => Some(plan_named(format!("key_sets[{i}].plan"), name)?),
-                None => default_limit.clone(),
-            };
-            set.identity.allowed_ips =
-                cidrs(&format!("key_sets[{i}].allowed_ips"), &spec.allowed_ips)?;
-            key_sets.push(set);
-        }
-        let everything_public =
-            routes.iter().all(|r| r.public) && routes.iter().any(|r| r.prefix == "/");
-        if keys.is_empty() && key_sets.is_empty() && !everything_public {
-            return Err(ConfigError::new(
-                "keys",
-                "no keys configured, so every request that needs a key would be refused; add at least one key",
-            ));
-        }
-
-        let checksum_prefix = match &doc.key_format {
-            Some(format) => {
-                let p = &format.prefix;
-                if p.is_empty()
-                    || p.len() > 16
-                    || !p
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-                {
-                    return Err(ConfigError::new(
-                        "key_format.prefix",
-                        format!(
-                            "{p:?} must be 1 to 16 lowercase letters or digits, such as \"kg\""
-                        ),
-                    ));
-                }
-                format.checksum.then(|| p.clone())
-            }
-            None => None,
-        };
-        let health_path = match &doc.health_path {
-            Some(p) if !p.starts_with('/') || !path::is_normal_form(p.as_bytes()) || p.bytes().any(|b| !(0x21..0x7f).contains(&b) || b == b'?' || b == b'#') => {
-                return Err(ConfigError::new(
-                    "health_path",
-                    format!("{p:?} must be a plain path such as \"/keygate/health\": starting with \"/\", visible ASCII, no query, escapes, parameters or dot segments"),
-                ))
-            }
-            other => other.clone(),
-        };
-        let per_key_metrics = match (doc.per_key_metrics, doc.per_key_metrics_max) {
-            (_, Some(n)) if !(1..=MAX_PER_KEY_METRICS).contains(&n) => {
-                return Err(ConfigError::new(
-                    "per_key_metrics_max",
-                    format!("must be between 1 and {MAX_PER_KEY_METRICS}, got {n}"),
-                ))
-            }
-            (Some(true), max) => Some(max.unwrap_or(DEFAULT_PER_KEY_METRICS_MAX) as usize),
-            // A cap without per-key metrics is allowed (it is kept for when they are on).
-            _ => None,
-        };
-        let needs_client_ip = !allow_ips.is_empty()
-            || !deny_ips.is_empty()
-            || failed_auth_limit.is_some()
-            || keys.iter().any(|k| !k.allowed_ips.is_empty())
-            || key_sets.iter().any(|s| !s.identity.allowed_ips.is_empty());
-        Ok(Config {
-            deny_ips,
-            allow_ips,
-            trusted_proxies,
-            failed_auth_limit,
-            rate_limit_headers: doc.rate_limit_headers.unwrap_or(true),
-            shared_rate_limit: doc.shared_rate_limit.unwrap_or(false),
-            needs_client_ip,
-            checksum_prefix,
-            per_key_metrics,
-            www_authenticate: format!("ApiKey realm=\"{realm}\""),
-            realm,
-            key_sources,
-            keys,
-            index,
-            key_sets,
-            routes,
-            strip_credentials: doc.strip_credentials.unwrap_or(true),
-            allow_cors_preflight: doc.allow_cors_preflight.unwrap_or(false),
-            health_path,
-        })
     }
 
     /// The key with this digest, if it is configured (explicitly or in a key set).
@@ -950,6 +1000,381 @@ impl Config {
             }
         }
         matched
+    }
+}
+
+/// Every problem of a plugin configuration, in the order `Config::compile` checks them
+/// (its error is the first of these), each naming the element it concerns by its key id,
+/// route prefix, key set name or plan name where there is one: `keys["kg_abc"].plan`,
+/// `routes["/v1/admin"].roles[0]`, `key_sets["batch"].digests`, `plans["pro"][1].per`
+/// (names in JSON string syntax; an element whose name is empty or not unique is named by
+/// its position, `keys[3].id`). Empty when the filter would accept the document.
+pub fn problems(doc: &PluginConfig) -> Vec<ConfigError> {
+    let mut checks = Checks::new(Naming::Named(doc), true);
+    let digests = doc.key_sets.iter().map(|set| set.digests.clone()).collect();
+    checks.run(doc, digests);
+    checks.errors
+}
+
+/// [`problems`] with elements named by position, as `Config::compile` names them (its
+/// error is the first of these): for tests that the two never drift apart.
+#[doc(hidden)]
+pub fn problems_by_position(doc: &PluginConfig) -> Vec<ConfigError> {
+    let mut checks = Checks::new(Naming::Positional, true);
+    let digests = doc.key_sets.iter().map(|set| set.digests.clone()).collect();
+    checks.run(doc, digests);
+    checks.errors
+}
+
+/// [`problems`] of a policy checked on its own, without its keys: the same checks, but a
+/// document with no keys is not a problem (a store's policy holds none; its keys are added
+/// when the configuration is rendered).
+pub fn policy_problems(policy: &PluginConfig) -> Vec<ConfigError> {
+    let mut checks = Checks::new(Naming::Named(policy), false);
+    let digests = policy
+        .key_sets
+        .iter()
+        .map(|set| set.digests.clone())
+        .collect();
+    checks.run(policy, digests);
+    checks.errors
+}
+
+/// How an error names the element it is about.
+#[derive(Clone, Copy)]
+enum Naming<'d> {
+    /// By position: `keys[3]`, `routes[0]`, `key_sets[1]`, `plans.pro` (what
+    /// `Config::compile` has always said).
+    Positional,
+    /// By name where the name is unique: `keys["kg_abc"]`, `routes["/v1"]`,
+    /// `key_sets["batch"]`, `plans["pro"]`.
+    Named(&'d PluginConfig),
+}
+
+/// The checks of a configuration, each written once: `Config::compile` stops at the first
+/// problem, [`problems`] collects them all. A check that fails records its problem and the
+/// checks go on without the element (so one mistake is reported once, not again by every
+/// check that uses the element).
+struct Checks<'d> {
+    naming: Naming<'d>,
+    /// A document must have keys (false when a policy is checked on its own).
+    require_keys: bool,
+    errors: Vec<ConfigError>,
+}
+
+/// `name` in JSON string syntax, for a path.
+fn quoted_name(name: &str) -> String {
+    serde_json::to_string(name).unwrap_or_else(|_| format!("\"{name}\""))
+}
+
+impl<'d> Checks<'d> {
+    fn new(naming: Naming<'d>, require_keys: bool) -> Checks<'d> {
+        Checks {
+            naming,
+            require_keys,
+            errors: Vec::new(),
+        }
+    }
+
+    fn fail(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(ConfigError::new(path, reason));
+    }
+
+    /// The name of element `i` of a list whose elements are named by `name`, when that
+    /// name is non-empty and held by no other element.
+    fn by_name<T>(list: &str, items: &[T], i: usize, name: impl Fn(&T) -> &str) -> String {
+        match items.get(i).map(&name) {
+            Some(n) if !n.is_empty() && items.iter().filter(|x| name(x) == n).count() == 1 => {
+                format!("{list}[{}]", quoted_name(n))
+            }
+            _ => format!("{list}[{i}]"),
+        }
+    }
+
+    fn key(&self, i: usize) -> String {
+        match self.naming {
+            Naming::Positional => format!("keys[{i}]"),
+            Naming::Named(doc) => Self::by_name("keys", &doc.keys, i, |k| k.id.as_str()),
+        }
+    }
+
+    fn key_set(&self, i: usize) -> String {
+        match self.naming {
+            Naming::Positional => format!("key_sets[{i}]"),
+            Naming::Named(doc) => Self::by_name("key_sets", &doc.key_sets, i, |k| k.name.as_str()),
+        }
+    }
+
+    fn route(&self, i: usize) -> String {
+        match self.naming {
+            Naming::Positional => format!("routes[{i}]"),
+            Naming::Named(doc) => Self::by_name("routes", &doc.routes, i, |r| r.prefix.as_str()),
+        }
+    }
+
+    fn plan(&self, name: &str) -> String {
+        match self.naming {
+            Naming::Positional => format!("plans.{name}"),
+            Naming::Named(_) => format!("plans[{}]", quoted_name(name)),
+        }
+    }
+
+    /// Runs every check; the configuration when none failed.
+    fn run(&mut self, doc: &PluginConfig, set_digests: Vec<Vec<DigestPrefix>>) -> Option<Config> {
+        let realm = doc.realm.clone().unwrap_or_else(|| DEFAULT_REALM.into());
+        if realm.is_empty()
+            || !realm
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
+            self.fail(
+                "realm",
+                "must be non-empty printable ASCII without quotes or backslashes (it is sent in WWW-Authenticate)",
+            );
+        }
+
+        let key_sources = compile_key_sources(self, doc.key_sources.as_deref());
+        let routes = compile_routes(self, &doc.routes);
+
+        let mut plans = builtin_plans();
+        for (name, spec) in &doc.plans {
+            if let Err(reason) = check_word(name) {
+                let path = self.plan(name);
+                self.fail(path, reason);
+            }
+            plans.insert(name.clone(), spec.clone());
+        }
+        // A plan that fails its checks is still known by name (None), so keys on it are
+        // not reported again as naming an unknown plan.
+        let mut rates: BTreeMap<String, Option<std::sync::Arc<PlanLimits>>> = BTreeMap::new();
+        for (name, spec) in &plans {
+            let compiled = compile_plan(self, name, spec);
+            rates.insert(name.clone(), compiled.map(std::sync::Arc::new));
+        }
+        let plan_named = |checks: &mut Checks<'_>, path: String, name: &str| -> Option<Limit> {
+            match rates.get(name) {
+                Some(Some(limits)) => Some(Limit {
+                    plan: name.to_string(),
+                    rate: limits.rates.first().copied()?,
+                    limits: std::sync::Arc::clone(limits),
+                }),
+                Some(None) => None,
+                None => {
+                    checks.fail(
+                        path,
+                        format!(
+                            "unknown plan {name:?}; known plans: {}",
+                            rates
+                                .keys()
+                                .map(String::as_str)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                    None
+                }
+            }
+        };
+        let default_limit = match &doc.default_plan {
+            Some(name) => plan_named(self, "default_plan".into(), name),
+            None => None,
+        };
+        let cidrs =
+            |checks: &mut Checks<'_>, path: &str, list: &[String]| match CidrSet::parse(list) {
+                Ok(set) => set,
+                Err((i, reason)) => {
+                    checks.fail(format!("{path}[{i}]"), reason);
+                    CidrSet::default()
+                }
+            };
+        let rules = doc.ip_rules.clone().unwrap_or_default();
+        let allow_ips = cidrs(self, "ip_rules.allow", &rules.allow);
+        let deny_ips = cidrs(self, "ip_rules.deny", &rules.deny);
+        let trusted_proxies = cidrs(self, "trusted_proxies", &doc.trusted_proxies);
+        let failed_auth_limit = match &doc.failed_auth_limit {
+            Some(spec) => compile_rate(self, "failed_auth_limit", spec),
+            None => None,
+        };
+
+        let mut keys: Vec<Option<Key>> = Vec::with_capacity(doc.keys.len());
+        let mut index = KeyIndex::with_capacity(doc.keys.len());
+        let mut ids = std::collections::HashMap::with_capacity(doc.keys.len());
+        let mut key_prefixes = std::collections::HashMap::with_capacity(doc.keys.len());
+        for (i, spec) in doc.keys.iter().enumerate() {
+            let at = self.key(i);
+            let Some((mut key, digest)) = compile_key(self, &at, spec) else {
+                // Still known by its id, so that keys naming it are not reported too.
+                ids.entry(spec.id.clone()).or_insert(i);
+                keys.push(None);
+                continue;
+            };
+            let mut ok = true;
+            key.limit = match &spec.plan {
+                Some(name) => {
+                    let limit = plan_named(self, format!("{at}.plan"), name);
+                    ok &= limit.is_some() || rates.contains_key(name.as_str());
+                    limit
+                }
+                None => default_limit.clone(),
+            };
+            let errors = self.errors.len();
+            key.allowed_ips = cidrs(self, &format!("{at}.allowed_ips"), &spec.allowed_ips);
+            ok &= self.errors.len() == errors;
+            if let Some(first) = ids.insert(key.id.clone(), i) {
+                let first = self.key(first);
+                self.fail(
+                    format!("{at}.id"),
+                    format!(
+                        "duplicate id {:?} (also {first}.id); ids must be unique",
+                        key.id
+                    ),
+                );
+                keys.push(None);
+                continue;
+            }
+            // Key-set members are held by prefix: a key's digest must not share one with them.
+            key_prefixes.insert(prefix_of(&digest), i);
+            if let Err(first) = index.insert(digest, i) {
+                let first = self.key(first);
+                self.fail(
+                    format!("{at}.hash"),
+                    format!("duplicate hash (also {first}.hash); each key must be configured once"),
+                );
+                ok = false;
+            }
+            keys.push(ok.then_some(key));
+        }
+        for (i, spec) in doc.keys.iter().enumerate() {
+            let Some(other) = &spec.shares_quota_with else {
+                continue;
+            };
+            let field = format!("{}.shares_quota_with", self.key(i));
+            let Some(&j) = ids.get(other.as_str()) else {
+                self.fail(field, format!("{other:?} is not the id of a key in keys"));
+                continue;
+            };
+            if j == i {
+                self.fail(field, "a key cannot share its own quota");
+                continue;
+            }
+            if doc.keys[j].shares_quota_with.is_some() {
+                self.fail(
+                    field,
+                    format!(
+                        "key {other:?} itself shares another key's quota; name the key whose quota it is ({:?})",
+                        doc.keys[j].shares_quota_with.as_deref().unwrap_or_default()
+                    ),
+                );
+                continue;
+            }
+            if let Some(Some(key)) = keys.get_mut(i) {
+                key.bucket = format!("{BUCKET_PREFIX}{other}");
+            }
+        }
+        let mut key_sets: Vec<KeySet> = Vec::with_capacity(doc.key_sets.len());
+        for (i, (spec, digests)) in doc.key_sets.iter().zip(set_digests).enumerate() {
+            let at = self.key_set(i);
+            let Some(mut set) =
+                compile_key_set(self, &at, spec, digests, &key_prefixes, &ids, &key_sets)
+            else {
+                continue;
+            };
+            set.identity.limit = match &spec.plan {
+                Some(name) => plan_named(self, format!("{at}.plan"), name),
+                None => default_limit.clone(),
+            };
+            set.identity.allowed_ips = cidrs(self, &format!("{at}.allowed_ips"), &spec.allowed_ips);
+            key_sets.push(set);
+        }
+        let everything_public =
+            doc.routes.iter().all(|r| r.public) && doc.routes.iter().any(|r| r.prefix == "/");
+        if self.require_keys && doc.keys.is_empty() && doc.key_sets.is_empty() && !everything_public
+        {
+            self.fail(
+                "keys",
+                "no keys configured, so every request that needs a key would be refused; add at least one key",
+            );
+        }
+
+        let checksum_prefix = match &doc.key_format {
+            Some(format) => {
+                let p = &format.prefix;
+                if p.is_empty()
+                    || p.len() > 16
+                    || !p
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                {
+                    self.fail(
+                        "key_format.prefix",
+                        format!(
+                            "{p:?} must be 1 to 16 lowercase letters or digits, such as \"kg\""
+                        ),
+                    );
+                }
+                format.checksum.then(|| p.clone())
+            }
+            None => None,
+        };
+        let health_path = match &doc.health_path {
+            Some(p)
+                if !p.starts_with('/')
+                    || !path::is_normal_form(p.as_bytes())
+                    || p.bytes()
+                        .any(|b| !(0x21..0x7f).contains(&b) || b == b'?' || b == b'#') =>
+            {
+                self.fail(
+                    "health_path",
+                    format!("{p:?} must be a plain path such as \"/keygate/health\": starting with \"/\", visible ASCII, no query, escapes, parameters or dot segments"),
+                );
+                None
+            }
+            other => other.clone(),
+        };
+        let per_key_metrics = match (doc.per_key_metrics, doc.per_key_metrics_max) {
+            (_, Some(n)) if !(1..=MAX_PER_KEY_METRICS).contains(&n) => {
+                self.fail(
+                    "per_key_metrics_max",
+                    format!("must be between 1 and {MAX_PER_KEY_METRICS}, got {n}"),
+                );
+                None
+            }
+            (Some(true), max) => Some(max.unwrap_or(DEFAULT_PER_KEY_METRICS_MAX) as usize),
+            // A cap without per-key metrics is allowed (it is kept for when they are on).
+            _ => None,
+        };
+        if !self.errors.is_empty() {
+            return None;
+        }
+        let keys: Vec<Key> = keys.into_iter().flatten().collect();
+        let needs_client_ip = !allow_ips.is_empty()
+            || !deny_ips.is_empty()
+            || failed_auth_limit.is_some()
+            || keys.iter().any(|k| !k.allowed_ips.is_empty())
+            || key_sets.iter().any(|s| !s.identity.allowed_ips.is_empty());
+        Some(Config {
+            deny_ips,
+            allow_ips,
+            trusted_proxies,
+            failed_auth_limit,
+            rate_limit_headers: doc
+                .rate_limit_headers
+                .map_or(HeaderStyle::XRateLimit, RateLimitHeadersSpec::style),
+            shared_rate_limit: doc.shared_rate_limit.unwrap_or(false),
+            needs_client_ip,
+            checksum_prefix,
+            per_key_metrics,
+            www_authenticate: format!("ApiKey realm=\"{realm}\""),
+            realm,
+            key_sources,
+            keys,
+            index,
+            key_sets,
+            routes,
+            strip_credentials: doc.strip_credentials.unwrap_or(true),
+            allow_cors_preflight: doc.allow_cors_preflight.unwrap_or(false),
+            health_path,
+        })
     }
 }
 
@@ -1000,7 +1425,7 @@ fn parse<'de, R: serde_json::de::Read<'de>>(
     Ok(doc)
 }
 
-fn compile_key_sources(specs: Option<&[KeySourceSpec]>) -> Result<Vec<KeySource>, ConfigError> {
+fn compile_key_sources(checks: &mut Checks<'_>, specs: Option<&[KeySourceSpec]>) -> Vec<KeySource> {
     let defaults;
     let specs = match specs {
         Some(s) => s,
@@ -1010,72 +1435,76 @@ fn compile_key_sources(specs: Option<&[KeySourceSpec]>) -> Result<Vec<KeySource>
         }
     };
     if specs.is_empty() {
-        return Err(ConfigError::new(
+        checks.fail(
             "key_sources",
             "must name at least one header (omit the field for x-api-key and Authorization: Bearer)",
-        ));
+        );
     }
     let mut out: Vec<KeySource> = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
+        let errors = checks.errors.len();
         let header = spec.header.to_ascii_lowercase();
         if header.is_empty() || !header.bytes().all(is_tchar) {
-            return Err(ConfigError::new(
+            checks.fail(
                 format!("key_sources[{i}].header"),
                 format!("{:?} is not a valid HTTP header name", spec.header),
-            ));
-        }
-        if header.starts_with("x-keygate-") {
-            return Err(ConfigError::new(
+            );
+        } else if header.starts_with("x-keygate-") {
+            checks.fail(
                 format!("key_sources[{i}].header"),
                 "x-keygate-* headers are set by keygate itself and cannot carry keys",
-            ));
+            );
         }
         if let Some(scheme) = &spec.scheme {
             if scheme.is_empty() || !scheme.bytes().all(is_tchar) {
-                return Err(ConfigError::new(
+                checks.fail(
                     format!("key_sources[{i}].scheme"),
                     format!(
                         "{scheme:?} is not a valid authorization scheme name such as \"Bearer\""
                     ),
-                ));
+                );
             }
+        }
+        if checks.errors.len() != errors {
+            continue;
         }
         let source = KeySource {
             header,
             scheme: spec.scheme.clone(),
         };
         if out.contains(&source) {
-            return Err(ConfigError::new(
-                format!("key_sources[{i}]"),
-                "duplicate key source",
-            ));
+            checks.fail(format!("key_sources[{i}]"), "duplicate key source");
+            continue;
         }
         out.push(source);
     }
-    Ok(out)
+    out
 }
 
-fn compile_key(i: usize, spec: &KeySpec) -> Result<(Key, Digest), ConfigError> {
-    let field = |name: &str| format!("keys[{i}].{name}");
-    if spec.id.is_empty()
+/// A key's own fields; `at` names it (`keys[3]` or `keys["kg_abc"]`).
+fn compile_key(checks: &mut Checks<'_>, at: &str, spec: &KeySpec) -> Option<(Key, Digest)> {
+    let field = |name: &str| format!("{at}.{name}");
+    let id_ok = !(spec.id.is_empty()
         || spec.id.len() > 128
         || !spec
             .id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
-    {
-        return Err(ConfigError::new(
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b)));
+    if !id_ok {
+        checks.fail(
             field("id"),
             format!(
                 "{:?} is not a valid key id: use 1 to 128 letters, digits or . _ : @ -",
                 spec.id
             ),
-        ));
+        );
     }
-    let digest =
-        keys::parse_hash(&spec.hash).map_err(|reason| ConfigError::new(field("hash"), reason))?;
+    let digest = keys::parse_hash(&spec.hash)
+        .map_err(|reason| checks.fail(field("hash"), reason))
+        .ok();
     let key = compile_identity(
-        &format!("keys[{i}]"),
+        checks,
+        at,
         &spec.id,
         Identity {
             client: &spec.client,
@@ -1085,8 +1514,11 @@ fn compile_key(i: usize, spec: &KeySpec) -> Result<(Key, Digest), ConfigError> {
             expires_at: &spec.expires_at,
         },
         spec.status.unwrap_or(KeyStatus::Active),
-    )?;
-    Ok((key, digest))
+    );
+    match (id_ok, digest, key) {
+        (true, Some(digest), Some(key)) => Some((key, digest)),
+        _ => None,
+    }
 }
 
 /// The identity fields a key and a key set have in common.
@@ -1099,30 +1531,43 @@ struct Identity<'a> {
 }
 
 fn compile_identity(
+    checks: &mut Checks<'_>,
     at: &str,
     id: &str,
     identity: Identity<'_>,
     status: KeyStatus,
-) -> Result<Key, ConfigError> {
+) -> Option<Key> {
+    let errors = checks.errors.len();
     let field = |name: &str| format!("{at}.{name}");
     for (name, value) in [("client", identity.client), ("tenant", identity.tenant)] {
         if let Some(v) = value {
-            check_label(v).map_err(|reason| ConfigError::new(field(name), reason))?;
+            if let Err(reason) = check_label(v) {
+                checks.fail(field(name), reason);
+            }
         }
     }
-    check_word(identity.role).map_err(|reason| ConfigError::new(field("role"), reason))?;
+    if let Err(reason) = check_word(identity.role) {
+        checks.fail(field("role"), reason);
+    }
     for (j, scope) in identity.scopes.iter().enumerate() {
-        check_word(scope)
-            .map_err(|reason| ConfigError::new(format!("{at}.scopes[{j}]"), reason))?;
+        if let Err(reason) = check_word(scope) {
+            checks.fail(format!("{at}.scopes[{j}]"), reason);
+        }
     }
     let expires_at = match identity.expires_at {
-        Some(s) => Some(
-            time::parse_rfc3339(s)
-                .map_err(|reason| ConfigError::new(field("expires_at"), reason))?,
-        ),
+        Some(s) => match time::parse_rfc3339(s) {
+            Ok(t) => Some(t),
+            Err(reason) => {
+                checks.fail(field("expires_at"), reason);
+                None
+            }
+        },
         None => None,
     };
-    Ok(Key {
+    if checks.errors.len() != errors {
+        return None;
+    }
+    Some(Key {
         id: id.to_string(),
         client: identity.client.clone(),
         tenant: identity.tenant.clone(),
@@ -1137,16 +1582,18 @@ fn compile_identity(
     })
 }
 
-/// Checks a key set and sorts its digests; `earlier` are the sets compiled before it.
+/// Checks a key set (`at` names it) and sorts its digests; `earlier` are the sets compiled
+/// before it.
 fn compile_key_set(
-    i: usize,
+    checks: &mut Checks<'_>,
+    at: &str,
     spec: &KeySetSpec,
     mut digests: Vec<DigestPrefix>,
     key_prefixes: &std::collections::HashMap<DigestPrefix, usize>,
     ids: &std::collections::HashMap<String, usize>,
     earlier: &[KeySet],
-) -> Result<KeySet, ConfigError> {
-    let at = format!("key_sets[{i}]");
+) -> Option<KeySet> {
+    let errors = checks.errors.len();
     let name = &spec.name;
     if name.is_empty()
         || name.len() > 64
@@ -1154,26 +1601,29 @@ fn compile_key_set(
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b))
     {
-        return Err(ConfigError::new(
+        checks.fail(
             format!("{at}.name"),
             format!("{name:?} is not a valid key set name: use 1 to 64 letters, digits or . _ @ -"),
-        ));
-    }
-    if let Some(j) = earlier.iter().position(|s| &s.identity.id == name) {
-        return Err(ConfigError::new(
+        );
+    } else if let Some(j) = earlier.iter().position(|s| &s.identity.id == name) {
+        let other = checks.key_set(j);
+        checks.fail(
             format!("{at}.name"),
-            format!("duplicate key set name {name:?} (also key_sets[{j}].name)"),
-        ));
+            format!("duplicate key set name {name:?} (also {other}.name)"),
+        );
+    } else {
+        let member_prefix = format!("{name}:");
+        if let Some((id, &j)) = ids.iter().find(|(id, _)| id.starts_with(&member_prefix)) {
+            let key = checks.key(j);
+            checks.fail(
+                format!("{at}.name"),
+                format!("{key}.id {id:?} has the form of this set's member ids ({name}:<hex>); rename one of them"),
+            );
+        }
     }
-    let member_prefix = format!("{name}:");
-    if let Some((id, j)) = ids.iter().find(|(id, _)| id.starts_with(&member_prefix)) {
-        return Err(ConfigError::new(
-            format!("{at}.name"),
-            format!("keys[{j}].id {id:?} has the form of this set's member ids ({name}:<hex>); rename one of them"),
-        ));
-    }
-    let mut identity = compile_identity(
-        &at,
+    let identity = compile_identity(
+        checks,
+        at,
         name,
         Identity {
             client: &spec.client,
@@ -1183,181 +1633,264 @@ fn compile_key_set(
             expires_at: &spec.expires_at,
         },
         KeyStatus::Active,
-    )?;
-    identity.bucket = String::new();
+    );
     let field = format!("{at}.digests");
+    let digests_ok = check_set_digests(checks, &field, &mut digests, key_prefixes, earlier);
+    let mut identity = identity?;
+    if !digests_ok || checks.errors.len() != errors {
+        return None;
+    }
+    identity.bucket = String::new();
+    Some(KeySet { identity, digests })
+}
+
+/// Sorts a key set's digests and checks that each is configured once.
+fn check_set_digests(
+    checks: &mut Checks<'_>,
+    field: &str,
+    digests: &mut [DigestPrefix],
+    key_prefixes: &std::collections::HashMap<DigestPrefix, usize>,
+    earlier: &[KeySet],
+) -> bool {
     if digests.is_empty() {
-        return Err(ConfigError::new(
+        checks.fail(
             field,
             "no digests: a key set needs at least one (or remove the set)",
-        ));
+        );
+        return false;
     }
     digests.sort_unstable();
     for pair in digests.windows(2) {
         if pair[0] == pair[1] {
-            return Err(ConfigError::new(
+            checks.fail(
                 field,
                 format!(
                     "the digest {}... appears twice (members are told apart by their first {PREFIX_BYTES} bytes); each key must be configured once",
                     hex_digest(&pair[0])
                 ),
-            ));
+            );
+            return false;
         }
         if pair[0][..MEMBER_ID_BYTES] == pair[1][..MEMBER_ID_BYTES] {
-            return Err(ConfigError::new(
+            checks.fail(
                 field,
                 format!(
                     "two digests begin with the same {MEMBER_ID_BYTES} bytes ({}...), so their member ids would collide; move one of them to keys",
                     &hex_digest(&pair[0])[..2 * MEMBER_ID_BYTES]
                 ),
-            ));
+            );
+            return false;
         }
     }
-    for d in &digests {
-        if let Some(j) = key_prefixes.get(d) {
-            return Err(ConfigError::new(
+    for d in digests.iter() {
+        if let Some(&j) = key_prefixes.get(d) {
+            let key = checks.key(j);
+            checks.fail(
                 field,
                 format!(
-                    "the digest {}... is also keys[{j}].hash (members are told apart by their first {PREFIX_BYTES} bytes); each key must be configured once",
+                    "the digest {}... is also {key}.hash (members are told apart by their first {PREFIX_BYTES} bytes); each key must be configured once",
                     hex_digest(d)
                 ),
-            ));
+            );
+            return false;
         }
         if let Some(j) = earlier.iter().position(|s| s.holds(d)) {
-            return Err(ConfigError::new(
+            let set = checks.key_set(j);
+            checks.fail(
                 field,
                 format!(
-                    "the digest {}... is also in key_sets[{j}]; each key must be configured once",
+                    "the digest {}... is also in {set}; each key must be configured once",
                     hex_digest(d)
                 ),
-            ));
+            );
+            return false;
         }
     }
-    Ok(KeySet { identity, digests })
+    true
 }
 
 fn hex_digest(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn compile_rate(path: &str, spec: &RateSpec) -> Result<Rate, ConfigError> {
+/// A plan's rates: one, or a non-empty list with at most one rate per period.
+fn compile_plan(checks: &mut Checks<'_>, name: &str, spec: &PlanSpec) -> Option<PlanLimits> {
+    let at = checks.plan(name);
+    let errors = checks.errors.len();
+    let specs = spec.rates();
+    let mut rates = Vec::with_capacity(specs.len());
+    match spec {
+        PlanSpec::One(rate) => rates.extend(compile_rate(checks, &at, rate)),
+        PlanSpec::Several(list) => {
+            if list.is_empty() {
+                checks.fail(
+                    at.clone(),
+                    "an empty list of rates: give at least one, e.g. [{\"requests\": 60, \"per\": \"minute\"}]",
+                );
+            }
+            for (i, rate) in list.iter().enumerate() {
+                let path = format!("{at}[{i}]");
+                if let Some(j) = list[..i].iter().position(|r| r.per == rate.per) {
+                    checks.fail(
+                        format!("{path}.per"),
+                        format!(
+                            "a second rate per {} (also {at}[{j}]); a plan has at most one rate per period: combine them into one, with a burst if needed",
+                            rate.per.name()
+                        ),
+                    );
+                    continue;
+                }
+                rates.extend(compile_rate(checks, &path, rate));
+            }
+        }
+    }
+    (checks.errors.len() == errors).then(|| PlanLimits::new(name, rates))
+}
+
+fn compile_rate(checks: &mut Checks<'_>, path: &str, spec: &RateSpec) -> Option<Rate> {
     let in_range = |v: u64| (1..=MAX_RATE_REQUESTS).contains(&v);
     if !in_range(spec.requests) {
-        return Err(ConfigError::new(
+        checks.fail(
             format!("{path}.requests"),
             format!(
                 "must be between 1 and {MAX_RATE_REQUESTS}, got {}",
                 spec.requests
             ),
-        ));
+        );
+        return None;
     }
     let burst = spec.burst.unwrap_or(spec.requests);
     if !in_range(burst) {
-        return Err(ConfigError::new(
+        checks.fail(
             format!("{path}.burst"),
             format!("must be between 1 and {MAX_RATE_REQUESTS}, got {burst}"),
-        ));
+        );
+        return None;
     }
-    Ok(Rate {
+    Some(Rate {
         requests: spec.requests,
         period_ns: spec.per.seconds() * 1_000_000_000,
         burst,
     })
 }
 
-fn compile_routes(specs: &[RouteSpec]) -> Result<Vec<Route>, ConfigError> {
+fn compile_routes(checks: &mut Checks<'_>, specs: &[RouteSpec]) -> Vec<Route> {
     let mut routes: Vec<Route> = Vec::with_capacity(specs.len());
+    let mut reachable: Vec<Route> = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
-        let at = |name: &str| format!("routes[{i}].{name}");
+        let here = checks.route(i);
+        let at = |name: &str| format!("{here}.{name}");
         if !spec.prefix.starts_with('/')
             || spec
                 .prefix
                 .bytes()
                 .any(|b| b <= b' ' || b == b'?' || b == 0x7f)
         {
-            return Err(ConfigError::new(
+            checks.fail(
                 at("prefix"),
                 format!(
                     "{:?} must start with \"/\" and contain no spaces, control characters or \"?\"",
                     spec.prefix
                 ),
-            ));
+            );
+            continue;
         }
         if !path::is_normal_form(spec.prefix.as_bytes()) {
-            return Err(ConfigError::new(
+            checks.fail(
                 at("prefix"),
                 format!(
                     "{:?} is not a path as upstreams route it: write it decoded, without \"%\" escapes, \";\" parameters, \"\\\", repeated slashes or \".\" and \"..\" segments",
                     spec.prefix
                 ),
-            ));
+            );
+            continue;
         }
-        if let Some((j, earlier)) = routes
+        // Every earlier route with a valid prefix, whatever else is wrong with it.
+        let covering = reachable
             .iter()
-            .enumerate()
-            .find(|(_, r)| r.matches(&spec.prefix))
-        {
-            return Err(ConfigError::new(
+            .find(|r| r.matches(&spec.prefix))
+            .map(|r| (r.index, r.prefix.clone()));
+        reachable.push(Route {
+            prefix: spec.prefix.clone(),
+            index: i,
+            label: String::new(),
+            public: false,
+            methods: Vec::new(),
+            roles: Vec::new(),
+            scopes: Vec::new(),
+        });
+        if let Some((j, earlier)) = covering {
+            let other = checks.route(j);
+            checks.fail(
                 at("prefix"),
                 format!(
-                    "{:?} is never reached: routes[{j}] ({:?}) matches every such path first; put the longer prefix first",
-                    spec.prefix, earlier.prefix
+                    "{:?} is never reached: {other} ({earlier:?}) matches every such path first; put the longer prefix first",
+                    spec.prefix
                 ),
-            ));
+            );
+            continue;
         }
-        let list =
-            |name: &str, values: &Option<Vec<String>>, check: fn(&str) -> Result<(), String>| {
-                let Some(values) = values else {
-                    return Ok(Vec::new());
-                };
-                if values.is_empty() {
-                    return Err(ConfigError::new(
-                        at(name),
-                        "must not be empty; omit the field to place no requirement",
-                    ));
-                }
-                for (j, v) in values.iter().enumerate() {
-                    check(v).map_err(|reason| {
-                        ConfigError::new(format!("routes[{i}].{name}[{j}]"), reason)
-                    })?;
-                }
-                Ok(values.clone())
+        let errors = checks.errors.len();
+        let list = |checks: &mut Checks<'_>,
+                    name: &str,
+                    values: &Option<Vec<String>>,
+                    check: fn(&str) -> Result<(), String>| {
+            let Some(values) = values else {
+                return Vec::new();
             };
+            if values.is_empty() {
+                checks.fail(
+                    at(name),
+                    "must not be empty; omit the field to place no requirement",
+                );
+            }
+            for (j, v) in values.iter().enumerate() {
+                if let Err(reason) = check(v) {
+                    checks.fail(format!("{here}.{name}[{j}]"), reason);
+                }
+            }
+            values.clone()
+        };
         let label = match &spec.name {
             Some(name) => {
-                check_route_name(name).map_err(|reason| ConfigError::new(at("name"), reason))?;
-                if let Some(j) = routes.iter().position(|r| &r.label == name) {
-                    return Err(ConfigError::new(
+                if let Err(reason) = check_route_name(name) {
+                    checks.fail(at("name"), reason);
+                } else if let Some(j) = routes.iter().find(|r| &r.label == name).map(|r| r.index) {
+                    let other = checks.route(j);
+                    checks.fail(
                         at("name"),
                         format!(
-                            "duplicate name {name:?} (also routes[{j}].name); names must be unique"
+                            "duplicate name {name:?} (also {other}.name); names must be unique"
                         ),
-                    ));
+                    );
                 }
                 name.clone()
             }
             None => spec.prefix.clone(),
         };
-        let route = Route {
+        let methods = list(checks, "methods", &spec.methods, check_method);
+        let roles = list(checks, "roles", &spec.roles, check_word);
+        let scopes = list(checks, "scopes", &spec.scopes, check_word);
+        if spec.public && !(methods.is_empty() && roles.is_empty() && scopes.is_empty()) {
+            checks.fail(
+                here.clone(),
+                "a public route needs no key, so it cannot also require methods, roles or scopes",
+            );
+        }
+        if checks.errors.len() != errors {
+            continue;
+        }
+        routes.push(Route {
             prefix: spec.prefix.clone(),
             index: i,
             label,
             public: spec.public,
-            methods: list("methods", &spec.methods, check_method)?,
-            roles: list("roles", &spec.roles, check_word)?,
-            scopes: list("scopes", &spec.scopes, check_word)?,
-        };
-        if route.public
-            && !(route.methods.is_empty() && route.roles.is_empty() && route.scopes.is_empty())
-        {
-            return Err(ConfigError::new(
-                format!("routes[{i}]"),
-                "a public route needs no key, so it cannot also require methods, roles or scopes",
-            ));
-        }
-        routes.push(route);
+            methods,
+            roles,
+            scopes,
+        });
     }
-    Ok(routes)
+    routes
 }
 
 /// A route's metric name: 1 to 64 of `[A-Za-z0-9_-]`, and not `none` (the label of

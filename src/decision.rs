@@ -5,13 +5,13 @@
 //! and last the key's rate limit (429). A request without a valid key never sees a 403
 //! about its key, and a refused request never takes from the key's quota.
 
-use crate::config::{Config, Key, KeyRef, KeyStatus, Route};
+use crate::config::{self, Config, HeaderStyle, Key, KeyRef, KeyStatus, Limit, PlanLimits, Route};
 use crate::credentials::{self, Credential, Header};
 use crate::failedauth;
 use crate::ip::{self, Peer};
 use crate::keys;
 use crate::path;
-use crate::ratelimit::{self, Leases, LimitError, Store, Verdict};
+use crate::ratelimit::{self, Leases, LimitError, Rate, Store, Verdict};
 use std::borrow::Cow;
 use std::net::IpAddr;
 
@@ -206,6 +206,89 @@ impl Quota {
     }
 }
 
+/// Response headers keygate adds about a key's quota: `(name, value)`, names lowercase.
+pub type QuotaHeaders = Vec<(&'static str, String)>;
+
+/// Which of a plan's buckets the X-RateLimit-* headers report: on a refusal, the bucket
+/// whose wait is longest (the one `Retry-After` is about); else the one closest to running
+/// out, with the smallest share of its capacity left (`remaining / burst`; the first such
+/// in plan order on a tie).
+pub fn shown_limit(rates: &[Rate], verdicts: &[Verdict]) -> usize {
+    let mut refusing: Option<(usize, u64)> = None;
+    for (i, v) in verdicts.iter().enumerate() {
+        if !v.admitted && refusing.is_none_or(|(_, wait)| v.retry_after_s > wait) {
+            refusing = Some((i, v.retry_after_s));
+        }
+    }
+    if let Some((i, _)) = refusing {
+        return i;
+    }
+    let mut best = 0;
+    for (i, (rate, v)) in rates.iter().zip(verdicts).enumerate() {
+        let (br, bv) = (&rates[best], &verdicts[best]);
+        // remaining_i / burst_i < remaining_best / burst_best, without division.
+        if u128::from(v.remaining) * u128::from(br.burst)
+            < u128::from(bv.remaining) * u128::from(rate.burst)
+        {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The X-RateLimit-* headers of a quota.
+pub fn x_ratelimit_headers(q: &Quota) -> QuotaHeaders {
+    vec![
+        ("x-ratelimit-limit", q.limit.to_string()),
+        ("x-ratelimit-remaining", q.remaining.to_string()),
+        ("x-ratelimit-reset", q.reset_s.to_string()),
+    ]
+}
+
+/// The IETF headers of draft-ietf-httpapi-ratelimit-headers-11 (sections 3 and 4), one
+/// item per rate of the plan, named `"<plan>/<per>"`:
+///
+/// - `RateLimit-Policy: "pro/minute";q=60;w=60, "pro/day";q=1000;w=86400` (the plan, fixed;
+///   `;keygate-burst=N` when the bucket holds other than `q`);
+/// - `RateLimit: "pro/minute";r=59;t=1, "pro/day";r=999;t=87`: `r`, the whole tokens left;
+///   `t`, the seconds until that bucket is full again, except for a bucket that refused
+///   the request, whose `t` is the seconds until it holds a token (so that no `t` of a
+///   refusing policy ends after `Retry-After`).
+pub fn ietf_headers(limits: &PlanLimits, verdicts: &[Verdict]) -> QuotaHeaders {
+    let items: Vec<String> = limits
+        .policy_names
+        .iter()
+        .zip(verdicts)
+        .map(|(name, v)| {
+            let t = if v.admitted {
+                v.reset_s
+            } else {
+                v.retry_after_s
+            };
+            format!("{name};r={};t={t}", v.remaining)
+        })
+        .collect();
+    vec![
+        ("ratelimit-policy", limits.policy_header.clone()),
+        ("ratelimit", items.join(", ")),
+    ]
+}
+
+/// The headers `style` asks for, about the buckets of `limit` after a request.
+fn quota_headers(style: HeaderStyle, limit: &Limit, verdicts: &[Verdict]) -> QuotaHeaders {
+    match style {
+        HeaderStyle::Off => Vec::new(),
+        HeaderStyle::XRateLimit => {
+            let i = shown_limit(limit.rates(), verdicts);
+            match (limit.rates().get(i), verdicts.get(i)) {
+                (Some(rate), Some(v)) => x_ratelimit_headers(&Quota::of(rate.requests, v)),
+                _ => Vec::new(),
+            }
+        }
+        HeaderStyle::Ietf => ietf_headers(&limit.limits, verdicts),
+    }
+}
+
 /// A refused request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial<'c> {
@@ -215,8 +298,10 @@ pub struct Denial<'c> {
     pub subject: Subject<'c>,
     /// Seconds to send in Retry-After (429s).
     pub retry_after_s: Option<u64>,
-    /// The key's quota (429 rate_limited).
+    /// The key's quota (429 rate_limited): the limit X-RateLimit-* report.
     pub quota: Option<Quota>,
+    /// The rate-limit headers to send (429 rate_limited), in the configured style.
+    pub quota_headers: QuotaHeaders,
     /// The limiter could not be consulted (contention or a host failure): refused to stay
     /// within the limit, and counted separately.
     pub limiter_failure: Option<LimitError>,
@@ -241,6 +326,7 @@ impl<'c> Denial<'c> {
             subject,
             retry_after_s: None,
             quota: None,
+            quota_headers: Vec::new(),
             limiter_failure: None,
             client_ip: None,
             detail: None,
@@ -327,11 +413,21 @@ pub struct Admission<'c> {
     /// Request headers to remove: client-sent `x-keygate-*`, and the key's carriers
     /// when `strip_credentials` is on.
     pub remove: Vec<String>,
-    /// The key's quota, when it has a plan and headers are on.
+    /// The key's quota, when it has a plan and headers are on: the limit X-RateLimit-*
+    /// report.
     pub quota: Option<Quota>,
+    /// The rate-limit headers to add to the response, in the configured style.
+    pub quota_headers: QuotaHeaders,
     /// The rule the request is counted under (see `Matched::label_rule`).
     pub route: Option<&'c Route>,
+    /// With a shared limit (`shared_rate_limit`): the id of the key whose quota the request
+    /// spends, forwarded as `x-keygate-quota-id` for the rate-limit descriptor: the key's
+    /// own id, or for a key that `shares_quota_with` another, that key's id.
+    pub quota_id: Option<Cow<'c, str>>,
 }
+
+/// Request header naming whose quota a request spends, for a shared limit.
+pub const QUOTA_ID_HEADER: &str = "x-keygate-quota-id";
 
 impl Admission<'_> {
     /// Identity headers to set upstream, after the removals.
@@ -350,9 +446,13 @@ impl Admission<'_> {
         if !key.scopes_header.is_empty() {
             out.push(("x-keygate-scopes", &key.scopes_header));
         }
-        // The plan, for a shared limit: Envoy's ratelimit filter reads it with the key id.
+        // The plan, for a shared limit: Envoy's ratelimit filter reads it with the key id
+        // (or, where the quota id is sent, with that).
         if let Some(limit) = &key.limit {
             out.push(("x-keygate-plan", &limit.plan));
+        }
+        if let Some(quota_id) = &self.quota_id {
+            out.push((QUOTA_ID_HEADER, quota_id));
         }
         if let Some(tenant) = &key.tenant {
             out.push(("x-tenant-id", tenant));
@@ -452,7 +552,9 @@ pub fn decide<'c, S: Store + ?Sized>(
             key: None,
             remove,
             quota: None,
+            quota_headers: Vec::new(),
             route,
+            quota_id: None,
         });
     }
 
@@ -462,7 +564,9 @@ pub fn decide<'c, S: Store + ?Sized>(
             key: None,
             remove,
             quota: None,
+            quota_headers: Vec::new(),
             route,
+            quota_id: None,
         });
     }
 
@@ -533,22 +637,34 @@ pub fn decide<'c, S: Store + ?Sized>(
     }
 
     let mut quota = None;
+    let mut quota_headers = Vec::new();
     if let Some(limit) = &key.limit {
-        match ratelimit::take_leased(store, leases, &entry.bucket, &limit.rate, now_ns) {
-            Ok(v) if v.admitted => quota = Some(Quota::of(limit.rate.requests, &v)),
-            Ok(v) => {
+        let refuse = |d: Denial<'c>| -> Decision<'c> { Err(d) };
+        match take_quota(config, limit, &entry.bucket, store, leases, now_ns) {
+            Ok(Taken {
+                admitted: true,
+                quota: q,
+                headers,
+            }) => {
+                quota = Some(q);
+                quota_headers = headers;
+            }
+            Ok(Taken {
+                quota: q, headers, ..
+            }) => {
                 let mut d = deny(Reason::RateLimited, who(), client_ip);
-                d.retry_after_s = Some(v.retry_after_s);
-                d.quota = config
-                    .rate_limit_headers
-                    .then(|| Quota::of(limit.rate.requests, &v));
-                return Err(d);
+                d.retry_after_s = Some(q.retry_after_s);
+                if config.rate_limit_headers != HeaderStyle::Off {
+                    d.quota = Some(q.shown);
+                    d.quota_headers = headers;
+                }
+                return refuse(d);
             }
             Err(e) => {
                 let mut d = deny(Reason::RateLimited, who(), client_ip);
                 d.retry_after_s = Some(1);
                 d.limiter_failure = Some(e);
-                return Err(d);
+                return refuse(d);
             }
         }
     }
@@ -561,12 +677,124 @@ pub fn decide<'c, S: Store + ?Sized>(
             }
         }
     }
+    let quota_id = if config.shared_rate_limit && key.limit.is_some() {
+        Some(quota_id(&entry.bucket))
+    } else {
+        None
+    };
     Ok(Admission {
+        quota_id,
         key: Some(entry),
         remove,
         // With a shared limit after keygate, that limit's service reports the quota.
-        quota: quota.filter(|_| config.rate_limit_headers && !config.shared_rate_limit),
+        quota: quota
+            .map(|q| q.shown)
+            .filter(|_| config.rate_limit_headers != HeaderStyle::Off && !config.shared_rate_limit),
+        quota_headers: if config.shared_rate_limit {
+            Vec::new()
+        } else {
+            quota_headers
+        },
         route,
+    })
+}
+
+/// The key id a bucket name belongs to (`keygate:bucket:<id>`).
+fn quota_id<'c>(bucket: &Cow<'c, str>) -> Cow<'c, str> {
+    match bucket {
+        Cow::Borrowed(b) => Cow::Borrowed(b.strip_prefix(config::BUCKET_PREFIX).unwrap_or(b)),
+        Cow::Owned(b) => Cow::Owned(
+            b.strip_prefix(config::BUCKET_PREFIX)
+                .unwrap_or(b)
+                .to_string(),
+        ),
+    }
+}
+
+/// A key's quota after its request took (or failed to take) from the plan's buckets.
+struct Taken {
+    admitted: bool,
+    quota: TakenQuota,
+    headers: QuotaHeaders,
+}
+
+struct TakenQuota {
+    /// The limit X-RateLimit-* report.
+    shown: Quota,
+    /// Seconds until every bucket admits (refused requests).
+    retry_after_s: u64,
+}
+
+/// Takes a token from each of the plan's buckets (`bucket` is the key's own, or the one
+/// it shares). A plan with one rate takes through this worker's leases, with no more
+/// shared-data calls than before plans could have several rates; one with several takes
+/// from each bucket in turn, all or none ([`ratelimit::take_each`]).
+fn take_quota<S: Store + ?Sized>(
+    config: &Config,
+    limit: &Limit,
+    bucket: &str,
+    store: &S,
+    leases: &mut Leases,
+    now_ns: u64,
+) -> Result<Taken, LimitError> {
+    let style = config.rate_limit_headers;
+    // With a shared limit after keygate, admitted requests get that limit's headers.
+    let style_if_admitted = if config.shared_rate_limit {
+        HeaderStyle::Off
+    } else {
+        style
+    };
+    let rates = limit.rates();
+    if rates.len() <= 1 {
+        let v = ratelimit::take_leased(store, leases, bucket, &limit.rate, now_ns)?;
+        let shown = Quota::of(limit.rate.requests, &v);
+        let headers = match if v.admitted { style_if_admitted } else { style } {
+            HeaderStyle::Off => Vec::new(),
+            HeaderStyle::XRateLimit => x_ratelimit_headers(&shown),
+            HeaderStyle::Ietf => ietf_headers(&limit.limits, std::slice::from_ref(&v)),
+        };
+        return Ok(Taken {
+            admitted: v.admitted,
+            quota: TakenQuota {
+                shown,
+                retry_after_s: v.retry_after_s,
+            },
+            headers,
+        });
+    }
+    let names: Vec<std::borrow::Cow<'_, str>> = (0..rates.len())
+        .map(|i| config::bucket_name(bucket, i))
+        .collect();
+    let names: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
+    let vs = ratelimit::take_each(store, &names, rates, now_ns)?;
+    let i = shown_limit(rates, &vs.each);
+    let shown = match (rates.get(i), vs.each.get(i)) {
+        (Some(rate), Some(v)) => Quota::of(rate.requests, v),
+        _ => Quota::of(
+            limit.rate.requests,
+            &Verdict {
+                admitted: vs.admitted,
+                remaining: 0,
+                retry_after_s: 1,
+                reset_s: 0,
+            },
+        ),
+    };
+    Ok(Taken {
+        admitted: vs.admitted,
+        quota: TakenQuota {
+            shown,
+            retry_after_s: vs.retry_after_s().max(u64::from(!vs.admitted)),
+        },
+        headers: quota_headers(
+            if vs.admitted {
+                style_if_admitted
+            } else {
+                style
+            },
+            limit,
+            &vs.each,
+        ),
     })
 }
 

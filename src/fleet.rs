@@ -5,12 +5,14 @@
 //! The descriptor contract with Envoy's `envoy.filters.http.ratelimit` filter is fixed:
 //! domain [`DOMAIN`], one descriptor per request whose entries are, in order,
 //! [`PLAN_ENTRY`] (the key's plan, from `x-keygate-plan`) and [`KEY_ID_ENTRY`] (from
-//! `x-keygate-key-id`). Each plan becomes one limit counted per key id.
+//! `x-keygate-quota-id`: the id of the key whose budget is spent, a rotated key's
+//! predecessor's for its successor; configurations from before it read
+//! `x-keygate-key-id`). Each rate of a plan becomes one limit counted per key id.
 //!
 //! Both services count fixed windows, not keygate's token bucket; every rendering says so
 //! in a comment at its top, and names the plans whose `burst` it cannot express.
 
-use crate::config::{self, Per, PluginConfig, RateSpec};
+use crate::config::{self, Per, PlanSpec, PluginConfig};
 use crate::store::{self, admin, Error, Store};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -21,7 +23,8 @@ use std::time::{Duration, Instant};
 pub const DOMAIN: &str = "keygate";
 /// The first descriptor entry: the key's plan (`x-keygate-plan`).
 pub const PLAN_ENTRY: &str = "plan";
-/// The second descriptor entry: the key's id (`x-keygate-key-id`).
+/// The second descriptor entry: the id of the key whose budget is spent
+/// (`x-keygate-quota-id`; `x-keygate-key-id` in configurations from before it).
 pub const KEY_ID_ENTRY: &str = "key_id";
 /// The Limitador release whose limits file [`limitador_yaml`] writes.
 pub const LIMITADOR_VERSION: &str = "2.4.0";
@@ -29,10 +32,10 @@ pub const LIMITADOR_VERSION: &str = "2.4.0";
 /// Every plan the filter knows, as `Config::compile` builds them: the built-in plans,
 /// with the policy's `plans` added or overriding them by name. The policy is assumed to
 /// be valid ([`Store::validate`]), so every rate is within the filter's bounds.
-pub fn plans(policy: &PluginConfig) -> BTreeMap<String, RateSpec> {
+pub fn plans(policy: &PluginConfig) -> BTreeMap<String, PlanSpec> {
     let mut plans = config::builtin_plans();
     for (name, spec) in &policy.plans {
-        plans.insert(name.clone(), *spec);
+        plans.insert(name.clone(), spec.clone());
     }
     plans
 }
@@ -95,7 +98,8 @@ fn preamble(
     about: &str,
     service: &str,
     window: &str,
-    plans: &BTreeMap<String, RateSpec>,
+    plans: &BTreeMap<String, PlanSpec>,
+    one_rate_per_plan: bool,
 ) {
     comment(out, about);
     out.push_str("#\n");
@@ -103,8 +107,10 @@ fn preamble(
         out,
         &format!(
             "Envoy's ratelimit filter calls {service} with domain {DOMAIN:?} and one descriptor per \
-             request: ({PLAN_ENTRY}, <x-keygate-plan>), ({KEY_ID_ENTRY}, <x-keygate-key-id>). Each \
-             plan below is counted per key id, and shared by every Envoy that calls this service. \
+             request: ({PLAN_ENTRY}, <x-keygate-plan>), ({KEY_ID_ENTRY}, <x-keygate-quota-id>), the \
+             quota id being the key's id, or for a rotated key's successor its predecessor's \
+             (configurations from before keygate sent it read x-keygate-key-id). Each plan \
+             below is counted per key id, and shared by every Envoy that calls this service. \
              A request without a plan (a key with none, and no default_plan) matches no limit here."
         ),
     );
@@ -117,20 +123,30 @@ fn preamble(
              a whole window's requests at once, and up to twice them across a window boundary. \
              keygate's filter, and keygate-ratelimit, keep a token bucket (burst tokens, refilled \
              continuously at requests per period). A plan whose burst differs from its requests \
-             is approximated by requests per window."
+             is approximated by requests per window. A plan with several rates needs a \
+             request to fit every one of them."
         ),
     );
-    let approximated: Vec<String> = plans
-        .iter()
-        .filter_map(|(name, spec)| {
-            let burst = spec.burst.filter(|&b| b != spec.requests)?;
-            Some(format!(
-                "#   {name}: burst {burst} not expressed; {} requests per {} window",
-                spec.requests,
-                unit(spec.per)
-            ))
-        })
-        .collect();
+    let mut approximated: Vec<String> = Vec::new();
+    for (name, plan) in plans {
+        for (i, spec) in plan.rates().iter().enumerate() {
+            if one_rate_per_plan && i > 0 {
+                approximated.push(format!(
+                    "#   {name}: {} requests per {} not expressed (one limit per descriptor here; only the plan's first rate is)",
+                    spec.requests,
+                    unit(spec.per)
+                ));
+                continue;
+            }
+            if let Some(burst) = spec.burst.filter(|&b| b != spec.requests) {
+                approximated.push(format!(
+                    "#   {name}: burst {burst} not expressed; {} requests per {} window",
+                    spec.requests,
+                    unit(spec.per)
+                ));
+            }
+        }
+    }
     if !approximated.is_empty() {
         out.push_str("# Approximated here:\n");
         for line in approximated {
@@ -143,8 +159,10 @@ fn preamble(
 /// The configuration of envoyproxy/ratelimit (github.com/envoyproxy/ratelimit, its
 /// README's "Configuration"): domain [`DOMAIN`], one descriptor per plan
 /// (`key: plan`, `value: <name>`) with a nested `key: key_id` without a value (one counter
-/// per distinct key id) carrying `rate_limit: {unit, requests_per_unit}`.
-pub fn envoy_ratelimit_yaml(plans: &BTreeMap<String, RateSpec>) -> String {
+/// per distinct key id) carrying `rate_limit: {unit, requests_per_unit}`. The service
+/// takes one limit per descriptor, so a plan with several rates is rendered with its first
+/// one, and the others are named at the top as not expressed.
+pub fn envoy_ratelimit_yaml(plans: &BTreeMap<String, PlanSpec>) -> String {
     let mut out = String::new();
     preamble(
         &mut out,
@@ -155,10 +173,14 @@ pub fn envoy_ratelimit_yaml(plans: &BTreeMap<String, RateSpec>) -> String {
         "envoyproxy/ratelimit",
         "each second, minute, hour or day of the clock",
         plans,
+        true,
     );
     let _ = writeln!(out, "domain: {DOMAIN}");
     out.push_str("descriptors:\n");
-    for (name, spec) in plans {
+    for (name, plan) in plans {
+        let Some(spec) = plan.rates().first() else {
+            continue;
+        };
         let _ = write!(
             out,
             "  - key: {PLAN_ENTRY}\n    value: {}\n    descriptors:\n      - key: {KEY_ID_ENTRY}\n        \
@@ -175,8 +197,10 @@ pub fn envoy_ratelimit_yaml(plans: &BTreeMap<String, RateSpec>) -> String {
 /// for its Envoy RLS interface: one limit per plan in namespace [`DOMAIN`] (the RLS
 /// domain), `max_value` requests per `seconds`, the CEL condition
 /// `descriptors[0]['plan'] == '<name>'` and the variable `descriptors[0]['key_id']` (a
-/// counter per key id).
-pub fn limitador_yaml(plans: &BTreeMap<String, RateSpec>) -> String {
+/// counter per key id). A plan with several rates is several limits with the same
+/// condition (Limitador admits a request only when every limit it matches does), named
+/// `keygate plan <name> per <unit>`.
+pub fn limitador_yaml(plans: &BTreeMap<String, PlanSpec>) -> String {
     let mut out = String::new();
     preamble(
         &mut out,
@@ -191,15 +215,23 @@ pub fn limitador_yaml(plans: &BTreeMap<String, RateSpec>) -> String {
         "Limitador",
         "each starting with the first request counted after the previous window ended",
         plans,
+        false,
     );
     out.push_str("---\n");
-    for (name, spec) in plans {
+    for (name, plan, spec) in plans
+        .iter()
+        .flat_map(|(name, plan)| plan.rates().iter().map(move |spec| (name, plan, spec)))
+    {
         let condition = format!("descriptors[0]['{PLAN_ENTRY}'] == {}", cel_string(name));
+        let title = match plan {
+            PlanSpec::One(_) => format!("keygate plan {name}"),
+            PlanSpec::Several(_) => format!("keygate plan {name} per {}", unit(spec.per)),
+        };
         let _ = write!(
             out,
             "- namespace: {DOMAIN}\n  name: {}\n  max_value: {}\n  seconds: {}\n  conditions:\n    - {}\n  \
              variables:\n    - {}\n",
-            quoted(&format!("keygate plan {name}")),
+            quoted(&title),
             spec.requests,
             spec.per.seconds(),
             quoted(&condition),
@@ -432,7 +464,7 @@ mod tests {
             names,
             ["daily", "enterprise", "free", "per-second", "pro", "yes"]
         );
-        assert_eq!(plans["pro"].burst, Some(20));
+        assert_eq!(plans["pro"].rates()[0].burst, Some(20));
         assert_eq!(plans["free"], config::builtin_plans()["free"]);
         // The filter compiles the same set: every name is a plan it knows.
         let mut plugin = policy();
@@ -456,7 +488,7 @@ mod tests {
         let compiled = config::Config::compile(&plugin).unwrap();
         for key in &compiled.keys {
             let limit = key.limit.as_ref().unwrap();
-            let spec = plans[&limit.plan];
+            let spec = plans[&limit.plan].rates()[0];
             assert_eq!(limit.rate.requests, spec.requests, "{}", limit.plan);
             assert_eq!(limit.rate.period_ns, spec.per.seconds() * 1_000_000_000);
         }
@@ -546,11 +578,12 @@ mod tests {
         let mut plugin = PluginConfig::default();
         plugin.plans.insert(
             name.into(),
-            RateSpec {
+            config::RateSpec {
                 requests: 3,
                 per: Per::Second,
                 burst: None,
-            },
+            }
+            .into(),
         );
         let plans = plans(&plugin);
         let root: RatelimitRoot = serde_norway::from_str(&envoy_ratelimit_yaml(&plans)).unwrap();
@@ -568,6 +601,50 @@ mod tests {
             condition, r#"descriptors[0]['plan'] == 'we\'ird\\"plan*'"#,
             "CEL escapes for ' and \\"
         );
+    }
+
+    #[test]
+    fn plans_with_several_rates_render_as_far_as_each_service_can() {
+        let plugin = PluginConfig::from_json(
+            br#"{"plans": {"two": [{"requests": 60, "per": "minute"}, {"requests": 1000, "per": "day"}]}}"#,
+        )
+        .unwrap();
+        let plans = plans(&plugin);
+        // Limitador: one limit per rate, both on the plan's condition.
+        let limits: Vec<LimitadorLimit> = serde_norway::from_str(&limitador_yaml(&plans)).unwrap();
+        let two: Vec<(Option<&str>, u64, u64)> = limits
+            .iter()
+            .filter(|l| l.conditions[0].ends_with("== 'two'"))
+            .map(|l| (l.name.as_deref(), l.max_value, l.seconds))
+            .collect();
+        assert_eq!(
+            two,
+            [
+                (Some("keygate plan two per minute"), 60, 60),
+                (Some("keygate plan two per day"), 1000, 86_400)
+            ]
+        );
+        assert!(limits
+            .iter()
+            .all(|l| l.variables == ["descriptors[0]['key_id']"]));
+        // envoyproxy/ratelimit: one limit per descriptor; the first rate, the other named.
+        let text = envoy_ratelimit_yaml(&plans);
+        let root: RatelimitRoot = serde_norway::from_str(&text).unwrap();
+        let d = root
+            .descriptors
+            .iter()
+            .find(|d| d.value.as_deref() == Some("two"))
+            .unwrap();
+        let limit = d.descriptors[0].rate_limit.as_ref().unwrap();
+        assert_eq!(
+            (limit.unit.as_str(), limit.requests_per_unit),
+            ("minute", 60)
+        );
+        assert!(
+            text.contains("#   two: 1000 requests per day not expressed"),
+            "{text}"
+        );
+        assert!(!limitador_yaml(&plans).contains("not expressed (one limit"));
     }
 
     #[test]

@@ -96,6 +96,14 @@ impl Bucket {
         (b, b.verdict(rate, taken > 0), taken)
     }
 
+    /// One token given back (by a request another bucket refused), never beyond capacity.
+    pub fn give_back(self, rate: &Rate, now_ns: u64) -> Bucket {
+        let mut b = self.refilled(rate, now_ns);
+        let cap = capacity(rate);
+        b.nanotokens = b.nanotokens.saturating_add(NANOS_PER_TOKEN as u64).min(cap);
+        b
+    }
+
     /// The verdict for the current state without taking anything.
     pub fn peek(self, rate: &Rate, now_ns: u64) -> Verdict {
         let b = self.refilled(rate, now_ns);
@@ -359,6 +367,80 @@ pub fn take_leased<S: Store + ?Sized>(
     Ok(Verdict {
         remaining: verdict.remaining.saturating_add(lease.tokens),
         ..verdict
+    })
+}
+
+/// What one request found in each of its plan's buckets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdicts {
+    /// A token was taken from every bucket (else from none).
+    pub admitted: bool,
+    /// Each bucket's state after the request, in the plan's order. When refused: the
+    /// buckets that refused (`admitted: false`, with their time until a token), the
+    /// others as they stand.
+    pub each: Vec<Verdict>,
+}
+
+impl Verdicts {
+    /// Seconds until every bucket holds a token again (0 when admitted).
+    pub fn retry_after_s(&self) -> u64 {
+        self.each.iter().map(|v| v.retry_after_s).max().unwrap_or(0)
+    }
+}
+
+/// Takes one token from each of several buckets (`buckets[i]` at `rates[i]`, a plan with
+/// several rates), or none: a request needs a token from every bucket.
+///
+/// Each bucket is taken from in turn by the compare-and-swap loop of [`take`]; when one
+/// refuses (or fails), the tokens already taken are given back, each by the same loop, and
+/// the buckets not reached are only read (for `Retry-After`). Every admitted request thus
+/// holds a token of every bucket, so no bucket ever admits more than its own rate allows,
+/// whatever the interleaving of workers. What races remain only ever refuse more: a request
+/// that looks at a bucket between another's take and give-back finds one token fewer than
+/// there will be, and a give-back that cannot be written (contention beyond
+/// [`MAX_ATTEMPTS`], a host failure) loses that token (the bucket refills as usual).
+/// No leases: every token comes straight from the shared bucket.
+pub fn take_each<S: Store + ?Sized>(
+    store: &S,
+    buckets: &[&str],
+    rates: &[Rate],
+    now_ns: u64,
+) -> Result<Verdicts, LimitError> {
+    let mut each: Vec<Verdict> = Vec::with_capacity(rates.len());
+    for (i, (key, rate)) in buckets.iter().zip(rates).enumerate() {
+        let outcome = take(store, key, rate, now_ns, 1);
+        if let Ok(v) = outcome {
+            if v.admitted {
+                each.push(v);
+                continue;
+            }
+        }
+        // Refused or failed here: give back what the earlier buckets gave.
+        for (key, rate) in buckets[..i].iter().zip(rates) {
+            let _ = update(store, key, rate, now_ns, |bucket| {
+                let next = bucket.give_back(rate, now_ns);
+                (next, next.peek(rate, now_ns), 0)
+            });
+        }
+        let refused = outcome?;
+        let mut each: Vec<Verdict> = Vec::with_capacity(rates.len());
+        for (j, (key, rate)) in buckets.iter().zip(rates).enumerate() {
+            if j == i {
+                each.push(refused);
+                continue;
+            }
+            let v = peek(store, key, rate, now_ns)?;
+            // A bucket that holds a token would not refuse; one that holds none would too.
+            each.push(v);
+        }
+        return Ok(Verdicts {
+            admitted: false,
+            each,
+        });
+    }
+    Ok(Verdicts {
+        admitted: true,
+        each,
     })
 }
 

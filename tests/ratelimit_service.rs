@@ -151,7 +151,8 @@ fn write_store(path: &Path, plans: &[(&str, u64, Per, Option<u64>)]) {
                 requests: *requests,
                 per: *per,
                 burst: *burst,
-            },
+            }
+            .into(),
         );
     }
     let json = serde_json::to_vec_pretty(&store).expect("serialise the store");
@@ -673,4 +674,74 @@ async fn redis_failure_is_unavailable_at_once_and_recovery_needs_no_restart() {
         (1..=seconds + 2).contains(&errors),
         "{errors} error lines in {seconds} s (over 26 failed calls):\n{log}"
     );
+}
+
+/// A store whose policy has `plans` (on top of the built-in ones) and asks for
+/// `rate_limit_headers`, as JSON the way `keygate` writes it.
+fn write_store_json(path: &Path, plans: serde_json::Value, headers: serde_json::Value) {
+    let mut store = Store::new(None, "/etc/keygate/keygate.wasm".into(), "kg".into());
+    let mut policy = serde_json::to_value(&store.policy).expect("policy as JSON");
+    policy["plans"] = plans;
+    policy["rate_limit_headers"] = headers;
+    store.policy = serde_json::from_value(policy).expect("a valid policy");
+    let json = serde_json::to_vec_pretty(&store).expect("serialise the store");
+    write_atomically(path, &json);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_rates_are_taken_together_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start();
+    let store = dir.path().join("keygate.json");
+    write_store_json(
+        &store,
+        serde_json::json!({"two": [{"requests": 5, "per": "minute"}, {"requests": 2, "per": "hour"}]}),
+        serde_json::json!("ietf"),
+    );
+    let service = Service::start(dir.path(), "s", &store, &redis.url(), "250ms").await;
+    let mut client = service.client().await;
+    let policy = r#""two/minute";q=5;w=60, "two/hour";q=2;w=3600"#;
+    for left in ["4", "3"] {
+        let r = ask(&mut client, request("two", "k_two", 0)).await;
+        assert_eq!(r.overall_code, Code::Ok as i32, "{r:?}");
+        assert_eq!(header(&r, "ratelimit-policy"), Some(policy));
+        let ratelimit = header(&r, "ratelimit").unwrap();
+        assert!(
+            ratelimit.starts_with(&format!("\"two/minute\";r={left};t=")),
+            "{ratelimit}"
+        );
+        assert_eq!(header(&r, "x-ratelimit-limit"), None);
+    }
+    // The hour's 2 are spent: refused, and the minute's bucket is left as it was, however
+    // often the refused request comes back.
+    for _ in 0..3 {
+        let r = ask(&mut client, request("two", "k_two", 0)).await;
+        assert_eq!(r.overall_code, Code::OverLimit as i32, "{r:?}");
+        let ratelimit = header(&r, "ratelimit").unwrap();
+        assert!(
+            ratelimit.starts_with("\"two/minute\";r=3;t=")
+                && ratelimit.contains("\"two/hour\";r=0;t="),
+            "{ratelimit}"
+        );
+        let wait = number(&r, "retry-after");
+        assert!((1..=1800).contains(&wait), "{wait}");
+    }
+    // Both buckets are in Redis: the first under the name of a plan with one rate.
+    let mut redis_conn = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("keygate:rl:*")
+        .query(&mut redis_conn)
+        .unwrap();
+    let mut keys = keys;
+    keys.sort();
+    assert_eq!(keys, ["keygate:rl:3:two:k_two", "keygate:rl:3:two:k_two#1"]);
+    // A cost of 3 fits the minute's 5 but never the hour's 2: refused, and the minute keeps
+    // its tokens; a cost of 2 then fits both.
+    let r = ask(&mut client, request("two", "k_other", 3)).await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32, "{r:?}");
+    let r = ask(&mut client, request("two", "k_other", 2)).await;
+    assert_eq!(r.overall_code, Code::Ok as i32, "{r:?}");
+    assert!(header(&r, "ratelimit")
+        .unwrap()
+        .starts_with("\"two/minute\";r=3;t="));
 }

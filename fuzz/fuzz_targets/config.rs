@@ -4,10 +4,13 @@
 //! `Config::from_reader` (what the filter's `on_configure` runs on the bytes Envoy hands
 //! it, in chunks) must never panic, and:
 //! - they accept and refuse the same documents;
+//! - `config::problems` finds nothing in the documents they accept, and in those
+//!   `Config::compile` refuses, first the problem it refuses with (named by position, as
+//!   compile names it; the checks are shared, only the naming differs);
 //! - a document read writes back as JSON that reads to the same document.
 #![no_main]
 
-use keygate::config::{Config, PluginConfig};
+use keygate::config::{self, Config, PluginConfig};
 use libfuzzer_sys::fuzz_target;
 use std::io::Read;
 
@@ -47,7 +50,17 @@ fuzz_target!(|data: &[u8]| {
         let _ = config.key_count();
     }
 
-    if let Ok((doc, _)) = &offline {
+    if let Ok((doc, compiled)) = &offline {
+        let problems = config::problems(doc);
+        let by_position = config::problems_by_position(doc);
+        assert_eq!(problems.len(), by_position.len(), "{problems:?} / {by_position:?}");
+        match compiled {
+            Ok(_) => assert!(problems.is_empty(), "compiles, yet problems: {problems:?}"),
+            Err(e) => assert!(
+                by_position.first() == Some(e),
+                "compile refuses with {e}, problems says {by_position:?}"
+            ),
+        }
         let written = match serde_json::to_vec(doc) {
             Ok(w) => w,
             Err(e) => panic!("a configuration read cannot be written: {e}"),

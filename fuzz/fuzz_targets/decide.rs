@@ -9,8 +9,9 @@
 //! - never carries a `client` key onto a path any reading of which (see `path::Forms`;
 //!   compared ignoring ASCII case) lies under `/v1/admin`, which is for `admin` only;
 //! - comes from a known client address outside the denied block;
-//! - never uses a revoked, suspended or exhausted key, or comes from the locked address
-//!   with a key;
+//! - never uses a revoked, suspended or exhausted key (a single-rate plan's, a two-rate
+//!   plan's whose day is spent, or a successor's whose predecessor's is), or comes from
+//!   the locked address with a key;
 //! - has every client-sent identity header (`x-keygate-*`, `x_tenant_id`) removed.
 #![no_main]
 
@@ -38,6 +39,8 @@ const KEYS: &[(&str, &str, &str, &str)] = &[
     ("drained", "fuzz-drained-key-0001", "client", r#", "plan": "tiny""#),
     ("revoked", "fuzz-revoked-key-0001", "admin", r#", "status": "revoked""#),
     ("suspended", "fuzz-suspended-key-01", "admin", r#", "status": "suspended""#),
+    ("drained2", "fuzz-drained-key-0002", "client", r#", "plan": "two""#),
+    ("successor", "fuzz-successor-key-01", "client", r#", "plan": "tiny", "shares_quota_with": "drained""#),
 ];
 
 /// Host time of every decision: 2027-01-15T08:00:00Z.
@@ -69,7 +72,11 @@ static FIXTURE: LazyLock<(Config, Values)> = LazyLock::new(|| {
             {{"prefix": "/v1/jobs", "methods": ["GET", "POST"], "scopes": ["jobs:read"]}},
             {{"prefix": "/"}}
           ],
-          "plans": {{"tiny": {{"requests": 1, "per": "day"}}}},
+          "plans": {{
+            "tiny": {{"requests": 1, "per": "day"}},
+            "two": [{{"requests": 5, "per": "minute"}}, {{"requests": 1, "per": "day"}}]
+          }},
+          "rate_limit_headers": "ietf",
           "ip_rules": {{"deny": ["{DENIED}"]}},
           "trusted_proxies": ["127.0.0.1/32"],
           "failed_auth_limit": {{"requests": 3, "per": "minute"}},
@@ -114,6 +121,20 @@ static FIXTURE: LazyLock<(Config, Values)> = LazyLock::new(|| {
     assert!(d.is_ok(), "the drained key's one request is refused: {d:?}");
     expect(
         &run(&config, &store, "198.51.100.7:4000", &drained),
+        Reason::RateLimited,
+    );
+    // The two-rate key's day is spent by one request, and the successor of the drained
+    // key spends its predecessor's (empty) bucket.
+    let drained2 = [(":method", "GET"), (":path", "/"), ("x-api-key", KEYS[7].1)];
+    let d = run(&config, &store, "198.51.100.7:4000", &drained2);
+    assert!(d.is_ok(), "the two-rate key's one request is refused: {d:?}");
+    expect(
+        &run(&config, &store, "198.51.100.7:4000", &drained2),
+        Reason::RateLimited,
+    );
+    let successor = [(":method", "GET"), (":path", "/"), ("x-api-key", KEYS[8].1)];
+    expect(
+        &run(&config, &store, "198.51.100.7:4000", &successor),
         Reason::RateLimited,
     );
     let d = run(&config, &store, "198.51.100.7:4000", &admin);
@@ -195,7 +216,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert!(
-        !matches!(key.id.as_ref(), "revoked" | "suspended" | "drained"),
+        !matches!(
+            key.id.as_ref(),
+            "revoked" | "suspended" | "drained" | "drained2" | "successor"
+        ),
         "admitted with a key that must be refused: {}",
         show()
     );

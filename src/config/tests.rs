@@ -661,3 +661,231 @@ fn a_key_may_share_another_keys_quota_but_not_through_a_chain() {
         "{e}"
     );
 }
+
+fn with_plans(plans: &str, more: &str) -> String {
+    format!(
+        r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "client", "plan": "pro"}}], "plans": {plans}{more}}}"#
+    )
+}
+
+#[test]
+fn a_plan_may_have_several_rates_and_is_written_back_as_read() {
+    let json = with_plans(
+        r#"{"pro": [{"requests": 60, "per": "minute"}, {"requests": 1000, "per": "day", "burst": 100}], "solo": {"requests": 5, "per": "second"}}"#,
+        "",
+    );
+    let c = parse(&json).unwrap();
+    let limit = c.keys[0].limit.as_ref().unwrap();
+    assert_eq!(limit.plan, "pro");
+    assert_eq!(
+        limit.rates(),
+        [
+            Rate {
+                requests: 60,
+                period_ns: 60_000_000_000,
+                burst: 60
+            },
+            Rate {
+                requests: 1000,
+                period_ns: 86_400_000_000_000,
+                burst: 100
+            }
+        ]
+    );
+    assert_eq!(limit.rate, limit.rates()[0]);
+    assert_eq!(
+        limit.limits.policy_header,
+        r#""pro/minute";q=60;w=60, "pro/day";q=1000;w=86400;keygate-burst=100"#
+    );
+    let doc = PluginConfig::from_json(json.as_bytes()).unwrap();
+    assert!(matches!(doc.plans["pro"], PlanSpec::Several(ref r) if r.len() == 2));
+    assert!(matches!(doc.plans["solo"], PlanSpec::One(_)));
+    let again: serde_json::Value = serde_json::to_value(&doc).unwrap();
+    assert!(again["plans"]["pro"].is_array());
+    assert!(again["plans"]["solo"].is_object());
+    assert_eq!(
+        PluginConfig::from_json(&serde_json::to_vec(&doc).unwrap()).unwrap(),
+        doc
+    );
+    // The published plans keep their single rate.
+    for name in ["free", "pro", "enterprise"] {
+        assert_eq!(builtin_plans()[name].rates().len(), 1);
+    }
+}
+
+#[test]
+fn bad_rate_lists_are_refused_by_field() {
+    for (plans, want) in [
+        (r#"{"pro": []}"#, "plans.pro: an empty list of rates"),
+        (
+            r#"{"pro": [{"requests": 1, "per": "minute"}, {"requests": 5, "per": "minute"}]}"#,
+            "plans.pro[1].per: a second rate per minute (also plans.pro[0])",
+        ),
+        (
+            r#"{"pro": [{"requests": 1, "per": "minute"}, {"requests": 0, "per": "day"}]}"#,
+            "plans.pro[1].requests: must be between 1",
+        ),
+        (
+            r#"{"pro": [{"requests": 1, "per": "minute", "burst": 0}]}"#,
+            "plans.pro[0].burst: must be between 1",
+        ),
+        (
+            r#"{"pro": [{"requests": 1, "per": "week"}]}"#,
+            "plans.pro[0].per: unknown variant `week`",
+        ),
+        (
+            r#"{"pro": [{"requests": 1, "per": "minute", "extra": 1}]}"#,
+            "plans.pro[0].extra: unknown field `extra`",
+        ),
+        (
+            r#"{"pro": 60}"#,
+            "plans.pro: invalid type: integer `60`, expected a rate",
+        ),
+    ] {
+        let e = err(&with_plans(plans, ""));
+        assert!(e.starts_with(want), "{plans}: {e}");
+    }
+}
+
+#[test]
+fn rate_limit_headers_take_a_switch_or_a_style() {
+    for (value, style) in [
+        ("true", HeaderStyle::XRateLimit),
+        ("false", HeaderStyle::Off),
+        (r#""x-ratelimit""#, HeaderStyle::XRateLimit),
+        (r#""ietf""#, HeaderStyle::Ietf),
+    ] {
+        let json = format!(
+            r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "client"}}], "rate_limit_headers": {value}}}"#
+        );
+        assert_eq!(parse(&json).unwrap().rate_limit_headers, style, "{value}");
+        let doc = PluginConfig::from_json(json.as_bytes()).unwrap();
+        let written = serde_json::to_string(&doc).unwrap();
+        assert!(
+            written.contains(&format!("\"rate_limit_headers\":{value}")),
+            "{written}"
+        );
+    }
+    assert_eq!(
+        parse(&one_key("")).unwrap().rate_limit_headers,
+        HeaderStyle::XRateLimit
+    );
+    for bad in [r#""IETF""#, r#""draft""#, "1", "[]"] {
+        let json = format!(
+            r#"{{"keys": [{{"id": "k1", "hash": "{HASH_A}", "role": "client"}}], "rate_limit_headers": {bad}}}"#
+        );
+        let e = err(&json);
+        assert!(
+            e.starts_with("rate_limit_headers: ")
+                && e.contains(r#"expected true, false, "x-ratelimit" or "ietf""#),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
+fn problems_lists_every_error_named_by_id_prefix_and_plan() {
+    let doc = PluginConfig::from_json(
+        format!(
+            r#"{{
+              "keys": [
+                {{"id": "kg_good", "hash": "{HASH_A}", "role": "client", "plan": "gold"}},
+                {{"id": "kg_bad", "hash": "sha256:nope", "role": "a b", "scopes": ["x", "y,z"]}},
+                {{"id": "kg_rot", "hash": "{HASH_B}", "role": "client", "shares_quota_with": "kg_gone"}}
+              ],
+              "routes": [
+                {{"prefix": "/v1", "roles": []}},
+                {{"prefix": "/v1/admin", "methods": ["get"]}}
+              ],
+              "plans": {{"pro": [{{"requests": 0, "per": "minute"}}, {{"requests": 5, "per": "minute"}}]}},
+              "ip_rules": {{"allow": ["10.0.0.0/33"]}},
+              "health_path": "no-slash"
+            }}"#
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let all = problems(&doc);
+    let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            r#"routes["/v1"].roles"#,
+            r#"routes["/v1/admin"].prefix"#,
+            r#"plans["pro"][0].requests"#,
+            r#"plans["pro"][1].per"#,
+            "ip_rules.allow[0]",
+            r#"keys["kg_good"].plan"#,
+            r#"keys["kg_bad"].hash"#,
+            r#"keys["kg_bad"].role"#,
+            r#"keys["kg_bad"].scopes[1]"#,
+            r#"keys["kg_rot"].shares_quota_with"#,
+            "health_path",
+        ],
+        "{all:#?}"
+    );
+    assert!(all[1]
+        .reason
+        .contains(r#"routes["/v1"] ("/v1") matches every such path first"#));
+    // compile refuses with the first of them, by position as always.
+    let first = Config::compile(&doc).unwrap_err();
+    assert_eq!(first.path, "routes[0].roles");
+    assert_eq!(first.reason, all[0].reason);
+    // A valid document has none; a policy without keys is fine on its own.
+    assert!(problems(&PluginConfig::from_json(one_key("").as_bytes()).unwrap()).is_empty());
+    let policy = PluginConfig::from_json(br#"{"default_plan": "free"}"#).unwrap();
+    assert!(policy_problems(&policy).is_empty());
+    assert_eq!(problems(&policy)[0].path, "keys");
+}
+
+#[test]
+fn problems_name_by_position_when_a_name_is_not_unique() {
+    let doc = PluginConfig::from_json(
+        format!(
+            r#"{{"keys": [
+                {{"id": "same", "hash": "{HASH_A}", "role": "client"}},
+                {{"id": "same", "hash": "{HASH_B}", "role": "client"}}
+            ]}}"#
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let all = problems(&doc);
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0].path, "keys[1].id");
+    assert!(all[0].reason.contains("(also keys[0].id)"), "{}", all[0]);
+    // A key with a mistake is still known by its id: a successor naming it is fine.
+    let doc = PluginConfig::from_json(
+        format!(
+            r#"{{"keys": [
+                {{"id": "old", "hash": "sha256:bad", "role": "client"}},
+                {{"id": "new", "hash": "{HASH_B}", "role": "client", "shares_quota_with": "old"}}
+            ]}}"#
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let all = problems(&doc);
+    let paths: Vec<&str> = all.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, [r#"keys["old"].hash"#]);
+}
+
+#[test]
+fn compile_stops_at_the_same_first_error_as_problems_in_every_case() {
+    // Each document of the error tables above: compile's error is problems' first.
+    let docs = [
+        one_key(r#","expires_at":"tomorrow""#),
+        one_key(r#","scopes":["a,b"],"role":"a b""#),
+        r#"{"keys": [], "routes": [{"prefix": "/", "public": true}], "realm": "a\"b"}"#.to_string(),
+        with_plans(r#"{"pro": []}"#, r#","default_plan": "nope""#),
+    ];
+    for json in docs {
+        let Ok(doc) = PluginConfig::from_json(json.as_bytes()) else {
+            continue;
+        };
+        let first = Config::compile(&doc).unwrap_err();
+        let all = problems_by_position(&doc);
+        assert_eq!(problems(&doc).len(), all.len(), "{json}");
+        assert_eq!(all.first(), Some(&first), "{json}");
+    }
+}

@@ -4,7 +4,7 @@ mod host;
 mod stats;
 
 use crate::config::{Config, Route};
-use crate::decision::{self, Admission, Denial, Quota, Reason, Request, Subject};
+use crate::decision::{self, Admission, Denial, QuotaHeaders, Reason, Request, Subject};
 use crate::ip;
 use crate::logbudget::LogBudget;
 use crate::metrics::Verdict;
@@ -120,7 +120,7 @@ impl RootContext for Root {
         Some(Box::new(Stream {
             config: self.config.clone(),
             worker: Rc::clone(&self.worker),
-            quota: None,
+            quota_headers: Vec::new(),
             route_slot: 0,
             now_ns: 0,
         }))
@@ -134,8 +134,8 @@ impl RootContext for Root {
 struct Stream {
     config: Option<Rc<Config>>,
     worker: Rc<RefCell<Worker>>,
-    /// Quota to report on the upstream's response.
-    quota: Option<Quota>,
+    /// Rate-limit headers to add to the upstream's response.
+    quota_headers: QuotaHeaders,
     /// Where the request is counted in `keygate_requests_total` (0: no rule), once known.
     route_slot: usize,
     /// When the request was decided (host time, ns since the Unix epoch), once known.
@@ -229,7 +229,7 @@ impl HttpContext for Stream {
             );
         }
         match decision {
-            Ok(admission) => self.forward(&admission),
+            Ok(admission) => self.forward(admission),
             Err(denial) => {
                 let spoofed = decision::spoofed_identity(&headers);
                 self.deny(&config, &denial, &request, &spoofed, log_line)
@@ -238,22 +238,12 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(quota) = self.quota.take() {
-            for (name, value) in quota_headers(&quota) {
-                // Missing informational headers must not fail the response.
-                let _ = host::add_response_header(name, &value);
-            }
+        for (name, value) in std::mem::take(&mut self.quota_headers) {
+            // Missing informational headers must not fail the response.
+            let _ = host::add_response_header(name, &value);
         }
         Action::Continue
     }
-}
-
-fn quota_headers(q: &Quota) -> [(&'static str, String); 3] {
-    [
-        ("x-ratelimit-limit", q.limit.to_string()),
-        ("x-ratelimit-remaining", q.remaining.to_string()),
-        ("x-ratelimit-reset", q.reset_s.to_string()),
-    ]
 }
 
 impl Stream {
@@ -279,7 +269,7 @@ impl Stream {
         self.route_slot = route_slot(route);
     }
 
-    fn forward(&mut self, admission: &Admission<'_>) -> Action {
+    fn forward(&mut self, mut admission: Admission<'_>) -> Action {
         self.set_route(admission.route);
         let mut ok = true;
         for name in &admission.remove {
@@ -303,7 +293,7 @@ impl Stream {
             Verdict::Allowed,
             admission.key.as_ref().map(|k| (k.id.as_ref(), true)),
         );
-        self.quota = admission.quota;
+        self.quota_headers = std::mem::take(&mut admission.quota_headers);
         Action::Continue
     }
 
@@ -357,7 +347,6 @@ impl Stream {
             key_id.map(|id| (id, denial.authenticated())),
         );
         let retry_after = denial.retry_after_s.map(|s| s.to_string());
-        let quota = denial.quota.as_ref().map(quota_headers);
         let mut headers = vec![("content-type", "application/json")];
         if status == 401 {
             headers.push(("www-authenticate", config.www_authenticate.as_str()));
@@ -365,7 +354,7 @@ impl Stream {
         if let Some(seconds) = &retry_after {
             headers.push(("retry-after", seconds));
         }
-        for (name, value) in quota.iter().flatten() {
+        for (name, value) in &denial.quota_headers {
             headers.push((name, value));
         }
         self.respond(status, reason, &headers)

@@ -449,3 +449,136 @@ proptest! {
         }
     }
 }
+
+fn per_day(requests: u64, burst: u64) -> Rate {
+    Rate {
+        requests,
+        period_ns: 86_400 * SEC,
+        burst,
+    }
+}
+
+#[test]
+fn several_buckets_admit_only_together_and_a_refusal_takes_nothing() {
+    let store = MemoryStore::default();
+    let rates = [per_minute(60, 60), per_day(3, 3)];
+    let names = ["k", "k#1"];
+    for _ in 0..3 {
+        let v = take_each(&store, &names, &rates, T0).unwrap();
+        assert!(v.admitted);
+        assert_eq!(v.retry_after_s(), 0);
+    }
+    // The day's bucket is empty: refused, and the minute's token is given back.
+    let before = peek(&store, "k", &rates[0], T0).unwrap();
+    let v = take_each(&store, &names, &rates, T0).unwrap();
+    assert!(!v.admitted);
+    assert_eq!(v.each.len(), 2);
+    assert!(v.each[0].admitted, "the minute would have admitted");
+    assert!(!v.each[1].admitted);
+    assert_eq!(v.retry_after_s(), 86_400 / 3);
+    assert_eq!(peek(&store, "k", &rates[0], T0).unwrap(), before);
+    assert_eq!(before.remaining, 57);
+}
+
+#[test]
+fn a_refusal_by_the_first_bucket_reads_the_others_for_retry_after() {
+    let store = MemoryStore::default();
+    let rates = [per_minute(1, 1), per_day(1, 1)];
+    let names = ["k", "k#1"];
+    assert!(take_each(&store, &names, &rates, T0).unwrap().admitted);
+    let v = take_each(&store, &names, &rates, T0 + SEC).unwrap();
+    assert!(!v.admitted);
+    // Both are empty; every bucket admits again only when the day's has refilled.
+    // (Refill rounds down and waits round up: 59 s and a little, so 60.)
+    assert_eq!(v.each[0].retry_after_s, 60);
+    assert!(!v.each[1].admitted);
+    assert_eq!(v.retry_after_s(), 86_400);
+}
+
+/// A store that refuses some writes (as a conflict, or a host failure) on a schedule.
+struct Flaky {
+    inner: MemoryStore,
+    schedule: Vec<u8>,
+    at: std::cell::Cell<usize>,
+}
+
+impl Store for Flaky {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        self.inner.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], version: u32) -> Result<(), StoreError> {
+        let n = self.at.get();
+        self.at.set(n + 1);
+        match self.schedule.get(n % self.schedule.len().max(1)) {
+            Some(1) => Err(StoreError::Conflict),
+            Some(2) => Err(StoreError::Host(1)),
+            _ => self.inner.set(key, value, version),
+        }
+    }
+}
+
+proptest! {
+    /// With several rates and any request times (and writes that sometimes fail, so that
+    /// tokens are given back or lost), the requests admitted within any window never
+    /// exceed any one rate's allowance: its burst plus what it refills over the window.
+    /// A request is admitted exactly when every bucket holds a token, if no write fails.
+    #[test]
+    fn several_rates_never_admit_beyond_any_one(
+        rates in prop::collection::vec(
+            (1u64..50, prop::sample::select(vec![1u64, 60, 3600, 86_400]), 1u64..20),
+            1..4,
+        ),
+        gaps in prop::collection::vec(0u64..3 * SEC, 1..300),
+        schedule in prop::collection::vec(prop::sample::select(vec![0u8, 0, 0, 0, 0, 1, 2]), 1..50),
+        flaky in any::<bool>(),
+    ) {
+        let rates: Vec<Rate> = rates
+            .iter()
+            .map(|&(requests, period_s, burst)| Rate { requests, period_ns: period_s * SEC, burst })
+            .collect();
+        let names: Vec<String> = (0..rates.len()).map(|i| format!("k#{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let store = Flaky {
+            inner: MemoryStore::default(),
+            schedule: if flaky { schedule } else { vec![0] },
+            at: std::cell::Cell::new(0),
+        };
+        let mut now = T0;
+        let mut admitted_at: Vec<u64> = Vec::new();
+        for gap in gaps {
+            now += gap;
+            let has_tokens = names
+                .iter()
+                .zip(&rates)
+                .all(|(name, rate)| peek(&store.inner, name, rate, now).unwrap().admitted);
+            match take_each(&store, &names, &rates, now) {
+                Ok(v) => {
+                    if !flaky {
+                        prop_assert_eq!(v.admitted, has_tokens);
+                    }
+                    if v.admitted {
+                        prop_assert!(has_tokens);
+                        admitted_at.push(now);
+                    } else {
+                        prop_assert!(v.retry_after_s() >= 1);
+                    }
+                }
+                Err(_) => prop_assert!(flaky),
+            }
+        }
+        for (a, &start) in admitted_at.iter().enumerate() {
+            for (b, &end) in admitted_at.iter().enumerate().skip(a) {
+                let count = (b - a + 1) as u128;
+                for rate in &rates {
+                    let allowance = u128::from(rate.burst)
+                        + u128::from(end - start) * u128::from(rate.requests) / u128::from(rate.period_ns);
+                    prop_assert!(
+                        count <= allowance,
+                        "{} admitted in {} ns, over {:?}'s allowance of {}", count, end - start, rate, allowance
+                    );
+                }
+            }
+        }
+    }
+}

@@ -26,47 +26,68 @@ use redis::{Client, Script};
 
 use super::decide::{Bucket, Reply};
 
-/// The GCRA take, run atomically by Redis. `KEYS[1]` is the bucket; `ARGV` are the period
-/// in microseconds, `requests`, `burst` and the cost. Answers
-/// `{admitted (0/1), remaining, reset_ms, retry_ms}`.
+/// The GCRA take from all the buckets of one plan (one per rate), run atomically by Redis:
+/// every bucket is checked first, and the cost is taken from all of them only if every
+/// one admits it; otherwise nothing is written. `KEYS` are the buckets; `ARGV[1]` is the
+/// cost, then for each bucket its period in microseconds, `requests` and `burst`. Answers
+/// `{admitted (0/1), remaining, reset_ms, retry_ms}` for each bucket in turn; when the
+/// request is refused, `admitted` is 1 for the buckets that would have admitted it (their
+/// state is as before), and 0 with `retry_ms` for those that did not.
 pub const SCRIPT: &str = r#"
 if redis.replicate_commands then redis.replicate_commands() end
-local key = KEYS[1]
-local period_us = tonumber(ARGV[1])
-local requests = tonumber(ARGV[2])
-local burst = tonumber(ARGV[3])
-local cost = tonumber(ARGV[4])
+local n = #KEYS
+local cost = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = period_us / requests
-local capacity = burst * interval
 local slack = 1
-local tat = now
-local stored = redis.call('GET', key)
-if stored then tat = tonumber(stored) or now end
-if tat < now then tat = now end
-if tat > now + capacity then tat = now + capacity end
-local new_tat = tat + cost * interval
-local admitted = 0
-local after = tat
-local retry_ms = 0
-if new_tat - now <= capacity + slack then
-  admitted = 1
-  after = new_tat
-  local ttl = math.ceil((new_tat - now) / 1000)
-  if ttl < 1 then ttl = 1 end
-  redis.call('SET', key, string.format('%.3f', new_tat), 'PX', ttl)
-else
-  local wanted = tat + math.min(cost, burst) * interval - capacity - now
-  retry_ms = math.ceil(wanted / 1000)
-  if retry_ms < 1 then retry_ms = 1 end
+local all = true
+local state = {}
+for i = 1, n do
+  local period_us = tonumber(ARGV[3 * i - 1])
+  local requests = tonumber(ARGV[3 * i])
+  local burst = tonumber(ARGV[3 * i + 1])
+  local interval = period_us / requests
+  local capacity = burst * interval
+  local tat = now
+  local stored = redis.call('GET', KEYS[i])
+  if stored then tat = tonumber(stored) or now end
+  if tat < now then tat = now end
+  if tat > now + capacity then tat = now + capacity end
+  local new_tat = tat + cost * interval
+  local fits = new_tat - now <= capacity + slack
+  if not fits then all = false end
+  state[i] = {interval, capacity, burst, tat, new_tat, fits}
 end
-local used = after - now
-if used < 0 then used = 0 end
-local remaining = math.floor((capacity + slack - used) / interval)
-if remaining < 0 then remaining = 0 end
-if remaining > burst then remaining = burst end
-return {admitted, remaining, math.ceil(used / 1000), retry_ms}
+local out = {}
+for i = 1, n do
+  local interval, capacity, burst, tat, new_tat, fits = unpack(state[i])
+  local admitted = 0
+  local after = tat
+  local retry_ms = 0
+  if all then
+    admitted = 1
+    after = new_tat
+    local ttl = math.ceil((new_tat - now) / 1000)
+    if ttl < 1 then ttl = 1 end
+    redis.call('SET', KEYS[i], string.format('%.3f', new_tat), 'PX', ttl)
+  elseif fits then
+    admitted = 1
+  else
+    local wanted = tat + math.min(cost, burst) * interval - capacity - now
+    retry_ms = math.ceil(wanted / 1000)
+    if retry_ms < 1 then retry_ms = 1 end
+  end
+  local used = after - now
+  if used < 0 then used = 0 end
+  local remaining = math.floor((capacity + slack - used) / interval)
+  if remaining < 0 then remaining = 0 end
+  if remaining > burst then remaining = burst end
+  out[4 * i - 3] = admitted
+  out[4 * i - 2] = remaining
+  out[4 * i - 1] = math.ceil(used / 1000)
+  out[4 * i] = retry_ms
+end
+return out
 "#;
 
 /// Why a take did not get an answer.
@@ -126,26 +147,30 @@ impl Limiter {
         self.timeout
     }
 
-    /// Takes `bucket.cost` tokens (EVALSHA, EVAL when Redis lacks the script).
-    pub async fn take(&self, bucket: &Bucket) -> Result<Reply, TakeError> {
+    /// Takes `bucket.cost` tokens from each of the plan's buckets, or none (EVALSHA, EVAL
+    /// when Redis lacks the script); one reply per bucket.
+    pub async fn take(&self, bucket: &Bucket) -> Result<Vec<Reply>, TakeError> {
         let mut connection = self.connection.clone();
-        let period_us = bucket.rate.period_ns / 1000;
         let mut invocation = self.script.prepare_invoke();
-        invocation
-            .key(&bucket.key)
-            .arg(period_us)
-            .arg(bucket.rate.requests)
-            .arg(bucket.rate.burst)
-            .arg(bucket.cost);
+        for key in &bucket.keys {
+            invocation.key(key);
+        }
+        invocation.arg(bucket.cost);
+        for rate in bucket.rates() {
+            invocation
+                .arg(rate.period_ns / 1000)
+                .arg(rate.requests)
+                .arg(rate.burst);
+        }
         let values: Vec<i64> = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(TakeError::Redis)?;
-        Reply::from_values(&values).map_err(TakeError::Reply)
+        Reply::from_all(&values, bucket.keys.len()).map_err(TakeError::Reply)
     }
 
     /// [`Limiter::take`] for each bucket in turn, all within one timeout.
-    pub async fn take_all(&self, buckets: &[&Bucket]) -> Result<Vec<Reply>, TakeError> {
+    pub async fn take_all(&self, buckets: &[&Bucket]) -> Result<Vec<Vec<Reply>>, TakeError> {
         let all = async {
             let mut replies = Vec::with_capacity(buckets.len());
             for bucket in buckets {

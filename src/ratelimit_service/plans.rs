@@ -9,14 +9,79 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
-use crate::config::{self, Config, KeySpec, PluginConfig};
+use crate::config::{self, Config, HeaderStyle, KeySpec, PlanLimits, PluginConfig};
 use crate::keys;
 use crate::ratelimit::Rate;
 use crate::store;
 
-/// Plan name to its rate, exactly as the filter computes it.
-pub type Plans = BTreeMap<String, Rate>;
+/// The plans by name, each with its rates exactly as the filter computes them, and the
+/// rate-limit headers the policy asks for (`rate_limit_headers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plans {
+    /// Plan name to its rates (one or several).
+    pub by_name: BTreeMap<String, Arc<PlanLimits>>,
+    /// Which headers answers carry.
+    pub headers: HeaderStyle,
+}
+
+impl Default for Plans {
+    fn default() -> Plans {
+        Plans::new()
+    }
+}
+
+impl Plans {
+    /// No plans; X-RateLimit-* headers.
+    pub fn new() -> Plans {
+        Plans {
+            by_name: BTreeMap::new(),
+            headers: HeaderStyle::XRateLimit,
+        }
+    }
+
+    /// Plans with these rates (X-RateLimit-* headers), for tests and tools.
+    pub fn of<'a>(plans: impl IntoIterator<Item = (&'a str, Vec<Rate>)>) -> Plans {
+        Plans {
+            by_name: plans
+                .into_iter()
+                .map(|(name, rates)| (name.to_string(), Arc::new(PlanLimits::new(name, rates))))
+                .collect(),
+            headers: HeaderStyle::XRateLimit,
+        }
+    }
+
+    /// The plan named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<PlanLimits>> {
+        self.by_name.get(name)
+    }
+
+    /// Whether a plan is named `name`.
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// Plan names, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.by_name.keys()
+    }
+
+    /// Plans by name, sorted.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<PlanLimits>)> {
+        self.by_name.iter()
+    }
+
+    /// Number of plans.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
 
 /// Why a store's plans could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +103,7 @@ pub fn compile_plans(policy: &PluginConfig) -> Result<Plans, PlansError> {
         .collect();
     let doc = PluginConfig {
         plans: policy.plans.clone(),
+        rate_limit_headers: policy.rate_limit_headers,
         keys: names
             .iter()
             .enumerate()
@@ -46,12 +112,15 @@ pub fn compile_plans(policy: &PluginConfig) -> Result<Plans, PlansError> {
         ..PluginConfig::default()
     };
     let compiled = Config::compile(&doc).map_err(|e| PlansError(format!("invalid plans: {e}")))?;
-    Ok(compiled
-        .keys
-        .iter()
-        .filter_map(|key| key.limit.as_ref())
-        .map(|limit| (limit.plan.clone(), limit.rate))
-        .collect())
+    Ok(Plans {
+        by_name: compiled
+            .keys
+            .iter()
+            .filter_map(|key| key.limit.as_ref())
+            .map(|limit| (limit.plan.clone(), Arc::clone(&limit.limits)))
+            .collect(),
+        headers: compiled.rate_limit_headers,
+    })
 }
 
 /// A key that exists only to carry `plan` through the filter's compiler.
@@ -84,7 +153,7 @@ pub fn load(path: &Path) -> Result<Plans, PlansError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Per, RateSpec};
+    use crate::config::{Per, PlanSpec, RateSpec};
 
     fn minute(requests: u64, burst: u64) -> Rate {
         Rate {
@@ -98,9 +167,11 @@ mod tests {
     fn builtin_plans_without_a_policy() {
         let plans = compile_plans(&PluginConfig::default()).unwrap();
         assert_eq!(plans.len(), 3);
-        assert_eq!(plans.get("free"), Some(&minute(60, 60)));
-        assert_eq!(plans.get("pro"), Some(&minute(600, 600)));
-        assert_eq!(plans.get("enterprise"), Some(&minute(6000, 6000)));
+        let rates = |name: &str| plans.get(name).map(|p| p.rates.clone());
+        assert_eq!(rates("free"), Some(vec![minute(60, 60)]));
+        assert_eq!(rates("pro"), Some(vec![minute(600, 600)]));
+        assert_eq!(rates("enterprise"), Some(vec![minute(6000, 6000)]));
+        assert_eq!(plans.headers, HeaderStyle::XRateLimit);
     }
 
     #[test]
@@ -113,29 +184,51 @@ mod tests {
                         requests: 5,
                         per: Per::Minute,
                         burst: None,
-                    },
+                    }
+                    .into(),
                 ),
                 (
                     "batch".to_string(),
-                    RateSpec {
-                        requests: 10,
-                        per: Per::Hour,
-                        burst: Some(3),
-                    },
+                    PlanSpec::Several(vec![
+                        RateSpec {
+                            requests: 10,
+                            per: Per::Hour,
+                            burst: Some(3),
+                        },
+                        RateSpec {
+                            requests: 50,
+                            per: Per::Day,
+                            burst: None,
+                        },
+                    ]),
                 ),
             ]),
             ..PluginConfig::default()
         };
         let plans = compile_plans(&policy).unwrap();
         assert_eq!(plans.len(), 4);
-        assert_eq!(plans.get("free"), Some(&minute(5, 5)));
         assert_eq!(
-            plans.get("batch"),
-            Some(&Rate {
-                requests: 10,
-                period_ns: 3_600_000_000_000,
-                burst: 3
-            })
+            plans.get("free").map(|p| p.rates.clone()),
+            Some(vec![minute(5, 5)])
+        );
+        assert_eq!(
+            plans.get("batch").map(|p| p.rates.clone()),
+            Some(vec![
+                Rate {
+                    requests: 10,
+                    period_ns: 3_600_000_000_000,
+                    burst: 3
+                },
+                Rate {
+                    requests: 50,
+                    period_ns: 86_400_000_000_000,
+                    burst: 50
+                }
+            ])
+        );
+        assert_eq!(
+            plans.get("batch").map(|p| p.policy_header.as_str()),
+            Some(r#""batch/hour";q=10;w=3600;keygate-burst=3, "batch/day";q=50;w=86400"#)
         );
     }
 
@@ -148,7 +241,8 @@ mod tests {
                     requests: 0,
                     per: Per::Second,
                     burst: None,
-                },
+                }
+                .into(),
             )]),
             ..PluginConfig::default()
         };

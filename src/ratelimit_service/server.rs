@@ -24,6 +24,7 @@ use super::gcra::{Limiter, TakeError};
 use super::logging::{ErrorBudget, Once};
 use super::plans;
 use super::watch::{self, Current, Watcher};
+use crate::config::HeaderStyle;
 
 /// What the service is started with (the command line).
 #[derive(Debug, Clone)]
@@ -72,7 +73,7 @@ pub struct Service {
 
 impl Service {
     fn unlimited(n: usize) -> RateLimitResponse {
-        decide::response(&vec![Outcome::Unlimited; n])
+        decide::response(&vec![Outcome::Unlimited; n], HeaderStyle::XRateLimit)
     }
 
     fn note_unknown_plan(&self, plan: &str) {
@@ -105,6 +106,7 @@ impl RateLimitService for Service {
             return Ok(Response::new(Service::unlimited(request.descriptors.len())));
         }
         let plans = self.plans.get();
+        let style = plans.headers;
         let selections: Vec<Selection<'_>> = request
             .descriptors
             .iter()
@@ -144,16 +146,16 @@ impl RateLimitService for Service {
                 Selection::Limited(bucket) => {
                     replies
                         .next()
-                        .map_or(Outcome::Unlimited, |reply| Outcome::Limited {
+                        .map_or(Outcome::Unlimited, |replies| Outcome::Limited {
                             plan: bucket.plan,
-                            rate: bucket.rate,
-                            reply,
+                            limits: bucket.limits,
+                            replies,
                         })
                 }
                 Selection::UnknownPlan(_) | Selection::Ignored => Outcome::Unlimited,
             })
             .collect();
-        Ok(Response::new(decide::response(&outcomes)))
+        Ok(Response::new(decide::response(&outcomes, style)))
     }
 }
 

@@ -73,23 +73,26 @@ pub fn describe_change(old: &Plans, new: &Plans) -> String {
     let mut parts = Vec::new();
     let added: Vec<&str> = new
         .keys()
-        .filter(|k| !old.contains_key(*k))
+        .filter(|k| !old.contains_key(k))
         .map(String::as_str)
         .collect();
     let removed: Vec<&str> = old
         .keys()
-        .filter(|k| !new.contains_key(*k))
+        .filter(|k| !new.contains_key(k))
         .map(String::as_str)
         .collect();
     let changed: Vec<&str> = new
         .iter()
-        .filter(|(k, rate)| old.get(*k).is_some_and(|r| r != *rate))
+        .filter(|(k, rate)| old.get(k).is_some_and(|r| r != *rate))
         .map(|(k, _)| k.as_str())
         .collect();
     for (what, names) in [("added", added), ("removed", removed), ("changed", changed)] {
         if !names.is_empty() {
             parts.push(format!("{what} {}", names.join(", ")));
         }
+    }
+    if old.headers != new.headers {
+        parts.push(format!("rate-limit headers now {:?}", new.headers));
     }
     if parts.is_empty() {
         "no plan changed".into()
@@ -207,8 +210,8 @@ mod tests {
 
     #[test]
     fn change_is_described() {
-        let old = Plans::from([("a".into(), rate(1)), ("b".into(), rate(2))]);
-        let new = Plans::from([("a".into(), rate(5)), ("c".into(), rate(2))]);
+        let old = Plans::of([("a", vec![rate(1)]), ("b", vec![rate(2)])]);
+        let new = Plans::of([("a", vec![rate(5)]), ("c", vec![rate(2)])]);
         assert_eq!(describe_change(&old, &new), "added c; removed b; changed a");
         assert_eq!(describe_change(&old, &old), "no plan changed");
     }
@@ -218,7 +221,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.json");
         std::fs::write(&path, "one").unwrap();
-        let current = Arc::new(Current::new(Plans::from([("a".into(), rate(1))])));
+        let current = Arc::new(Current::new(Plans::of([("a", vec![rate(1)])])));
         let mut watcher = Watcher::new(path.clone(), None, Arc::clone(&current), Box::new(|_| {}));
         let mut loads = 0;
         assert!(!watcher.poll(|_| {
@@ -230,12 +233,21 @@ mod tests {
             Err(PlansError("bad".into()))
         }));
         assert_eq!(loads, 1, "the same version is not loaded again");
-        assert_eq!(current.get().get("a"), Some(&rate(1)));
+        assert_eq!(
+            current.get().get("a").map(|p| p.rates.clone()),
+            Some(vec![rate(1)])
+        );
         std::fs::write(&path, "two!").unwrap();
-        assert!(watcher.poll(|_| Ok(Plans::from([("a".into(), rate(9))]))));
-        assert_eq!(current.get().get("a"), Some(&rate(9)));
+        assert!(watcher.poll(|_| Ok(Plans::of([("a", vec![rate(9)])]))));
+        assert_eq!(
+            current.get().get("a").map(|p| p.rates.clone()),
+            Some(vec![rate(9)])
+        );
         std::fs::remove_file(&path).unwrap();
         assert!(!watcher.poll(|_| Ok(Plans::new())));
-        assert_eq!(current.get().get("a"), Some(&rate(9)));
+        assert_eq!(
+            current.get().get("a").map(|p| p.rates.clone()),
+            Some(vec![rate(9)])
+        );
     }
 }

@@ -312,20 +312,22 @@ def bootstrap(
 @dataclasses.dataclass(frozen=True)
 class SharedLimit:
     """Envoy's ratelimit filter after keygate, as envoy/fleet/envoy.yaml has it: domain
-    keygate, descriptor (plan, key_id) from the headers keygate sets, the service on
-    127.0.0.1:`port`. `fail_closed` sets failure_mode_deny; `health_checked` gives the
-    service's cluster an active TCP health check (so a dead service leaves the cluster
-    with no healthy endpoint)."""
+    keygate, descriptor (plan, key_id) from the headers keygate sets (key_id from
+    `key_id_header`: x-keygate-quota-id, whose budget the key spends; configurations from
+    before it read x-keygate-key-id), the service on 127.0.0.1:`port`. `fail_closed` sets
+    failure_mode_deny; `health_checked` gives the service's cluster an active TCP health
+    check (so a dead service leaves the cluster with no healthy endpoint)."""
 
     port: int
     fail_closed: bool = False
     timeout: str = "0.05s"
     health_checked: bool = False
+    key_id_header: str = "x-keygate-quota-id"
 
     def install(self, hcm: dict) -> None:
         hcm["route_config"]["virtual_hosts"][0]["rate_limits"] = [{"actions": [
             {"request_headers": {"header_name": "x-keygate-plan", "descriptor_key": "plan"}},
-            {"request_headers": {"header_name": "x-keygate-key-id", "descriptor_key": "key_id"}},
+            {"request_headers": {"header_name": self.key_id_header, "descriptor_key": "key_id"}},
         ]}]
         hcm["local_reply_config"] = {"mappers": [{
             "filter": {"response_flag_filter": {"flags": ["RLSE"]}},

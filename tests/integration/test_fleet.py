@@ -247,3 +247,109 @@ def test_service_down_or_hung_never_holds_a_request(fleet, how):
     while get(envoys["closed"], key)[0] != 200:
         assert time.monotonic() < deadline, "the fail-closed Envoy did not recover"
         time.sleep(0.2)
+
+
+# ------------------------------------------------- several rates, rotated keys, in a fleet
+
+from harness import key_hash  # noqa: E402
+
+ROTATED_POLICY = {
+    "plans": {
+        "shared4": {"requests": 4, "per": "hour"},
+        # 30 a minute and 6 an hour: the hour's is the smaller limit.
+        "two": [{"requests": 30, "per": "minute"}, {"requests": 6, "per": "hour"}],
+    },
+    "default_plan": "shared4",
+    "shared_rate_limit": True,
+}
+
+OLD_KEY = "fleet_rotated_old_00001"
+NEW_KEY = "fleet_rotated_new_00002"
+LEGACY_OLD = "fleet_legacy_old_000003"
+LEGACY_NEW = "fleet_legacy_new_000004"
+TWO_KEY = "fleet_two_rates_0000005"
+
+
+def rotated_plugin_config() -> dict:
+    """The filter's configuration of these Envoys, written out (the tool's store gives the
+    service the same plans): two pairs of keys where the second shares the first's quota."""
+    key = lambda id_, secret, **kw: {"id": id_, "hash": key_hash(secret), "role": "client", **kw}
+    return {
+        **ROTATED_POLICY,
+        "keys": [
+            key("old-1", OLD_KEY),
+            key("new-1", NEW_KEY, shares_quota_with="old-1"),
+            key("legacy-old", LEGACY_OLD),
+            key("legacy-new", LEGACY_NEW, shares_quota_with="legacy-old"),
+            key("two-1", TWO_KEY, plan="two"),
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def rotated(paths, tmp_path_factory, module_envoy_starter):
+    work = tmp_path_factory.mktemp("rotated")
+    redis = Redis(work).start()
+    store = work / "keygate.json"
+    policy = work / "policy.json"
+    policy.write_text(json.dumps(ROTATED_POLICY))
+    ecds = work / "ecds" / "keygate.yaml"
+    ecds.parent.mkdir()
+    proc = subprocess.run([str(paths.cli), "--store", str(store), "init", "--ecds", str(ecds),
+                           "--wasm", str(paths.wasm), "--policy", str(policy)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    service = RateLimitService(paths.cli.parent / "keygate-ratelimit", work, store, redis.url).start()
+    config = rotated_plugin_config()
+    start = lambda **kw: module_envoy_starter(config, ratelimit=SharedLimit(service.port, **kw))
+    envoys = {
+        "a": start(),
+        "b": start(),
+        # A configuration from before x-keygate-quota-id: the descriptor reads the key id.
+        "legacy": start(key_id_header="x-keygate-key-id"),
+    }
+    yield envoys
+    service.stop()
+    redis.stop()
+
+
+def test_a_successor_spends_its_predecessors_shared_budget(rotated):
+    a, b = rotated["a"], rotated["b"]
+    # The predecessor spends the shared 4 over both Envoys: 2 of each one's own 4.
+    assert [get((a, b)[i % 2], OLD_KEY)[0] for i in range(4)] == [200] * 4
+    # Each Envoy's own bucket (shared with the predecessor there) still holds 2, but the
+    # fleet's budget, counted under the predecessor's id, is spent: the service refuses.
+    for envoy in (a, b):
+        status, headers, body, _ = get(envoy, NEW_KEY)
+        assert status == 429, (status, body)
+        assert headers["x-ratelimit-limit"] == "4" and headers["x-ratelimit-remaining"] == "0"
+    assert over_limit(a) >= 1 and over_limit(b) >= 1
+    assert a.counter("keygate_rate_limited") == 0 and b.counter("keygate_rate_limited") == 0
+
+
+def test_a_descriptor_of_the_key_id_still_works(rotated):
+    """A fleet configuration from before x-keygate-quota-id keeps its shared limit (each
+    key counted under its own id, so a successor does not share its predecessor's fleet
+    budget; the filter's own bucket, shared with the predecessor, still holds it)."""
+    legacy = rotated["legacy"]
+    results = [get(legacy, LEGACY_OLD) for _ in range(4)]
+    assert [r[0] for r in results] == [200] * 4
+    # The service answered each (keygate leaves admitted requests' headers to it).
+    assert [r[1].get("x-ratelimit-remaining") for r in results] == ["3", "2", "1", "0"]
+    before = legacy.counter("keygate_rate_limited")
+    assert [get(legacy, LEGACY_NEW)[0] for _ in range(2)] == [429, 429]
+    assert legacy.counter("keygate_rate_limited") == before + 2
+
+
+def test_several_rates_hold_across_the_fleet(rotated):
+    a, b = rotated["a"], rotated["b"]
+    # Each Envoy's own buckets would admit 6 each; the fleet's admit 6 in all.
+    results = [get((a, b)[i % 2], TWO_KEY) for i in range(12)]
+    statuses = [r[0] for r in results]
+    assert statuses.count(200) == 6, statuses
+    for status, headers, _, _ in results:
+        # The hour's bucket is the closer to running out; the service reports it.
+        assert headers["x-ratelimit-limit"] == "6", headers
+        if status == 429:
+            assert headers["x-ratelimit-remaining"] == "0"
+            assert 1 <= int(headers["retry-after"]) <= 600

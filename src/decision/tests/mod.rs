@@ -633,3 +633,263 @@ fn with_a_shared_limit_only_local_refusals_carry_the_quota() {
     assert_eq!(d.reason, Reason::RateLimited);
     assert_eq!(d.quota.map(|q| q.limit), Some(1));
 }
+
+fn header_value<'a>(hs: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
+    hs.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+}
+
+const TWO_RATES: &str = r#", "default_plan": "two", "plans": {"two": [{"requests": 5, "per": "minute"}, {"requests": 3, "per": "hour"}]}"#;
+
+#[test]
+fn a_two_rate_plan_refuses_at_the_smaller_and_reports_it() {
+    let c = config_with(TWO_RATES);
+    let store = MemoryStore::default();
+    let hs = [("x-api-key", CLIENT_KEY)];
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let a = run_from(&c, &store, "127.0.0.1", "GET", "/v1/open", &hs, ns(NOW)).unwrap();
+        let q = a.quota.unwrap();
+        remaining.push((q.limit, q.remaining));
+        assert_eq!(
+            header_value(&a.quota_headers, "x-ratelimit-limit"),
+            Some("3")
+        );
+    }
+    // The hour's 3 is closer to running out than the minute's 5 all along.
+    assert_eq!(remaining, [(3, 2), (3, 1), (3, 0)]);
+    let d = run_from(&c, &store, "127.0.0.1", "GET", "/v1/open", &hs, ns(NOW)).unwrap_err();
+    assert_eq!(d.reason, Reason::RateLimited);
+    assert_eq!(d.quota.map(|q| (q.limit, q.remaining)), Some((3, 0)));
+    // Every bucket admits again once the hour's has a token: 20 minutes.
+    assert_eq!(d.retry_after_s, Some(1200));
+    assert_eq!(
+        header_value(&d.quota_headers, "x-ratelimit-limit"),
+        Some("3")
+    );
+    // The refusal took nothing: the minute's bucket still holds 2 of 5.
+    let minute = ratelimit::peek(
+        &store,
+        "keygate:bucket:client-1",
+        &c.keys[0].limit.as_ref().unwrap().rates()[0],
+        ns(NOW),
+    )
+    .unwrap();
+    assert_eq!(minute.remaining, 2);
+    // Another key of the plan has buckets of its own.
+    let other = run_from(
+        &c,
+        &store,
+        "127.0.0.1",
+        "GET",
+        "/v1/open",
+        &[("x-api-key", ADMIN_KEY)],
+        ns(NOW),
+    );
+    assert!(other.is_ok());
+}
+
+#[test]
+fn the_minute_refuses_first_when_it_runs_out_first() {
+    let c = config_with(
+        r#", "default_plan": "two", "plans": {"two": [{"requests": 2, "per": "minute"}, {"requests": 100, "per": "day"}]}"#,
+    );
+    let store = MemoryStore::default();
+    let hs = [("x-api-key", CLIENT_KEY)];
+    for _ in 0..2 {
+        assert!(run_from(&c, &store, "127.0.0.1", "GET", "/v1/open", &hs, ns(NOW)).is_ok());
+    }
+    let d = run_from(&c, &store, "127.0.0.1", "GET", "/v1/open", &hs, ns(NOW)).unwrap_err();
+    assert_eq!(d.quota.map(|q| q.limit), Some(2));
+    assert_eq!(d.retry_after_s, Some(30));
+    // The day's bucket gave its token back: 98 left, not 97.
+    let day = c.keys[0].limit.as_ref().unwrap().rates()[1];
+    let v = ratelimit::peek(&store, "keygate:bucket:client-1#1", &day, ns(NOW)).unwrap();
+    assert_eq!(v.remaining, 98);
+}
+
+#[test]
+fn ietf_headers_carry_one_policy_per_rate() {
+    let c = config_with(&format!(r#"{TWO_RATES}, "rate_limit_headers": "ietf""#));
+    let store = MemoryStore::default();
+    let hs = [("x-api-key", CLIENT_KEY)];
+    let a = run_from(&c, &store, "127.0.0.1", "GET", "/v1/open", &hs, ns(NOW)).unwrap();
+    assert_eq!(
+        header_value(&a.quota_headers, "ratelimit-policy"),
+        Some(r#""two/minute";q=5;w=60, "two/hour";q=3;w=3600"#)
+    );
+    assert_eq!(
+        header_value(&a.quota_headers, "ratelimit"),
+        Some(r#""two/minute";r=4;t=12, "two/hour";r=2;t=1200"#)
+    );
+    assert_eq!(header_value(&a.quota_headers, "x-ratelimit-limit"), None);
+    for _ in 0..2 {
+        run_from(&c, &store, "127.0.0.1", "GET", "/v1/open", &hs, ns(NOW)).unwrap();
+    }
+    let d = run_from(&c, &store, "127.0.0.1", "GET", "/v1/open", &hs, ns(NOW)).unwrap_err();
+    assert_eq!(
+        header_value(&d.quota_headers, "ratelimit"),
+        Some(r#""two/minute";r=2;t=36, "two/hour";r=0;t=1200"#)
+    );
+    assert_eq!(d.retry_after_s, Some(1200));
+    // A single-rate plan gets one item, named the same way.
+    let c = config_with(r#", "default_plan": "free", "rate_limit_headers": "ietf""#);
+    let a = run(&c, "GET", "/v1/open", &hs, NOW).unwrap();
+    assert_eq!(
+        header_value(&a.quota_headers, "ratelimit-policy"),
+        Some(r#""free/minute";q=60;w=60"#)
+    );
+    assert_eq!(
+        header_value(&a.quota_headers, "ratelimit"),
+        Some(r#""free/minute";r=59;t=1"#)
+    );
+    // Off: none, but a refusal still says when to retry.
+    let c = config_with(&format!(r#"{TWO_RATES}, "rate_limit_headers": false"#));
+    let store = MemoryStore::default();
+    for _ in 0..3 {
+        let a = run_from(&c, &store, "127.0.0.1", "GET", "/v1/open", &hs, ns(NOW)).unwrap();
+        assert!(a.quota_headers.is_empty() && a.quota.is_none());
+    }
+    let d = run_from(&c, &store, "127.0.0.1", "GET", "/v1/open", &hs, ns(NOW)).unwrap_err();
+    assert!(d.quota_headers.is_empty());
+    assert_eq!(d.retry_after_s, Some(1200));
+}
+
+#[test]
+fn a_successor_spends_every_bucket_of_its_predecessor() {
+    let json = format!(
+        r#"{{"keys": [
+            {{"id": "old", "hash": "{}", "role": "client"}},
+            {{"id": "new", "hash": "{}", "role": "client", "shares_quota_with": "old"}}
+        ], "shared_rate_limit": false{TWO_RATES}}}"#,
+        hash_string(CLIENT_KEY.as_bytes()),
+        hash_string(ADMIN_KEY.as_bytes()),
+    );
+    let c = Config::from_json(json.as_bytes()).unwrap();
+    let store = MemoryStore::default();
+    let old = [("x-api-key", CLIENT_KEY)];
+    let new = [("x-api-key", ADMIN_KEY)];
+    assert!(run_from(&c, &store, "127.0.0.1", "GET", "/x", &old, ns(NOW)).is_ok());
+    assert!(run_from(&c, &store, "127.0.0.1", "GET", "/x", &new, ns(NOW)).is_ok());
+    assert!(run_from(&c, &store, "127.0.0.1", "GET", "/x", &old, ns(NOW)).is_ok());
+    // Three between them: the hour's bucket they share is empty for both.
+    for hs in [&old, &new] {
+        let d = run_from(&c, &store, "127.0.0.1", "GET", "/x", hs, ns(NOW)).unwrap_err();
+        assert_eq!(d.reason, Reason::RateLimited);
+    }
+    // Only the predecessor's buckets exist.
+    assert_eq!(store.len(), 2);
+}
+
+#[test]
+fn with_a_shared_limit_the_quota_id_names_whose_budget_is_spent() {
+    let json = format!(
+        r#"{{"keys": [
+            {{"id": "old", "hash": "{}", "role": "client"}},
+            {{"id": "new", "hash": "{}", "role": "client", "shares_quota_with": "old"}},
+            {{"id": "free-rider", "hash": "{}", "role": "client", "plan": "free"}}
+        ], "default_plan": "free", "shared_rate_limit": true}}"#,
+        hash_string(CLIENT_KEY.as_bytes()),
+        hash_string(ADMIN_KEY.as_bytes()),
+        hash_string(NOTENANT_KEY.as_bytes()),
+    );
+    let c = Config::from_json(json.as_bytes()).unwrap();
+    let quota_id = |key: &str| {
+        let d = run(&c, "GET", "/x", &[("x-api-key", key)], NOW).unwrap();
+        let hs = d.identity_headers();
+        let id = hs
+            .iter()
+            .find(|(n, _)| *n == "x-keygate-key-id")
+            .map(|(_, v)| v.to_string());
+        let quota = hs
+            .iter()
+            .find(|(n, _)| *n == QUOTA_ID_HEADER)
+            .map(|(_, v)| v.to_string());
+        (id, quota)
+    };
+    assert_eq!(
+        quota_id(CLIENT_KEY),
+        (Some("old".into()), Some("old".into()))
+    );
+    assert_eq!(
+        quota_id(ADMIN_KEY),
+        (Some("new".into()), Some("old".into()))
+    );
+    assert_eq!(
+        quota_id(NOTENANT_KEY),
+        (Some("free-rider".into()), Some("free-rider".into()))
+    );
+    // Without a shared limit nothing reads it, so it is not sent (no extra header).
+    let c = config_with(r#", "default_plan": "free""#);
+    let d = run(&c, "GET", "/v1/open", &[("x-api-key", CLIENT_KEY)], NOW).unwrap();
+    assert!(!d
+        .identity_headers()
+        .iter()
+        .any(|(n, _)| *n == QUOTA_ID_HEADER));
+    // A client cannot send one: it is removed like every x-keygate-* header.
+    let d = run(
+        &c,
+        "GET",
+        "/v1/open",
+        &[
+            ("x-api-key", CLIENT_KEY),
+            ("x-keygate-quota-id", "someone-else"),
+        ],
+        NOW,
+    )
+    .unwrap();
+    assert!(d.remove.contains(&"x-keygate-quota-id".to_string()));
+}
+
+/// Counts shared-data calls.
+#[derive(Default)]
+struct Calls {
+    inner: MemoryStore,
+    gets: std::cell::Cell<u32>,
+    sets: std::cell::Cell<u32>,
+}
+
+impl Store for Calls {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, ratelimit::StoreError> {
+        self.gets.set(self.gets.get() + 1);
+        self.inner.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], version: u32) -> Result<(), ratelimit::StoreError> {
+        self.sets.set(self.sets.get() + 1);
+        self.inner.set(key, value, version)
+    }
+}
+
+#[test]
+fn a_single_rate_plan_costs_what_it_always_did() {
+    // One get and one set for a request on a small single-rate plan (no lease), and a
+    // busy key on a large plan is served from its lease without any.
+    let c = config_with(r#", "default_plan": "free""#);
+    let store = Calls::default();
+    let hs = headers(&[("x-api-key", CLIENT_KEY)]);
+    let req = Request {
+        method: b"GET",
+        path: b"/v1/open",
+        headers: &hs,
+        peer: Peer::Connection("127.0.0.1".parse().unwrap()),
+    };
+    let mut leases = Leases::default();
+    decide(&c, &req, ns(NOW), &store, &mut leases).unwrap();
+    assert_eq!((store.gets.get(), store.sets.get()), (1, 1));
+    let c = config_with(r#", "default_plan": "enterprise""#);
+    let store = Calls::default();
+    let mut leases = Leases::default();
+    for i in 0..10 {
+        decide(&c, &req, ns(NOW) + i, &store, &mut leases).unwrap();
+    }
+    assert!(
+        store.sets.get() < 10,
+        "{} writes for 10 requests",
+        store.sets.get()
+    );
+    // Two rates: a get and a set for each.
+    let c = config_with(TWO_RATES);
+    let store = Calls::default();
+    decide(&c, &req, ns(NOW), &store, &mut Leases::default()).unwrap();
+    assert_eq!((store.gets.get(), store.sets.get()), (2, 2));
+}

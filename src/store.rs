@@ -1052,64 +1052,11 @@ impl Store {
     }
 }
 
-/// Every problem of a plugin configuration (the store's policy with its keys rendered,
-/// or a file given to `check`), each naming its field by a key's id or a route's prefix
-/// where it can: what `policy check`, `policy set` and `check` print, one per line.
-///
-/// For now the filter's compile step reports its first error only, so this is keygate's
-/// own checks (every key's plan and the default plan exist) plus that one error, with a
-/// key's or route's position in its path replaced by the key's id or the route's prefix.
+/// Every problem the filter would refuse `plugin` for (the store's keys with a policy),
+/// each naming its element by key id or route prefix (`keys["kg_abc"].plan`,
+/// `routes["/v1/admin"].roles[0]`): the filter's own checks, all at once.
 pub fn policy_problems(plugin: &PluginConfig) -> Vec<ConfigError> {
-    let mut out: Vec<ConfigError> = Vec::new();
-    let mut known: Vec<String> = config::builtin_plans().into_keys().collect();
-    for name in plugin.plans.keys() {
-        if !known.contains(name) {
-            known.push(name.clone());
-        }
-    }
-    known.sort();
-    let unknown_plan = |path: String, name: &str| ConfigError {
-        path,
-        reason: format!("unknown plan {name:?}; known plans: {}", known.join(", ")),
-    };
-    if let Some(name) = plugin.default_plan.as_deref() {
-        if !known.iter().any(|k| k == name) {
-            out.push(unknown_plan("default_plan".into(), name));
-        }
-    }
-    for key in &plugin.keys {
-        if let Some(name) = key.plan.as_deref() {
-            if !known.iter().any(|k| k == name) {
-                out.push(unknown_plan(format!("keys[{}].plan", key.id), name));
-            }
-        }
-    }
-    if let Err(e) = Config::compile(plugin).map_err(|e| by_name(e, plugin)) {
-        // Already said by a check above, by its key id: not twice.
-        let plan_error = e.path.ends_with(".plan") || e.path == "default_plan";
-        if (!plan_error || out.is_empty()) && !out.contains(&e) {
-            out.push(e);
-        }
-    }
-    out
-}
-
-/// `e` with a key's position in its path (`keys[2].plan`) replaced by the key's id
-/// (`keys[k_abc].plan`), and a route's by its prefix (`routes["/v1"].roles`).
-fn by_name(mut e: ConfigError, plugin: &PluginConfig) -> ConfigError {
-    let rename = |path: &str, list: &str, name: &dyn Fn(usize) -> Option<String>| {
-        let rest = path.strip_prefix(list)?.strip_prefix('[')?;
-        let (index, tail) = rest.split_once(']')?;
-        let name = name(index.parse().ok()?)?;
-        Some(format!("{list}[{name}]{tail}"))
-    };
-    let key = |i: usize| plugin.keys.get(i).map(|k| k.id.clone());
-    let route = |i: usize| plugin.routes.get(i).map(|r| format!("{:?}", r.prefix));
-    if let Some(path) = rename(&e.path, "keys", &key).or_else(|| rename(&e.path, "routes", &route))
-    {
-        e.path = path;
-    }
-    e
+    config::problems(plugin)
 }
 
 /// Warnings for a key given `role` and `scopes` that no route of `policy` uses: a typo

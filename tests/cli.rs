@@ -831,7 +831,7 @@ fn check_names_the_field_of_a_hand_broken_store() {
     assert_eq!(
         err,
         format!(
-            "keygate: invalid configuration: keys[{first}].hash: expected \"sha256:\" followed by 64 \
+            "keygate: invalid configuration: keys[\"{first}\"].hash: expected \"sha256:\" followed by 64 \
              lowercase hex digits (printf %s \"$KEY\" | sha256sum), got \"sha256:ABC\""
         )
     );
@@ -859,7 +859,7 @@ fn check_names_the_field_of_a_hand_broken_store() {
     let err = env.fail(&["check"], 1);
     assert!(
         err.starts_with(&format!(
-            "keygate: invalid configuration: keys[{}].plan: unknown plan \"gold\"",
+            "keygate: invalid configuration: keys[\"{}\"].plan: unknown plan \"gold\"",
             str_of(&env.store_json()["keys"][1]["id"])
         )),
         "{err}"
@@ -894,7 +894,7 @@ fn check_file_still_validates_a_plugin_configuration() {
     .unwrap();
     let err = env.fail(&["check", file.to_str().unwrap()], 1);
     assert!(
-        err.starts_with("keygate: invalid configuration: keys[c].hash:"),
+        err.starts_with("keygate: invalid configuration: keys[\"c\"].hash:"),
         "{err}"
     );
 }
@@ -2428,12 +2428,12 @@ fn policy_show_check_and_set_change_plans_in_place() {
     fs::write(&dropped, r#"{"default_plan": "free"}"#).unwrap();
     let e = env.fail(&["policy", "check", dropped.to_str().unwrap()], 1);
     assert!(
-        e.contains(&format!("keys[{id}].plan: unknown plan \"tiny\"")),
+        e.contains(&format!("keys[\"{id}\"].plan: unknown plan \"tiny\"")),
         "{e} ({id})"
     );
     let e = env.fail(&["policy", "set", dropped.to_str().unwrap()], 1);
     assert!(
-        e.contains(&format!("keys[{id}].plan: unknown plan \"tiny\"")),
+        e.contains(&format!("keys[\"{id}\"].plan: unknown plan \"tiny\"")),
         "{e}"
     );
     assert_eq!(env.store_text(), before);
@@ -3225,7 +3225,7 @@ fn update_refuses_what_create_refuses_and_changes_nothing() {
     assert_eq!(
         e,
         format!(
-            "keygate: invalid configuration: keys[{id}].plan: unknown plan \"gold\"; known plans: \
+            "keygate: invalid configuration: keys[\"{id}\"].plan: unknown plan \"gold\"; known plans: \
              enterprise, free, pro, tiny"
         )
     );
@@ -3249,7 +3249,7 @@ fn update_refuses_what_create_refuses_and_changes_nothing() {
     let e = fails_changing_nothing(&env, &["update", &id, "--allowed-ip", "10.0.0.300/8"], 1);
     assert!(
         e.starts_with(&format!(
-            "keygate: invalid configuration: keys[{id}].allowed_ips[0]:"
+            "keygate: invalid configuration: keys[\"{id}\"].allowed_ips[0]:"
         )),
         "{e}"
     );
@@ -3652,9 +3652,9 @@ fn policy_check_prints_every_problem_and_set_changes_nothing() {
         assert_eq!(
             e,
             format!(
-                "keygate: {f}: default_plan: unknown plan \"silver\"; known plans: enterprise, free, pro, tiny\n\
-                 keygate: {f}: keys[{id}].plan: unknown plan \"gold\"; known plans: enterprise, free, pro, tiny\n\
-                 keygate: {f}: routes[\"/a\"].prefix: \"/a\" is never reached: routes[0] (\"/a\") matches every such path first; put the longer prefix first\n\
+                "keygate: {f}: routes[1].prefix: \"/a\" is never reached: routes[0] (\"/a\") matches every such path first; put the longer prefix first\n\
+                 keygate: {f}: default_plan: unknown plan \"silver\"; known plans: enterprise, free, pro, tiny\n\
+                 keygate: {f}: keys[\"{id}\"].plan: unknown plan \"gold\"; known plans: enterprise, free, pro, tiny\n\
                  keygate: {f}: 3 problems; nothing was changed"
             )
         );

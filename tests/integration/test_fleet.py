@@ -168,8 +168,10 @@ def over_limit(envoy) -> int:
 
 def test_shared_refusals_are_counted_apart_from_local_ones(fleet):
     a, b = fleet.envoys["a"], fleet.envoys["b"]
-    key = fleet.key("hourly5", a)  # one token of the shared 5, one of a's own 5
-    assert [get(b, key)[0] for _ in range(3)] == [200] * 3  # shared: 4 spent
+    # Waiting until both Envoys have the key spends one shared token on each and one of
+    # a's own 5 (b's own bucket is not asked about again below).
+    key = fleet.key("hourly5", a, b)
+    assert [get(b, key)[0] for _ in range(2)] == [200] * 2  # shared: 4 spent
     shared_before, local_before = over_limit(a), a.counter("keygate_rate_limited")
     # a's own bucket still holds 4; the shared one holds 1.
     assert [get(a, key)[0] for _ in range(4)] == [200, 429, 429, 429]

@@ -984,13 +984,33 @@ impl Store {
         Ok((before, key.clone()))
     }
 
-    /// The keys `prune` would remove at `now`: revoked ones revoked (else created) at
-    /// least `older_than_s` seconds ago, and expired ones expired at least that long ago,
-    /// with that instant.
+    /// Keys revoked or expired at least `older_than_s` seconds before `now`, with their
+    /// state and since when, except those kept for a successor (see
+    /// [`Store::kept_for_successors`]).
     pub fn prunable(&self, older_than_s: i64, now: i64) -> Vec<(&StoredKey, State, i64)> {
+        let (prunable, _) = self.prune_candidates(older_than_s, now);
+        prunable
+    }
+
+    /// Keys old enough to prune that stay because a key rotated from them (directly or
+    /// through other kept keys) is not pruned: the successor spends the budget of the
+    /// oldest key of its rotation chain, and pruning that key would hand it a fresh one.
+    /// Each with the id of the successor that holds it.
+    pub fn kept_for_successors(&self, older_than_s: i64, now: i64) -> Vec<(&StoredKey, String)> {
+        let (_, kept) = self.prune_candidates(older_than_s, now);
+        kept
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn prune_candidates(
+        &self,
+        older_than_s: i64,
+        now: i64,
+    ) -> (Vec<(&StoredKey, State, i64)>, Vec<(&StoredKey, String)>) {
         let cutoff = now.saturating_sub(older_than_s);
         let at = |s: Option<&str>| s.and_then(|s| time::parse_rfc3339(s).ok());
-        self.keys
+        let mut old: Vec<(&StoredKey, State, i64)> = self
+            .keys
             .iter()
             .filter_map(|k| {
                 let state = k.state(now);
@@ -1003,7 +1023,31 @@ impl Store {
                 }?;
                 (since <= cutoff).then_some((k, state, since))
             })
-            .collect()
+            .collect();
+        // A key stays while a key that stays was rotated from it; repeated until nothing
+        // changes, so a whole chain above a remaining successor stays.
+        let mut kept: Vec<(&StoredKey, String)> = Vec::new();
+        loop {
+            let staying = |id: &str| !old.iter().any(|(k, _, _)| k.id == id);
+            let held = old.iter().position(|(k, _, _)| {
+                self.keys
+                    .iter()
+                    .any(|s| s.rotated_from.as_deref() == Some(k.id.as_str()) && staying(&s.id))
+            });
+            let Some(i) = held else { break };
+            let (k, _, _) = old.remove(i);
+            let by = self
+                .keys
+                .iter()
+                .find(|s| {
+                    s.rotated_from.as_deref() == Some(k.id.as_str())
+                        && !old.iter().any(|(o, _, _)| o.id == s.id)
+                })
+                .map(|s| s.id.clone())
+                .unwrap_or_default();
+            kept.push((k, by));
+        }
+        (old, kept)
     }
 
     /// Removes the keys [`Store::prunable`] lists; returns them.

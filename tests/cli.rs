@@ -3420,6 +3420,57 @@ fn a_rotated_key_renders_sharing_the_oldest_budget_in_the_store() {
 }
 
 #[test]
+fn prune_keeps_a_rotated_keys_chain_while_a_successor_spends_its_budget() {
+    let env = Env::init();
+    let (k1, _) = env.create(&[]);
+    let rotated = env.json(&["rotate", &k1, "--grace", "0s"]);
+    let k2 = str_of(&rotated["id"]);
+    let rotated = env.json(&["rotate", &k2, "--grace", "0s"]);
+    let k3 = str_of(&rotated["id"]);
+    // k1 and k2 expired long ago; k3 is active and spends k1's budget.
+    env.edit_store(|doc| {
+        for k in doc["keys"].as_array_mut().unwrap() {
+            if k["id"] == k1.as_str() || k["id"] == k2.as_str() {
+                k["expires_at"] = "2026-01-01T00:00:00Z".into();
+            }
+        }
+    });
+    let dry = env.ok(&["prune", "--older-than", "7d", "--dry-run"]);
+    assert_eq!(
+        dry.trim(),
+        format!(
+            "would remove 0 keys (dry run; nothing was changed)\n\
+             kept {k2} (expired): {k3}, rotated from it, still spends its rate-limit budget\n\
+             kept {k1} (expired): {k2}, rotated from it, still spends its rate-limit budget"
+        )
+    );
+    let out = env.json(&["prune", "--older-than", "7d"]);
+    assert_eq!(out["removed"], serde_json::json!([]));
+    assert_eq!(out["kept"][0]["id"], k2.as_str());
+    assert_eq!(out["kept"][0]["successor"], k3.as_str());
+    let rendered = env.json(&["render"]);
+    let shares = rendered["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == k3.as_str())
+        .map(|k| k["shares_quota_with"].clone());
+    assert_eq!(shares, Some(k1.as_str().into()));
+    // Once the successor is revoked and old too, the whole chain goes.
+    env.ok(&["revoke", &k3]);
+    env.edit_store(|doc| {
+        for k in doc["keys"].as_array_mut().unwrap() {
+            if k["id"] == k3.as_str() {
+                k["revoked_at"] = "2026-01-01T00:00:00Z".into();
+            }
+        }
+    });
+    let out = env.json(&["prune", "--older-than", "7d"]);
+    assert_eq!(out["removed"].as_array().unwrap().len(), 3, "{out}");
+    assert_eq!(out["kept"], serde_json::json!([]));
+}
+
+#[test]
 fn prune_lists_then_removes_old_revoked_and_expired_keys() {
     let env = Env::init();
     let (active, _) = env.create(&[]);

@@ -1588,8 +1588,14 @@ fn prune(
         for (_, line) in &found {
             text += &format!("\n{line}");
         }
+        let (kept, kept_text) = kept_for_successors(&s, older_than, now);
+        text += &kept_text;
         let keys: Vec<&Value> = found.iter().map(|(v, _)| v).collect();
-        print(cli, &json!({"dry_run": true, "removed": keys}), &text)?;
+        print(
+            cli,
+            &json!({"dry_run": true, "removed": keys, "kept": kept}),
+            &text,
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
     let who = actor(cli, "prune")?;
@@ -1599,10 +1605,11 @@ fn prune(
             .into_iter()
             .map(|(k, st, t)| row(k, st, t))
             .collect();
+        let kept = kept_for_successors(s, older_than, now);
         s.prune(older_than, now);
-        Ok(found)
+        Ok((found, kept))
     })?;
-    let found = &done.value;
+    let (found, (kept, kept_text)) = &done.value;
     let mut text = format!(
         "removed {} key{}",
         found.len(),
@@ -1611,12 +1618,32 @@ fn prune(
     for (_, line) in found {
         text += &format!("\n{line}");
     }
+    text += kept_text;
     if !found.is_empty() && done.applied.is_none() {
         text += "\nEnvoy keeps them until the next keygate apply";
     }
     let keys: Vec<&Value> = found.iter().map(|(v, _)| v).collect();
-    let out = json!({"dry_run": false, "removed": keys, "revision": done.revision});
+    let out = json!({"dry_run": false, "removed": keys, "kept": kept, "revision": done.revision});
     committed(cli, &done, out, text)
+}
+
+/// The keys `prune` keeps because a successor still spends their budget: as JSON, and as
+/// text lines.
+fn kept_for_successors(s: &Store, older_than: i64, now: i64) -> (Vec<Value>, String) {
+    let mut text = String::new();
+    let kept = s
+        .kept_for_successors(older_than, now)
+        .into_iter()
+        .map(|(k, by)| {
+            text += &format!(
+                "\nkept {} ({}): {by}, rotated from it, still spends its rate-limit budget",
+                k.id,
+                k.state(now).as_str()
+            );
+            json!({"id": k.id, "state": k.state(now).as_str(), "successor": by})
+        })
+        .collect();
+    (kept, text)
 }
 
 /// `keygate audit [--key ID] [--since WHEN] [--action A]`.

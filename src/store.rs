@@ -3040,9 +3040,16 @@ mod tests {
         // The predecessor stays in the store revoked or expired: still shared.
         store.transition(&k1, Transition::Revoke, now).unwrap();
         assert_eq!(shares(&store, &k3), Some(k1.clone()));
-        // Pruned: the next oldest is the root.
-        assert_eq!(store.prune(0, now + 10).len(), 1);
-        assert!(store.find(&k1).is_err());
+        // prune keeps it while a successor spends its budget, naming that successor.
+        assert!(store.prune(0, now + 10).is_empty());
+        let kept = store.kept_for_successors(0, now + 10);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(
+            (kept[0].0.id.as_str(), kept[0].1.as_str()),
+            (k1.as_str(), k2.as_str())
+        );
+        // Gone anyway (a hand-edited store): the next oldest is the root.
+        store.keys.retain(|k| k.id != k1);
         assert_eq!(shares(&store, &k2), None);
         assert_eq!(shares(&store, &k3), Some(k2.clone()));
         // A loop (hand-edited) shares nothing rather than guessing.
@@ -3244,7 +3251,7 @@ mod tests {
             [
                 "default_plan: unknown plan \"silver\"; known plans: enterprise, free, pro",
                 &format!(
-                    "keys[{id}].plan: unknown plan \"gold\"; known plans: enterprise, free, pro"
+                    "keys[\"{id}\"].plan: unknown plan \"gold\"; known plans: enterprise, free, pro"
                 ),
             ]
         );

@@ -3407,14 +3407,16 @@ fn a_rotated_key_renders_sharing_the_oldest_budget_in_the_store() {
     assert!(env
         .ok(&["show", &other])
         .ends_with("budget:      its own\n"));
-    // k1 expired a second after the first rotation; pruned, k2 is the oldest.
+    // k1 expired a second after the first rotation; prune keeps it while k2 and k3 spend
+    // its budget (prune_keeps_a_rotated_keys_chain_while_a_successor_spends_its_budget).
     env.ok(&["prune", "--older-than", "0s"]);
     assert_eq!(
         shares(&env),
         [
+            (k1.clone(), Value::Null),
             (other, Value::Null),
-            (k2.clone(), Value::Null),
-            (k3, Value::from(k2.as_str())),
+            (k2.clone(), Value::from(k1.as_str())),
+            (k3, Value::from(k1.as_str())),
         ]
     );
 }

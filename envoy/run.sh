@@ -79,7 +79,7 @@ if [ -f "$RUN/demo-key-id" ]; then
   "$KEYGATE" revoke "$(cat "$RUN/demo-key-id")" >/dev/null 2>&1 || true
 fi
 created=$("$KEYGATE" --json create --name demo --role client --client demo --tenant demo-tenant \
-  --scope jobs:read --scope jobs:write --plan free --expires-in 30d --apply)
+  --scope jobs:write --plan free --expires-in 30d --apply)
 read -r key_id key < <(python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["id"], d["key"])' <<<"$created")
 echo "$key_id" > "$RUN/demo-key-id"
 
@@ -122,7 +122,7 @@ cat <<TXT
 
 keygate is running: Envoy on http://$LISTEN (admin http://$ADMIN), coordinator on $UPSTREAM.
 
-Demo key $key_id (client "demo", tenant demo-tenant, role client, scopes jobs:read jobs:write, plan free):
+Demo key $key_id (client "demo", tenant demo-tenant, role client, scope jobs:write, plan free):
   $key
 
 200, the coordinator echoes what it received (identity headers, no key):

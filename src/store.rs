@@ -2151,6 +2151,14 @@ fn lock(store: &Path) -> Result<Lock, Error> {
     let mut name = store.as_os_str().to_owned();
     name.push(".lock");
     let path = PathBuf::from(name);
+    if let Some(dir) = store.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(Error::Other(format!(
+                "the store's directory {} does not exist; create it first (keygate does not make directories)",
+                dir.display()
+            )));
+        }
+    }
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     owner_only_on_create(&mut options);

@@ -3307,6 +3307,16 @@ fn roles_and_scopes_no_route_uses_are_accepted_with_a_warning() {
     );
     let (_, stderr) = ok_with_stderr(&env, &["update", &id, "--name", "other"]);
     assert_eq!(stderr, "", "only new roles and scopes are warned about");
+    // A refused role is refused, not warned about first.
+    let e = fails_changing_nothing(
+        &env,
+        &["create", "--name", "n", "--role", "client admin"],
+        1,
+    );
+    assert!(!e.contains("warning:"), "{e}");
+    assert!(e.starts_with("keygate: invalid configuration: "), "{e}");
+    let e = fails_changing_nothing(&env, &["update", &id, "--role", "client admin"], 1);
+    assert!(!e.contains("warning:"), "{e}");
 }
 
 #[test]
@@ -4103,4 +4113,34 @@ fn an_upgrade_whose_apply_envoy_rejects_leaves_the_version_1_store_and_no_backup
     assert!(e.contains("rejected version"), "{e}");
     assert!(!env.dir.path().join("keygate.json.v1.bak").exists());
     assert_eq!(env.store_json()["version"], 1);
+}
+
+#[test]
+fn a_store_in_a_missing_directory_is_refused_naming_the_directory() {
+    let mut env = Env::new();
+    env.store = env.dir.path().join("nowhere").join("keygate.json");
+    let e = env.fail(&["init"], 1);
+    assert_eq!(
+        e.trim_end(),
+        format!(
+            "keygate: the store's directory {} does not exist; create it first (keygate does not make directories)",
+            env.dir.path().join("nowhere").display()
+        )
+    );
+    assert!(!env.dir.path().join("nowhere").exists());
+}
+
+#[test]
+fn a_forced_rotation_of_an_expired_key_does_not_say_it_keeps_working() {
+    let env = Env::init();
+    let (id, _) = env.create(&[]);
+    env.edit_store(|doc| doc["keys"][0]["expires_at"] = "2026-01-01T00:00:00Z".into());
+    let out = env.ok(&["rotate", &id, "--grace", "1h", "--force"]);
+    let first = out.lines().next().unwrap();
+    assert!(
+        first.ends_with(&format!(
+            "; {id} stays expired (it stopped working); the two share one rate-limit budget"
+        )),
+        "{first}"
+    );
 }

@@ -43,7 +43,7 @@ if [ -f "$RUN/demo-key-id" ]; then
   "$KEYGATE" revoke "$(cat "$RUN/demo-key-id")" >/dev/null 2>&1 || true
 fi
 created=$("$KEYGATE" --json create --name fleet-demo --role client --client demo --tenant demo-tenant \
-  --scope jobs:read --scope jobs:write --plan demo5 --expires-in 30d --apply)
+  --scope jobs:write --plan demo5 --expires-in 30d --apply)
 read -r key_id key < <(python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["id"], d["key"])' <<<"$created")
 echo "$key_id" > "$RUN/demo-key-id"
 

@@ -600,17 +600,15 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
         } => {
             let new = identity.new_key(name.clone(), description.clone(), expiry.at(now));
             let who = actor(cli, "create")?;
+            // Warnings are said once the change is made: never for a refused one.
             let done = store::update_as(path, apply.options(), Some(&who), |s| {
-                warn(&store::identity_warnings(
-                    &s.policy,
-                    Some(&new.role),
-                    &new.scopes,
-                ));
+                let warnings = store::identity_warnings(&s.policy, Some(&new.role), &new.scopes);
                 let created = s.create(&new, now)?;
                 let plan = created.record.effective_plan(&s.policy).map(str::to_string);
-                Ok((created, plan))
+                Ok((created, plan, warnings))
             })?;
-            let (created, plan) = &done.value;
+            let (created, plan, warnings) = &done.value;
+            warn(warnings);
             let r = &created.record;
             let out = json!({
                 "id": r.id, "key": created.key, "name": r.name, "prefix": r.prefix,
@@ -744,6 +742,11 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             })?;
             let (new, old) = (&done.value.new, &done.value.old);
             let old_expiry = old.expires_at.as_deref().unwrap_or("never");
+            // A forced rotation of a key that already stopped working says so.
+            let old_works = match old.state(now) {
+                store::State::Active => format!("{} keeps working until {old_expiry}", old.id),
+                state => format!("{} stays {} (it stopped working)", old.id, state.as_str()),
+            };
             let out = json!({
                 "id": new.record.id, "key": new.key, "name": new.record.name,
                 "prefix": new.record.prefix, "expires_at": new.record.expires_at,
@@ -751,9 +754,9 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
                 "rotated_from": old.id, "revision": done.revision,
             });
             let text = format!(
-                "rotated {}: new key {} {:?}; {} keeps working until {old_expiry}; the two share one rate-limit budget\n\
+                "rotated {}: new key {} {:?}; {old_works}; the two share one rate-limit budget\n\
                  the new key, shown only now (the store keeps its hash):\n{}",
-                old.id, new.record.id, new.record.name, old.id, new.key
+                old.id, new.record.id, new.record.name, new.key
             );
             return committed(cli, &done, out, text);
         }
@@ -769,11 +772,8 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             let template = identity.new_key(String::new(), None, expiry.at(now));
             let who = actor(cli, "import")?;
             let done = store::update_as(path, apply.options(), Some(&who), |s| {
-                warn(&store::identity_warnings(
-                    &s.policy,
-                    Some(&template.role),
-                    &template.scopes,
-                ));
+                let warnings =
+                    store::identity_warnings(&s.policy, Some(&template.role), &template.scopes);
                 let checksum_prefix = s
                     .policy
                     .key_format
@@ -781,9 +781,10 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
                     .filter(|f| f.checksum)
                     .map(|f| f.prefix.clone());
                 let lines = store::parse_import(&input, checksum_prefix.as_deref())?;
-                s.import(&lines, &template, name_prefix, now)
+                Ok((s.import(&lines, &template, name_prefix, now)?, warnings))
             })?;
-            let imported = &done.value;
+            let (imported, warnings) = &done.value;
+            warn(warnings);
             let added: Vec<Value> = imported
                 .added
                 .iter()
@@ -1521,11 +1522,12 @@ fn update(
             .collect();
         // Only a new role and new scopes are warned about.
         let role = (before.role != after.role).then_some(after.role.as_str());
-        warn(&store::identity_warnings(&s.policy, role, &added));
+        let warnings = store::identity_warnings(&s.policy, role, &added);
         let changes = store::audit::diff_keys(&before, &after);
-        Ok((describe(s, &after, now), changes))
+        Ok((describe(s, &after, now), changes, warnings))
     })?;
-    let (mut out, changes) = done.value.clone();
+    let (mut out, changes, warnings) = done.value.clone();
+    warn(&warnings);
     let text = if changes.is_empty() {
         format!("{id}: nothing changed (it already is as asked)")
     } else {

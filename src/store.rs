@@ -486,7 +486,7 @@ impl Store {
     pub fn render(&self) -> Result<Rendered, Error> {
         self.check_metadata()?;
         let plugin = self.plugin_with(&self.policy);
-        let config = Config::compile(&plugin)?;
+        let config = compile_named(&plugin)?;
         Ok(Rendered { plugin, config })
     }
 
@@ -1094,6 +1094,12 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The filter's compile step, its error naming the element by key id or route prefix
+/// (the first of [`config::problems`]) rather than by position.
+fn compile_named(plugin: &PluginConfig) -> Result<Config, ConfigError> {
+    Config::compile(plugin).map_err(|e| config::problems(plugin).into_iter().next().unwrap_or(e))
 }
 
 /// Every problem the filter would refuse `plugin` for (the store's keys with a policy),

@@ -425,13 +425,15 @@ fn create_refuses_what_the_filter_would_refuse_and_writes_nothing() {
         ],
         1,
     );
+    // The new key is named by its id, as every command names keys.
     assert!(
-        err.starts_with("keygate: invalid configuration: keys[0].plan: unknown plan \"gold\""),
+        err.starts_with("keygate: invalid configuration: keys[\"k_"),
         "{err}"
     );
+    assert!(err.contains("\"].plan: unknown plan \"gold\""), "{err}");
     let err = env.fail(&["create", "--name", "n", "--role", "two words"], 1);
     assert!(
-        err.starts_with("keygate: invalid configuration: keys[0].role:"),
+        err.starts_with("keygate: invalid configuration: keys[\"k_") && err.contains("\"].role:"),
         "{err}"
     );
     let err = env.fail(
@@ -447,7 +449,8 @@ fn create_refuses_what_the_filter_would_refuse_and_writes_nothing() {
         1,
     );
     assert!(
-        err.starts_with("keygate: invalid configuration: keys[0].allowed_ips[0]:"),
+        err.starts_with("keygate: invalid configuration: keys[\"k_")
+            && err.contains("\"].allowed_ips[0]:"),
         "{err}"
     );
     let err = env.fail(&["create", "--name", "", "--role", "client"], 1);
@@ -835,7 +838,8 @@ fn check_names_the_field_of_a_hand_broken_store() {
              lowercase hex digits (printf %s \"$KEY\" | sha256sum), got \"sha256:ABC\""
         )
     );
-    // Nothing is rendered, verified or written from a store the filter would refuse.
+    // Nothing is rendered, verified or written from a store the filter would refuse; every
+    // command names the key by its id.
     for args in [
         &["render"][..],
         &["apply"],
@@ -843,7 +847,9 @@ fn check_names_the_field_of_a_hand_broken_store() {
     ] {
         let e = env.fail(args, 1);
         assert!(
-            e.starts_with("keygate: invalid configuration: keys[0].hash:"),
+            e.starts_with(&format!(
+                "keygate: invalid configuration: keys[\"{first}\"].hash:"
+            )),
             "{e}"
         );
     }

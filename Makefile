@@ -25,7 +25,7 @@ help:
 	@echo "make fuzz    every fuzz target for FUZZ_SECONDS (default $(FUZZ_SECONDS)) each; FUZZ_TARGETS to choose"
 	@echo "make fleet-run  Redis, keygate-ratelimit and two Envoys (127.0.0.1:10000, :10001) sharing one quota per key"
 	@echo "make build   build $(WASM) and the native tools"
-	@echo "make bench   keygate against Envoy's native filters (about 16 minutes; bench-quick: 1)"
+	@echo "make bench   keygate against Envoy's native filters (about 30 minutes; bench-quick: 2)"
 	@echo "make compose-test  the docker-compose stack on local images, end to end"
 	@echo "make compose-up / compose-down  the docker-compose stack (envoy/docker-compose.yaml)"
 	@echo "make fleet-compose-up / fleet-compose-down  the fleet stack (envoy/fleet/docker-compose.yaml)"

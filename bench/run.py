@@ -3289,7 +3289,7 @@ def write_issue13_section(w, S: Summary, args) -> None:
           + (f"; wasm-keyjob uses {fmt(kj - floor)} us." if kj is not None else "."))
     w("- What would reach it, if the proof line is above the target: the job's cost is the VM "
       "itself plus a few first-of-a-kind host calls (each request-header mutation also clears "
-      "the route cache, see /work/shared/HOSTCALLS.md), not keygate's code. (1) Run the same "
+      "the route cache in Envoy's Wasm context), not keygate's code. (1) Run the same "
       "decision logic as native code: Envoy 1.40's official build has "
       "`envoy.filters.http.dynamic_modules` (a shared object loaded into Envoy, no VM "
       "crossing); keygate's decision logic is plain Rust already, the proxy-wasm glue is "

@@ -155,6 +155,8 @@ CHANGES = (
 )
 # The issue-13 target: keygate's allowed-path overhead at most this times native's.
 TARGET_RATIO = 1.5
+# The proof line judges only a run of at least this many rounds (bench-quick has one).
+MIN_VERDICT_ROUNDS = 5
 # h2load connections of the latency scenario (the others use --connections).
 LATENCY_CONNECTIONS = 1
 
@@ -2704,7 +2706,8 @@ def keyjob_headline(S: Summary) -> str:
     if kjl is not None and kjl < kj:
         cheapest, cv = "wasm-keyjob-lean", kjl
     r = ratio(cv, nat)
-    # How steady the verdict is: in how many rounds the cheaper one's overhead was above
+    # How steady the verdict is (never from fewer than MIN_VERDICT_ROUNDS rounds, which a
+    # quick run has): in how many rounds the cheaper one's overhead was above
     # TARGET_RATIO x native's of the same round. A verdict needs the median and at least
     # three rounds in four to agree; else the run cannot tell.
     pk, pn = paired_over(S, cheapest, small), paired_over(S, "native", small)
@@ -2715,6 +2718,9 @@ def keyjob_headline(S: Summary) -> str:
                   f"{len(both)} rounds")
     if r is None or frac is None:
         verdict_txt = "no verdict (native's overhead is not above zero in this run)"
+    elif len(both) < MIN_VERDICT_ROUNDS:
+        verdict_txt = (f"no verdict from {len(both)} round(s): a verdict needs at least "
+                       f"{MIN_VERDICT_ROUNDS} ({rounds_txt})")
     elif r > TARGET_RATIO and frac >= 0.75:
         verdict_txt = (f"the cheaper of the two, {cheapest}, is {fmt_ratio(r)} of native, above "
                        f"{TARGET_RATIO:g}x ({rounds_txt}): no filter in the Wasm VM that reads the "

@@ -531,29 +531,17 @@ impl Store {
     }
 
     /// Everything a store must satisfy to be written. A store without keys yet (just
-    /// initialised) renders a configuration the filter refuses, so its policy is checked
-    /// with a stand-in key instead.
+    /// initialised) renders a configuration the filter refuses, so its policy is checked on
+    /// its own (the filter's checks, but no keys is no problem).
     pub fn validate(&self) -> Result<(), Error> {
         if !self.keys.is_empty() {
             return self.render().map(drop);
         }
         self.check_metadata()?;
-        let mut plugin = self.policy.clone();
-        plugin.keys = vec![KeySpec {
-            id: "policy-check".into(),
-            hash: keys::hash_string(b"policy-check-stand-in"),
-            client: None,
-            tenant: None,
-            role: "policy-check".into(),
-            scopes: Vec::new(),
-            status: None,
-            expires_at: None,
-            plan: None,
-            allowed_ips: Vec::new(),
-            shares_quota_with: None,
-        }];
-        Config::compile(&plugin)?;
-        Ok(())
+        match config::policy_problems(&self.policy).into_iter().next() {
+            Some(first) => Err(first.into()),
+            None => Ok(()),
+        }
     }
 
     /// What the filter does not check but the store relies on.

@@ -562,7 +562,7 @@ async fn a_plan_change_in_the_store_is_picked_up_without_restart() {
     let r = ask(&mut client, request("tiny", "k_4", 1)).await;
     assert_eq!(header(&r, "x-ratelimit-limit"), Some("2"));
     assert!(
-        service.log_text().contains("plans.tiny.requests"),
+        service.log_text().contains("plans[\"tiny\"].requests"),
         "{}",
         service.log_text()
     );

@@ -1750,26 +1750,15 @@ fn read_policy_file(file: &std::path::Path) -> Result<keygate::config::PluginCon
     Ok(policy)
 }
 
-/// Every problem of `policy` with the store's keys (a store without keys yet: with a
-/// stand-in key, as the store is validated).
+/// Every problem of `policy` with the store's keys (a store without keys yet: the policy
+/// on its own, as the store is validated).
 fn policy_problems_of(s: &Store, policy: &config::PluginConfig) -> Vec<config::ConfigError> {
-    let mut plugin = s.plugin_with(policy);
+    let plugin = s.plugin_with(policy);
     if plugin.keys.is_empty() {
-        plugin.keys.push(config::KeySpec {
-            id: "policy-check".into(),
-            hash: keys::hash_string(b"policy-check-stand-in"),
-            client: None,
-            tenant: None,
-            role: "policy-check".into(),
-            scopes: Vec::new(),
-            status: None,
-            expires_at: None,
-            plan: None,
-            allowed_ips: Vec::new(),
-            shares_quota_with: None,
-        });
+        config::policy_problems(&plugin)
+    } else {
+        store::policy_problems(&plugin)
     }
-    store::policy_problems(&plugin)
 }
 
 /// Warnings for the store's usable keys whose role or scopes no route of `policy` uses.

@@ -220,5 +220,5 @@ def test_make_run_adopts_an_edited_policy_file_and_keeps_a_policy_set_with_the_t
     policy_file.write_text(json.dumps(policy))
     code, out = make_run(policy_file).start_fails()
     assert code == 1, out
-    assert "plans.free.requests" in out and "was not applied" in out, out
+    assert 'plans["free"].requests' in out and "was not applied" in out, out
     assert store.read_bytes() == before

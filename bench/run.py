@@ -24,6 +24,14 @@ same listener and route, upstream a `direct_response` 200), so only filter cost 
                     two header mutations; 401 on a miss), trimmed (smallest key set)
   wasm-keyjob-lean  the same, its module also without the response-headers export (keygate
                     needs that callback, the key job does not)
+  wasm-fulljob      bench/wasm-floor configured "fulljob:<sha256 hex>,...": the cheapest filter
+                    that does the native chain's whole job (keyjob + client address checked
+                    against 127.0.0.0/8, clock, a leased token bucket in shared data,
+                    X-RateLimit-* on the response), trimmed (smallest key set)
+  dynmod-keyjob     bench/dynmod-keyjob: wasm-keyjob's job as a native Envoy dynamic module
+                    (envoy.filters.http.dynamic_modules, no Wasm VM): what would reach the
+                    target (smallest key set)
+  dynmod-fulljob    the same module doing wasm-fulljob's job (smallest key set)
   keygate-proxied   keygate (local limit only), "/" routed to the second Envoy (smallest key set)
   fleet             as envoy/fleet/envoy.yaml: keygate with "shared_rate_limit": true, then
                     Envoy's ratelimit filter calling target/release/keygate-ratelimit, which
@@ -80,6 +88,9 @@ ROOT = BENCH.parent
 CONFIGS = BENCH / "configs"
 OUT = BENCH / "out"
 FLOOR_CRATE = BENCH / "wasm-floor"
+DYNMOD_CRATE = BENCH / "dynmod-keyjob"
+DYNAMIC_MODULE = ("type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3."
+                  "DynamicModuleFilter")
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -108,9 +119,10 @@ FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 # (scenario, configurations, expected status)
 SCENARIOS = {
     "allowed": (("baseline", "baseline-proxied", "wasm-floor", "wasm-keyjob", "wasm-keyjob-lean",
-                 "native", "keygate",
+                 "wasm-fulljob", "dynmod-keyjob", "dynmod-fulljob", "native", "keygate",
                  "keygate-untrimmed", "keygate-proxied", "fleet"), 200),
-    "401": (("wasm-keyjob", "native", "keygate", "keygate-untrimmed"), 401),
+    "401": (("wasm-keyjob", "wasm-fulljob", "dynmod-fulljob", "native", "keygate",
+             "keygate-untrimmed"), 401),
     "429": (("native", "keygate"), 429),
     # The allowed request as a POST with a POST_BODY_BYTES body on PATH_POST (body callbacks).
     "post": (("baseline", "wasm-floor", "native", "keygate", "keygate-untrimmed"), 200),
@@ -122,7 +134,7 @@ SCENARIOS = {
     "latency": (("baseline-proxied", "keygate-proxied", "fleet"), 200),
 }
 CONFIG_ORDER = ("baseline", "baseline-proxied", "wasm-floor", "wasm-keyjob", "wasm-keyjob-lean",
-                "native", "keygate",
+                "wasm-fulljob", "dynmod-keyjob", "dynmod-fulljob", "native", "keygate",
                 "keygate-untrimmed", "keygate-proxied", "fleet")
 # Scenarios that baseline runs itself: a configuration's overhead in them is paired with
 # baseline's measurement of the same scenario; in the others (401, 429, latency) with
@@ -137,7 +149,8 @@ FIXED = ("baseline", "baseline-proxied", "wasm-floor")
 MIN_SIZE_ONLY = ("baseline-proxied", "keygate-proxied", "fleet")
 FLEET_CONFIGS = ("keygate-proxied", "fleet")
 # Issue 13's extra configurations, smallest key set only, side by side with the others.
-ISSUE13_CONFIGS = ("keygate-untrimmed", "wasm-keyjob", "wasm-keyjob-lean")
+ISSUE13_CONFIGS = ("keygate-untrimmed", "wasm-keyjob", "wasm-keyjob-lean", "wasm-fulljob",
+                   "dynmod-keyjob", "dynmod-fulljob")
 # wasm-keyjob-lean's module: the floor's without the export of this callback too (keygate
 # needs it for its X-RateLimit-* headers; the key job does not), so that Envoy does not
 # enter the VM for the response headers either.
@@ -489,6 +502,11 @@ def keyjob_configuration(keys: KeySet, size: int) -> str:
                                 for i in range(size))
 
 
+def fulljob_configuration(keys: KeySet, size: int) -> str:
+    """bench/wasm-floor's fulljob mode: the keyjob's digests under the fulljob prefix."""
+    return "fulljob:" + keyjob_configuration(keys, size).removeprefix("keyjob:")
+
+
 def config_keygate_proxied(ecds_file: Path, upstream_port: int) -> dict:
     """keygate (local limit only, through ECDS as `keygate`), "/" routed to the upstream
     Envoy: what `fleet` is compared with."""
@@ -650,6 +668,28 @@ def build_floor() -> Path:
     log(f"building bench/wasm-floor ({toolchain} toolchain)")
     subprocess.run(cmd, cwd=FLOOR_CRATE, env=env, check=True)
     return target_dir / "wasm32-wasip1/release/wasm_floor.wasm"
+
+
+def build_dynmod() -> Path:
+    """bench/dynmod-keyjob, a native shared object for Envoy's dynamic_modules filter."""
+    log("building bench/dynmod-keyjob (host target)")
+    env = dict(os.environ)
+    env["CARGO_TARGET_DIR"] = str(DYNMOD_CRATE / "target")
+    subprocess.run(["cargo", "build", "--release", "--lib"], cwd=DYNMOD_CRATE, env=env, check=True)
+    return DYNMOD_CRATE / "target/release/libdynmod_keyjob.so"
+
+
+def config_dynmod(module: Path, configuration: str) -> dict:
+    """The bootstrap with bench/dynmod-keyjob loaded from its file (no search path needed)."""
+    return bootstrap([{
+        "name": "envoy.filters.http.dynamic_modules",
+        "typed_config": {
+            "@type": DYNAMIC_MODULE,
+            "dynamic_module_config": {"module": {"local": {"filename": str(module)}}},
+            "filter_name": "keyjob",
+            "filter_config": {"@type": STRING_VALUE, "value": configuration},
+        },
+    }])
 
 
 def wasm_function_exports(path: Path) -> list[str]:
@@ -1586,6 +1626,8 @@ def perf_split(runner: Runner, keys: KeySet, targets: list[Target], size: int) -
     wanted = {("baseline", "allowed"), ("wasm-floor", "allowed"), ("native", "allowed"),
               ("keygate", "allowed"), ("native", "401"), ("keygate", "401"),
               ("wasm-keyjob", "allowed"), ("wasm-keyjob-lean", "allowed"),
+              ("wasm-fulljob", "allowed"), ("dynmod-keyjob", "allowed"),
+              ("dynmod-fulljob", "allowed"),
               ("keygate-untrimmed", "allowed")}
     pdir = runner.logs / "perf"
     pdir.mkdir(exist_ok=True)
@@ -2087,6 +2129,8 @@ def main(argv=None) -> int:
     wasm_dir = OUT / ("quick" if args.quick else "full") / "wasm"
     wasm_dir.mkdir(parents=True, exist_ok=True)
     floor_src = build_floor()
+    dynmod_so = wasm_dir / "libdynmod_keyjob.so"
+    shutil.copyfile(build_dynmod(), dynmod_so)
     keygate_wasm = wasm_dir / "keygate.wasm"
     floor_wasm = wasm_dir / "wasm-floor.wasm"
     shutil.copyfile(keygate_src, keygate_wasm)
@@ -2216,6 +2260,12 @@ def main(argv=None) -> int:
             f"wasm-keyjob-{small}", config_floor(floor_wasm, keyjob_configuration(keys, small)))
         issue13["wasm-keyjob-lean"] = write_config(
             f"wasm-keyjob-lean-{small}", config_floor(floor_lean, keyjob_configuration(keys, small)))
+        issue13["wasm-fulljob"] = write_config(
+            f"wasm-fulljob-{small}", config_floor(floor_wasm, fulljob_configuration(keys, small)))
+        issue13["dynmod-keyjob"] = write_config(
+            f"dynmod-keyjob-{small}", config_dynmod(dynmod_so, keyjob_configuration(keys, small)))
+        issue13["dynmod-fulljob"] = write_config(
+            f"dynmod-fulljob-{small}", config_dynmod(dynmod_so, fulljob_configuration(keys, small)))
 
         def check(path: Path, what: str = "") -> None:
             t0 = time.monotonic()
@@ -2245,6 +2295,9 @@ def main(argv=None) -> int:
                       "keygate-untrimmed's configuration inline: module and on_configure")
         check(issue13["wasm-keyjob"], "the keyjob filter: module and on_configure")
         check(issue13["wasm-keyjob-lean"], "the keyjob filter, lean module")
+        check(issue13["wasm-fulljob"], "the fulljob filter: module and on_configure")
+        check(issue13["dynmod-keyjob"], "the keyjob as a dynamic module")
+        check(issue13["dynmod-fulljob"], "the fulljob as a dynamic module")
         if not all(v["ok"] for v in validations):
             raise RuntimeError("a configuration did not validate; see above")
 
@@ -2554,6 +2607,10 @@ def headline_lines(S: Summary) -> list[str]:
     recs = S.report["records"]
     if any(r.get("config") == "wasm-keyjob" for r in recs):
         lines.append(keyjob_headline(S))
+    if any(r.get("config") == "wasm-fulljob" for r in recs):
+        lines.append(fulljob_headline(S))
+    if any(r.get("config") in ("dynmod-keyjob", "dynmod-fulljob") for r in recs):
+        lines.append(dynmod_headline(S))
     if any(r.get("config") in ISSUE13_CONFIGS for r in recs):
         lines.extend(change_headlines(S))
     # (b) A refusal against an allowed request: through a direct_response baseline (no
@@ -2746,6 +2803,71 @@ def keyjob_headline(S: Summary) -> str:
             f"wasm-floor alone {fmt_ratio(ratio(floor, nat))} of native ({fmt(floor)} us); "
             f"keygate/wasm-keyjob {fmt_ratio(ratio(kg, kj))}; 401: wasm-keyjob {fmt(kj401)} us vs "
             f"native {fmt(n401)} us ({fmt_ratio(ratio(kj401, n401))})")
+
+
+def steadiness(S: Summary, config: str, size: int) -> tuple[int, int]:
+    """In how many rounds config's overhead was above TARGET_RATIO x native's overhead of the
+    same round, and of how many rounds (both measured)."""
+    pc, pn = paired_over(S, config, size), paired_over(S, "native", size)
+    both = [k for k in pc if k in pn]
+    return sum(1 for k in both if pc[k] > TARGET_RATIO * pn[k]), len(both)
+
+
+def fulljob_headline(S: Summary) -> str:
+    """The proof line on the native chain's whole job: wasm-fulljob does what rbac +
+    api_key_auth + local_ratelimit do (see the module comment of bench/wasm-floor), with
+    the fewest host calls that job takes in the Wasm VM."""
+    small = min(S.sizes)
+    fj, nat = S.val("A", "wasm-fulljob", small), S.val("A", "native", small)
+    kg = S.val("A", "keygate", small)
+    head = (f"Proof line on the native chain's whole job, {size_label(small)} keys, allowed: "
+            f"wasm-fulljob (keyjob + client address read and checked, clock, a leased token "
+            f"bucket in shared data, X-RateLimit-* on the response: the native chain's work "
+            f"with the fewest host calls; trimmed as keygate.wasm)")
+    if fj is None or nat is None:
+        return head + ": - (not measured in this run)"
+    r = ratio(fj, nat)
+    above, n = steadiness(S, "wasm-fulljob", small)
+    rounds_txt = f"above {TARGET_RATIO:g}x native's overhead of the same round in {above} of {n} rounds"
+    if r is None or n == 0:
+        verdict_txt = "no verdict (native's overhead is not above zero in this run)"
+    elif n < MIN_VERDICT_ROUNDS:
+        verdict_txt = f"no verdict from {n} round(s) ({rounds_txt})"
+    elif r > TARGET_RATIO and above / n >= 0.75:
+        verdict_txt = (f"above the target ({rounds_txt}): a filter in the Wasm VM that does what "
+                       f"the native chain does cannot reach {TARGET_RATIO:g}x, so keygate, which "
+                       f"does that and more, cannot either")
+    elif r <= TARGET_RATIO and above / n <= 0.25:
+        verdict_txt = f"within the target ({rounds_txt}): the VM does not rule it out"
+    else:
+        verdict_txt = f"no verdict ({rounds_txt}; a verdict needs three rounds in four to agree)"
+    fj401, n401 = S.val("A", "wasm-fulljob", small, "401"), S.val("A", "native", small, "401")
+    return (f"{head}: overhead {fmt(fj)} us vs native {fmt(nat)} us -> wasm-fulljob/native "
+            f"{fmt_ratio(r)} (target <= {TARGET_RATIO:g}); {verdict_txt}; keygate/wasm-fulljob "
+            f"{fmt_ratio(ratio(kg, fj))} (keygate {fmt(kg)} us); 401: wasm-fulljob {fmt(fj401)} us "
+            f"vs native {fmt(n401)} us ({fmt_ratio(ratio(fj401, n401))})")
+
+
+def dynmod_headline(S: Summary) -> str:
+    """What would reach the target, measured: the same jobs as native code in a dynamic
+    module (bench/dynmod-keyjob), against native and against their Wasm twins."""
+    small = min(S.sizes)
+    nat = S.val("A", "native", small)
+    parts = []
+    for dyn, wasm in (("dynmod-keyjob", "wasm-keyjob"), ("dynmod-fulljob", "wasm-fulljob")):
+        d, w_ = S.val("A", dyn, small), S.val("A", wasm, small)
+        if d is None:
+            continue
+        above, n = steadiness(S, dyn, small)
+        parts.append(f"{dyn} {fmt(d)} us -> {dyn}/native {fmt_ratio(ratio(d, nat))} (above "
+                     f"{TARGET_RATIO:g}x native's overhead of the same round in {above} of {n} "
+                     f"rounds); its Wasm twin {wasm} {fmt(w_)} us")
+    d401, n401 = S.val("A", "dynmod-fulljob", small, "401"), S.val("A", "native", small, "401")
+    return (f"What would reach it, measured, {size_label(small)} keys, allowed: the same jobs as "
+            f"native code in Envoy's dynamic_modules filter (bench/dynmod-keyjob, no Wasm VM), "
+            f"native {fmt(nat)} us: " + "; ".join(parts)
+            + f"; 401: dynmod-fulljob {fmt(d401)} us vs native {fmt(n401)} us "
+              f"({fmt_ratio(ratio(d401, n401))})")
 
 
 def change_rows(S: Summary) -> list[dict]:
@@ -3222,8 +3344,8 @@ def write_issue13_section(w, S: Summary, args) -> None:
       f"<= {TARGET_RATIO:g} on the allowed path. wasm-floor's figure for 401 and 429 is its "
       f"allowed request (it refuses nothing).")
     w("")
-    w("| scenario | keys | keygate us | native us | wasm-floor us | wasm-keyjob us | wasm-keyjob-lean us | keygate/native | keygate/wasm-floor | wasm-keyjob/native | wasm-keyjob-lean/native |")
-    w("|---|---|---|---|---|---|---|---|---|---|---|")
+    w("| scenario | keys | keygate us | native us | wasm-floor us | wasm-keyjob us | wasm-keyjob-lean us | wasm-fulljob us | keygate/native | keygate/wasm-floor | wasm-keyjob/native | wasm-keyjob-lean/native | wasm-fulljob/native |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for scenario in ("allowed", "401", "429", "post", "h2c"):
         for size in S.sizes:
             kg, nat = S.val("A", "keygate", size, scenario), S.val("A", "native", size, scenario)
@@ -3232,11 +3354,14 @@ def write_issue13_section(w, S: Summary, args) -> None:
             floor, _ = floor_for(S, size, scenario)
             kj = S.val("A", "wasm-keyjob", size, scenario)
             kjl = S.val("A", "wasm-keyjob-lean", size, scenario)
+            fj = S.val("A", "wasm-fulljob", size, scenario)
             w(f"| {scenario} | {size_label(size)} | {fmt(kg)} | {fmt(nat)} | {fmt(floor)} | "
               f"{fmt(kj) if kj is not None else '-'} | {fmt(kjl) if kjl is not None else '-'} | "
+              f"{fmt(fj) if fj is not None else '-'} | "
               f"{fmt_ratio(ratio(kg, nat))} | {fmt_ratio(ratio(kg, floor))} | "
               f"{fmt_ratio(ratio(kj, nat)) if kj is not None else '-'} | "
-              f"{fmt_ratio(ratio(kjl, nat)) if kjl is not None else '-'} |")
+              f"{fmt_ratio(ratio(kjl, nat)) if kjl is not None else '-'} | "
+              f"{fmt_ratio(ratio(fj, nat)) if fj is not None else '-'} |")
     w("")
     w("### Changes")
     w("")
@@ -3276,6 +3401,42 @@ def write_issue13_section(w, S: Summary, args) -> None:
       "ECDS); the verdict is judged on the cheaper of the two.")
     w("")
     w("- " + keyjob_headline(S))
+    w("")
+    w("`wasm-fulljob` is the same module configured `fulljob:<sha256 hex>,...`: the native "
+      "chain's whole job (rbac's client-address rule, api_key_auth's key and forwarded "
+      "identity, local_ratelimit's bucket and X-RateLimit-* headers) done in the Wasm VM with "
+      "the fewest host calls it takes: `source.address` read and checked against 127.0.0.0/8 "
+      "(403 otherwise), x-api-key read, SHA-256 and the lookup (401 on a miss), the clock read, "
+      "one token from the key's bucket (a lease of 256 tokens taken from shared data with one "
+      "get and one compare-and-swap set whenever the worker's lease is spent, as keygate "
+      "leases), x-api-key removed and x-keygate-key-id set, and X-RateLimit-Limit, -Remaining "
+      "and -Reset added in the response-headers callback. No routes, plans, expiry, roles, "
+      "counters or logs: everything keygate does beyond the native chain is left out.")
+    w("")
+    w("- " + fulljob_headline(S))
+    w("")
+    w("### What would reach it: the same jobs without the Wasm VM")
+    w("")
+    w("`dynmod-keyjob` and `dynmod-fulljob` are bench/dynmod-keyjob, a Rust shared object "
+      "loaded by Envoy 1.40's `envoy.filters.http.dynamic_modules` filter (in the official "
+      "build; ABI v0.2.0), configured as the Wasm twins are (`keyjob:` / `fulljob:` and the "
+      "same digests): the same work, each header read and write a direct call into Envoy "
+      "instead of a VM crossing, no copy of the header map, no per-stream VM context. See "
+      "bench/dynmod-keyjob/README.md.")
+    w("")
+    w("| filter | allowed us | /native | 401 us | /native (401) |")
+    w("|---|---|---|---|---|")
+    nat, nat401 = S.val("A", "native", small), S.val("A", "native", small, "401")
+    for cfg in ("native", "wasm-keyjob", "wasm-fulljob", "dynmod-keyjob", "dynmod-fulljob",
+                "keygate"):
+        a, r = S.val("A", cfg, small), S.val("A", cfg, small, "401")
+        if a is None and r is None:
+            continue
+        w(f"| {cfg} | {fmt(a)} | {fmt_ratio(ratio(a, nat))} | "
+          f"{fmt(r) if r is not None else '-'} | "
+          f"{fmt_ratio(ratio(r, nat401)) if r is not None else '-'} |")
+    w("")
+    w("- " + dynmod_headline(S))
     hc = S.hostcalls
     first = {r["op"]: r["first_us"] for r in hc["ops"]}
     kj, floor = S.val("A", "wasm-keyjob", small), S.val("A", "wasm-floor", small)

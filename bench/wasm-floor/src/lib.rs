@@ -15,11 +15,22 @@
 //! bench/run.py gives its keys) with two header mutations and continues; on a miss (or no
 //! x-api-key) it sends a 401 local reply. No rate limit, no IP rule, no response callback.
 //! A digest that is not 64 hex digits, or a repeated one, makes `on_configure` return false.
+//!
+//! With a configuration `fulljob:<hex sha256>,...` (bench/run.py's "wasm-fulljob"): the
+//! cheapest filter that does the job the native chain (rbac + api_key_auth +
+//! local_ratelimit) does, which is keygate's allowed path: the keyjob's work, plus the
+//! client address read (`source.address`, one property call) and checked against
+//! 127.0.0.0/8 (403 otherwise), the clock read, one token from the key's bucket (a lease of
+//! 256 tokens taken from shared data with one get and one compare-and-swap set when the
+//! worker's lease is spent, as keygate leases; the bucket never refuses at the benchmark's
+//! rate), and X-RateLimit-Limit / -Remaining / -Reset added to the response (three host
+//! calls in the response-headers callback), as local_ratelimit adds them.
 
 use proxy_wasm::hostcalls as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 use sha2::{Digest, Sha256};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::rc::Rc;
@@ -27,7 +38,7 @@ use std::rc::Rc;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { probe: None, keyjob: None })
+        Box::new(Root { probe: None, keyjob: None, fulljob: false, leases: Rc::default() })
     });
 }}
 
@@ -99,9 +110,18 @@ type KeyTable = HashMap<[u8; 32], String>;
 struct Root {
     probe: Option<Probe>,
     keyjob: Option<Rc<KeyTable>>,
+    /// The key table is the fulljob's (see the module comment), not the keyjob's.
+    fulljob: bool,
+    /// The fulljob's tokens taken ahead, by key id (one worker's; never shared).
+    leases: Rc<RefCell<HashMap<String, u64>>>,
 }
 
 const KEYJOB_PREFIX: &str = "keyjob:";
+const FULLJOB_PREFIX: &str = "fulljob:";
+/// Tokens a fulljob worker takes from the shared bucket at once (keygate's MAX_LEASE).
+const FULLJOB_LEASE: u64 = 256;
+/// The fulljob bucket's rate: the benchmark plan's, so that nothing is refused.
+const FULLJOB_LIMIT: u64 = 1_000_000_000;
 
 /// The key table of a `keyjob:` configuration (the part after the prefix).
 fn parse_keyjob(list: &str) -> Result<KeyTable, String> {
@@ -154,11 +174,17 @@ impl RootContext for Root {
             self.probe = None;
             return true;
         }
-        if let Some(list) = text.strip_prefix(KEYJOB_PREFIX) {
+        let keyjob = text
+            .strip_prefix(KEYJOB_PREFIX)
+            .map(|list| (list, false))
+            .or_else(|| text.strip_prefix(FULLJOB_PREFIX).map(|list| (list, true)));
+        if let Some((list, fulljob)) = keyjob {
             self.probe = None;
             return match parse_keyjob(list) {
                 Ok(table) => {
                     self.keyjob = Some(Rc::new(table));
+                    self.fulljob = fulljob;
+                    self.leases.borrow_mut().clear();
                     true
                 }
                 Err(e) => {
@@ -191,6 +217,13 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if let (Some(table), true) = (&self.keyjob, self.fulljob) {
+            return Some(Box::new(FullJob {
+                table: Rc::clone(table),
+                leases: Rc::clone(&self.leases),
+                remaining: None,
+            }));
+        }
         if let Some(table) = &self.keyjob {
             return Some(Box::new(KeyJob {
                 table: Rc::clone(table),
@@ -317,10 +350,101 @@ impl HttpContext for KeyJob {
 }
 
 fn deny() -> Action {
-    let _ = host::send_http_response(
-        401,
-        vec![("content-type", "application/json")],
-        Some(DENY_BODY),
-    );
+    refuse(401, DENY_BODY)
+}
+
+fn refuse(status: u32, body: &[u8]) -> Action {
+    let _ = host::send_http_response(status, vec![("content-type", "application/json")], Some(body));
     Action::Pause
+}
+
+const FORBIDDEN_BODY: &[u8] = b"{\"error\":\"ip_not_allowed\",\"message\":\"Forbidden\"}";
+
+/// The native chain's job (see the module comment): IP rule, key, token bucket, identity
+/// forwarded, X-RateLimit-* on the response.
+struct FullJob {
+    table: Rc<KeyTable>,
+    leases: Rc<RefCell<HashMap<String, u64>>>,
+    /// Tokens left in the key's bucket after this request, for X-RateLimit-Remaining.
+    remaining: Option<u64>,
+}
+
+impl Context for FullJob {}
+
+impl HttpContext for FullJob {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        // rbac's direct_remote_ip 127.0.0.0/8: "127.x.y.z:port" is the only form admitted.
+        let loopback = match host::get_property(vec!["source", "address"]) {
+            Ok(Some(addr)) => addr.starts_with(b"127.") && is_ipv4_port(&addr),
+            _ => false,
+        };
+        if !loopback {
+            return refuse(403, FORBIDDEN_BODY);
+        }
+        let key = match host::get_map_value_bytes(MapType::HttpRequestHeaders, "x-api-key") {
+            Ok(Some(key)) => key,
+            _ => return deny(),
+        };
+        let digest: [u8; 32] = Sha256::digest(&key).into();
+        let Some(id) = self.table.get(&digest) else {
+            return deny();
+        };
+        let Ok(now) = host::get_current_time() else {
+            return refuse(500, b"{}");
+        };
+        let Ok(mut leases) = self.leases.try_borrow_mut() else {
+            return refuse(500, b"{}");
+        };
+        let left = leases.entry(id.clone()).or_insert(0);
+        if *left == 0 {
+            // The shared bucket: 16 bytes (tokens, refill time); at the benchmark's rate it
+            // is full again at every lease, so the lease is simply taken.
+            let key = format!("fulljob:{id}");
+            let cas = match host::get_shared_data(&key) {
+                Ok((_, cas)) => cas,
+                Err(_) => return refuse(500, b"{}"),
+            };
+            let now_ns = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            let mut value = [0u8; 16];
+            value[..8].copy_from_slice(&(FULLJOB_LIMIT - FULLJOB_LEASE).to_le_bytes());
+            value[8..].copy_from_slice(&now_ns.to_le_bytes());
+            if host::set_shared_data(&key, Some(&value), cas).is_err() {
+                return refuse(429, b"{}");
+            }
+            *left = FULLJOB_LEASE;
+        }
+        *left -= 1;
+        self.remaining = Some(FULLJOB_LIMIT - FULLJOB_LEASE + *left);
+        drop(leases);
+        let _ = host::remove_map_value(MapType::HttpRequestHeaders, "x-api-key");
+        let _ = host::set_map_value(MapType::HttpRequestHeaders, "x-keygate-key-id", Some(id));
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        if let Some(remaining) = self.remaining.take() {
+            let _ = host::add_map_value(MapType::HttpResponseHeaders, "x-ratelimit-limit", "1000000000");
+            let _ = host::add_map_value(
+                MapType::HttpResponseHeaders,
+                "x-ratelimit-remaining",
+                &remaining.to_string(),
+            );
+            let _ = host::add_map_value(MapType::HttpResponseHeaders, "x-ratelimit-reset", "1");
+        }
+        Action::Continue
+    }
+}
+
+/// "a.b.c.d:port" with decimal parts (no IPv6, nothing else).
+fn is_ipv4_port(addr: &[u8]) -> bool {
+    let Some(colon) = addr.iter().rposition(|&b| b == b':') else {
+        return false;
+    };
+    let (ip, port) = (&addr[..colon], &addr[colon + 1..]);
+    !port.is_empty()
+        && port.iter().all(u8::is_ascii_digit)
+        && ip.split(|&b| b == b'.').count() == 4
+        && ip.split(|&b| b == b'.').all(|p| !p.is_empty() && p.len() <= 3 && p.iter().all(u8::is_ascii_digit))
 }

@@ -165,6 +165,14 @@ CHANGES = (
      "gRPC, HTTP call, queue); `make build` runs target/release/keygate-trim after linking; "
      "a callback the filter starts to implement must be added to FILTER_CALLBACKS "
      "(src/wasm_module.rs) or Envoy never calls it"),
+    ("the native chain's job as a dynamic module instead of in the Wasm VM", "dynmod-fulljob",
+     "wasm-fulljob", ("allowed", "401"),
+     "not in keygate: measured on the bench fixtures (bench/dynmod-keyjob vs bench/wasm-floor's "
+     "fulljob). keygate built this way would be a native .so in Envoy's process: no sandbox (a "
+     "crash takes Envoy down, where a Wasm fault fails the request closed), built for one "
+     "Envoy ABI (v0.2.0 in 1.40; modules get one minor version of forward compatibility), "
+     "a .so to install next to each Envoy, matched to its version; the users' YAML changes "
+     "filter type"),
 )
 # The issue-13 target: keygate's allowed-path overhead at most this times native's.
 TARGET_RATIO = 1.5
@@ -1413,6 +1421,18 @@ def scenario_request(keys: KeySet, size: int | None, scenario: str) -> tuple[str
     raise ValueError(scenario)
 
 
+# --only / --scenarios: the configurations and scenarios measured (None: all). baseline is
+# always measured: every overhead is taken against it.
+ONLY_CONFIGS: set[str] | None = None
+ONLY_SCENARIOS: set[str] | None = None
+
+
+def measured(config: str, scenario: str | None = None) -> bool:
+    if ONLY_CONFIGS is not None and config not in ONLY_CONFIGS and config != "baseline":
+        return False
+    return scenario is None or ONLY_SCENARIOS is None or scenario in ONLY_SCENARIOS
+
+
 def pairs_for(targets: list[Target]) -> list[tuple[Target, str]]:
     pairs = []
     fleet = any(t.config in FLEET_CONFIGS for t in targets)
@@ -1420,7 +1440,7 @@ def pairs_for(targets: list[Target]) -> list[tuple[Target, str]]:
         if scenario == "latency" and not fleet:
             continue  # the fleet's comparison: not without it
         for t in targets:
-            if t.config in configs:
+            if t.config in configs and measured(t.config, scenario):
                 pairs.append((t, scenario))
     return pairs
 
@@ -2023,6 +2043,9 @@ def parse_args(argv=None):
                    help="only re-render results.md and results.png from a results.json "
                         "(into --out, default: the JSON's directory)")
     p.add_argument("--skip-scale", action="store_true", help="skip the --concurrency 2 phase")
+    p.add_argument("--only", help="comma-separated configurations to measure (baseline always is); "
+                                  "for a focused run such as the issue-13 proof")
+    p.add_argument("--scenarios", help="comma-separated scenarios to measure (default: all)")
     p.add_argument("--settle-s", type=float, default=5.0,
                    help="sample RSS again this many seconds after an Envoy's first success, "
                         "with no traffic in between (default 5; 0 to skip)")
@@ -2069,6 +2092,18 @@ def parse_args(argv=None):
         p.error("--perf: `perf record -e cpu-clock` does not work here")
     a.out_explicit = a.out
     a.out = Path(a.out) if a.out else (OUT / "quick" if q else BENCH)
+    global ONLY_CONFIGS, ONLY_SCENARIOS
+    known_configs = set(CONFIG_ORDER)
+    if a.only:
+        ONLY_CONFIGS = {c.strip() for c in a.only.split(",") if c.strip()}
+        if ONLY_CONFIGS - known_configs:
+            p.error(f"--only: unknown configuration(s) {', '.join(sorted(ONLY_CONFIGS - known_configs))}; "
+                    f"known: {', '.join(CONFIG_ORDER)}")
+    if a.scenarios:
+        ONLY_SCENARIOS = {c.strip() for c in a.scenarios.split(",") if c.strip()}
+        if ONLY_SCENARIOS - set(SCENARIOS):
+            p.error(f"--scenarios: unknown scenario(s) {', '.join(sorted(ONLY_SCENARIOS - set(SCENARIOS)))}; "
+                    f"known: {', '.join(SCENARIOS)}")
     return a
 
 
@@ -2343,6 +2378,8 @@ def main(argv=None) -> int:
                     problems.append(f"{e.name}: {e.state}")
             if size == small:
                 for name, path in issue13.items():
+                    if not measured(name):
+                        continue
                     e = runner.start(Envoy(f"{name}-{size}-c1", path, 1),
                                      keys.plain[keys.allowed_index(size)])
                     started.append((e, name))

@@ -116,13 +116,28 @@ BUFFER = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer"
 BUFFER_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute"
 FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 
+# keygate with one feature of the benchmark's policy turned off (smallest key set, allowed
+# request): keygate minus the variant is what that feature costs per request.
+# name: (what is off, what keygate then skips, name of the function that edits the plugin
+# configuration)
+KEYGATE_VARIANTS = {
+    "keygate-no-ip-rule": ("ip_rules.allow removed", "the source.address read and the address rule",
+                           "_no_ip_rule"),
+    "keygate-no-quota-headers": ("\"rate_limit_headers\": false",
+                                 "the three X-RateLimit-* response headers (the response callback "
+                                 "is still entered)", "_no_quota_headers"),
+    "keygate-no-plan": ("plans and default_plan removed",
+                        "the token bucket (clock, leases in shared data), the X-RateLimit-* "
+                        "headers and x-keygate-plan", "_no_plan"),
+}
+
 # (scenario, configurations, expected status)
 SCENARIOS = {
     "allowed": (("baseline", "baseline-proxied", "wasm-floor", "wasm-keyjob", "wasm-keyjob-lean",
                  "wasm-fulljob", "dynmod-keyjob", "dynmod-fulljob", "native", "keygate",
-                 "keygate-untrimmed", "keygate-proxied", "fleet"), 200),
+                 *KEYGATE_VARIANTS, "keygate-inline", "keygate-before", "keygate-untrimmed", "keygate-proxied", "fleet"), 200),
     "401": (("wasm-keyjob", "wasm-fulljob", "dynmod-fulljob", "native", "keygate",
-             "keygate-untrimmed"), 401),
+             "keygate-before", "keygate-no-ip-rule", "keygate-untrimmed"), 401),
     "429": (("native", "keygate"), 429),
     # The allowed request as a POST with a POST_BODY_BYTES body on PATH_POST (body callbacks).
     "post": (("baseline", "wasm-floor", "native", "keygate", "keygate-untrimmed"), 200),
@@ -135,6 +150,7 @@ SCENARIOS = {
 }
 CONFIG_ORDER = ("baseline", "baseline-proxied", "wasm-floor", "wasm-keyjob", "wasm-keyjob-lean",
                 "wasm-fulljob", "dynmod-keyjob", "dynmod-fulljob", "native", "keygate",
+                *KEYGATE_VARIANTS, "keygate-inline", "keygate-before",
                 "keygate-untrimmed", "keygate-proxied", "fleet")
 # Scenarios that baseline runs itself: a configuration's overhead in them is paired with
 # baseline's measurement of the same scenario; in the others (401, 429, latency) with
@@ -150,7 +166,8 @@ MIN_SIZE_ONLY = ("baseline-proxied", "keygate-proxied", "fleet")
 FLEET_CONFIGS = ("keygate-proxied", "fleet")
 # Issue 13's extra configurations, smallest key set only, side by side with the others.
 ISSUE13_CONFIGS = ("keygate-untrimmed", "wasm-keyjob", "wasm-keyjob-lean", "wasm-fulljob",
-                   "dynmod-keyjob", "dynmod-fulljob")
+                   "dynmod-keyjob", "dynmod-fulljob", *KEYGATE_VARIANTS, "keygate-inline",
+                   "keygate-before")
 # wasm-keyjob-lean's module: the floor's without the export of this callback too (keygate
 # needs it for its X-RateLimit-* headers; the key job does not), so that Envoy does not
 # enter the VM for the response headers either.
@@ -165,6 +182,17 @@ CHANGES = (
      "gRPC, HTTP call, queue); `make build` runs target/release/keygate-trim after linking; "
      "a callback the filter starts to implement must be added to FILTER_CALLBACKS "
      "(src/wasm_module.rs) or Envoy never calls it"),
+    *((f"{what}: the price of {skips} in keygate",
+       variant, "keygate", ("allowed", "401") if variant == "keygate-no-ip-rule" else ("allowed",),
+       "the feature is off: not a change to make, the price of the feature in this policy")
+      for variant, (what, skips, _) in KEYGATE_VARIANTS.items()),
+    # Only with --keygate-before-wasm: keygate's module as built before a change (whose
+    # description is --before-change), the same plugin configuration.
+    ("BEFORE", "keygate", "keygate-before", ("allowed", "401"), "none in behaviour"),
+    ("the filter configured inline in the bootstrap instead of through ECDS", "keygate-inline",
+     "keygate", ("allowed",),
+     "configuration changes need an Envoy restart or a full LDS push instead of an ECDS file "
+     "or server update (envoy/envoy.yaml and `keygate apply` use ECDS)"),
     ("the native chain's job as a dynamic module instead of in the Wasm VM", "dynmod-fulljob",
      "wasm-fulljob", ("allowed", "401"),
      "not in keygate: measured on the bench fixtures (bench/dynmod-keyjob vs bench/wasm-floor's "
@@ -486,13 +514,19 @@ def ecds_filter(name: str, ecds_file: Path) -> dict:
 
 
 def keygate_configs(keygate_wasm: Path, keys: KeySet, size: int,
-                    name: str = "keygate") -> dict[str, Path]:
+                    name: str = "keygate", edit=None) -> dict[str, Path]:
     """keygate as users run it: a bootstrap whose filter comes through ECDS from a file in a
     directory of its own (Envoy watches that directory), plus, up to 10,000 keys, the inline
     equivalent, because `envoy --mode validate` does not read ECDS files. name: the files'
     prefix (keygate-untrimmed: the same filter with another module; the filter is named
-    keygate either way)."""
-    entry = wasm_filter("keygate", keygate_wasm, keygate_plugin_config(keys, size))
+    keygate either way). edit: a function that changes the plugin configuration (a dict) in
+    place, for the feature variants (KEYGATE_VARIANTS)."""
+    plugin = keygate_plugin_config(keys, size)
+    if edit is not None:
+        doc = json.loads(plugin)
+        edit(doc)
+        plugin = json.dumps(doc, separators=(",", ":"))
+    entry = wasm_filter("keygate", keygate_wasm, plugin)
     ecds_file = write_json(CONFIGS / f"{name}-{size}" / "keygate.json", ecds_resources(entry))
     out = {
         "keygate": write_config(f"{name}-{size}", bootstrap([ecds_filter("keygate", ecds_file)])),
@@ -501,6 +535,21 @@ def keygate_configs(keygate_wasm: Path, keys: KeySet, size: int,
     if size <= VALIDATE_UP_TO:
         out["inline"] = write_config(f"{name}-{size}-inline", bootstrap([entry]))
     return out
+
+
+def _no_ip_rule(doc: dict) -> None:
+    doc.pop("ip_rules", None)
+
+
+def _no_quota_headers(doc: dict) -> None:
+    doc["rate_limit_headers"] = False
+
+
+def _no_plan(doc: dict) -> None:
+    doc.pop("plans", None)
+    doc.pop("default_plan", None)
+    for key in doc.get("keys", []):
+        key.pop("plan", None)
 
 
 def keyjob_configuration(keys: KeySet, size: int) -> str:
@@ -1427,7 +1476,7 @@ ONLY_CONFIGS: set[str] | None = None
 ONLY_SCENARIOS: set[str] | None = None
 
 
-def measured(config: str, scenario: str | None = None) -> bool:
+def is_measured(config: str, scenario: str | None = None) -> bool:
     if ONLY_CONFIGS is not None and config not in ONLY_CONFIGS and config != "baseline":
         return False
     return scenario is None or ONLY_SCENARIOS is None or scenario in ONLY_SCENARIOS
@@ -1440,7 +1489,7 @@ def pairs_for(targets: list[Target]) -> list[tuple[Target, str]]:
         if scenario == "latency" and not fleet:
             continue  # the fleet's comparison: not without it
         for t in targets:
-            if t.config in configs and measured(t.config, scenario):
+            if t.config in configs and is_measured(t.config, scenario):
                 pairs.append((t, scenario))
     return pairs
 
@@ -2043,6 +2092,12 @@ def parse_args(argv=None):
                    help="only re-render results.md and results.png from a results.json "
                         "(into --out, default: the JSON's directory)")
     p.add_argument("--skip-scale", action="store_true", help="skip the --concurrency 2 phase")
+    p.add_argument("--keygate-before-wasm", help="keygate's module as built before a change: "
+                   "measured as keygate-before (smallest key set, allowed and 401), a row of the "
+                   "Changes table")
+    p.add_argument("--before-change", default="the change under test",
+                   help="what changed between --keygate-before-wasm and keygate.wasm, for the "
+                        "Changes table")
     p.add_argument("--only", help="comma-separated configurations to measure (baseline always is); "
                                   "for a focused run such as the issue-13 proof")
     p.add_argument("--scenarios", help="comma-separated scenarios to measure (default: all)")
@@ -2297,6 +2352,20 @@ def main(argv=None) -> int:
             f"wasm-keyjob-lean-{small}", config_floor(floor_lean, keyjob_configuration(keys, small)))
         issue13["wasm-fulljob"] = write_config(
             f"wasm-fulljob-{small}", config_floor(floor_wasm, fulljob_configuration(keys, small)))
+        if args.keygate_before_wasm:
+            before_wasm = wasm_dir / "keygate.before.wasm"
+            shutil.copyfile(args.keygate_before_wasm, before_wasm)
+            before_paths = keygate_configs(before_wasm, keys, small, "keygate-before")
+            issue13["keygate-before"] = before_paths["keygate"]
+        # keygate's own configuration, inline in the bootstrap instead of through ECDS.
+        if "inline" in sized[small]:
+            issue13["keygate-inline"] = sized[small]["inline"]
+        variant_checks = []
+        for variant, (_, _, edit) in KEYGATE_VARIANTS.items():
+            variant_paths = keygate_configs(keygate_wasm, keys, small, variant, globals()[edit])
+            issue13[variant] = variant_paths["keygate"]
+            variant_checks.append((variant_paths.get("inline", variant_paths["keygate"]),
+                                   f"{variant}'s configuration inline: module and on_configure"))
         issue13["dynmod-keyjob"] = write_config(
             f"dynmod-keyjob-{small}", config_dynmod(dynmod_so, keyjob_configuration(keys, small)))
         issue13["dynmod-fulljob"] = write_config(
@@ -2331,6 +2400,8 @@ def main(argv=None) -> int:
         check(issue13["wasm-keyjob"], "the keyjob filter: module and on_configure")
         check(issue13["wasm-keyjob-lean"], "the keyjob filter, lean module")
         check(issue13["wasm-fulljob"], "the fulljob filter: module and on_configure")
+        for path, what in variant_checks:
+            check(path, what)
         check(issue13["dynmod-keyjob"], "the keyjob as a dynamic module")
         check(issue13["dynmod-fulljob"], "the fulljob as a dynamic module")
         if not all(v["ok"] for v in validations):
@@ -2378,7 +2449,7 @@ def main(argv=None) -> int:
                     problems.append(f"{e.name}: {e.state}")
             if size == small:
                 for name, path in issue13.items():
-                    if not measured(name):
+                    if not is_measured(name):
                         continue
                     e = runner.start(Envoy(f"{name}-{size}-c1", path, 1),
                                      keys.plain[keys.allowed_index(size)])
@@ -2913,7 +2984,12 @@ def change_rows(S: Summary) -> list[dict]:
     recs = [r for r in S.report["records"] if r.get("phase") == "A" and not r.get("error")]
     small = min(S.sizes)
     rows = []
+    saved = S.report["facts"].get("args", {})
     for change, with_c, without_c, scenarios, cost in CHANGES:
+        if change == "BEFORE":
+            if not any(r["config"] == "keygate-before" for r in recs):
+                continue
+            change = saved.get("before_change") or "the change under test"
         for scenario in scenarios:
             by = {c: {r["round"]: r["cpu_us_per_req"] for r in recs
                       if r["config"] == c and r["scenario"] == scenario

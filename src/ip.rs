@@ -142,6 +142,14 @@ pub fn parse_peer(s: &str) -> Option<IpAddr> {
 
 /// An address with an optional port: `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]`, `[::1]:80`.
 fn parse_with_port(s: &str) -> Option<(IpAddr, Option<u16>)> {
+    // The form Envoy reports for IPv4 peers, `1.2.3.4:5000`, first: one colon, no bracket
+    // (a bare IPv6 address has at least two colons and falls through).
+    if let Some((addr, port)) = s.split_once(':') {
+        if !port.contains(':') && !addr.starts_with('[') {
+            let ip = addr.parse::<Ipv4Addr>().ok()?;
+            return Some((IpAddr::V4(ip), Some(parse_port(port)?)));
+        }
+    }
     if let Some(rest) = s.strip_prefix('[') {
         let (addr, after) = rest.split_once(']')?;
         let port = match after {
@@ -455,5 +463,56 @@ mod properties {
 
     fn ip_of(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// parse_with_port as it was before its IPv4 fast path: every other form must read
+    /// the same, and so must every string.
+    fn parse_with_port_reference(s: &str) -> Option<(IpAddr, Option<u16>)> {
+        if let Some(rest) = s.strip_prefix('[') {
+            let (addr, after) = rest.split_once(']')?;
+            let port = match after {
+                "" => None,
+                p => Some(parse_port(p.strip_prefix(':')?)?),
+            };
+            let ip = addr.parse::<Ipv6Addr>().ok()?;
+            return Some((canonical(IpAddr::V6(ip)), port));
+        }
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Some((canonical(ip), None));
+        }
+        let (addr, port) = s.rsplit_once(':')?;
+        let ip = addr.parse::<Ipv4Addr>().ok()?;
+        Some((IpAddr::V4(ip), Some(parse_port(port)?)))
+    }
+
+    #[test]
+    fn parse_with_port_fast_path_reads_as_before() {
+        for s in [
+            "127.0.0.1:5000", "127.0.0.1", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:65535",
+            "127.0.0.1:65536", "127.0.0.1:99999", "127.0.0.1:+80", "127.0.0.1:80:80",
+            "1.2.3:80", "01.2.3.4:80", "::1", "[::1]", "[::1]:80", "[::1]:", "::ffff:1.2.3.4",
+            "[::ffff:1.2.3.4]:80", "::1:80", "a:80", ":80", ":", "", "[", "[:80",
+            "1.2.3.4 :80", "fe80::1%eth0",
+        ] {
+            assert_eq!(parse_with_port(s), parse_with_port_reference(s), "{s:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_with_port_agrees_with_the_reference(s in "[0-9a-f:.\\[\\]%]{0,24}") {
+            proptest::prop_assert_eq!(parse_with_port(&s), parse_with_port_reference(&s));
+        }
+
+        #[test]
+        fn parse_with_port_agrees_on_v4_forms(
+            a in 0u16..300, b in 0u16..300, port in proptest::option::of(0u32..70000)
+        ) {
+            let s = match port {
+                Some(p) => format!("{a}.{b}.0.1:{p}"),
+                None => format!("{a}.{b}.0.1"),
+            };
+            proptest::prop_assert_eq!(parse_with_port(&s), parse_with_port_reference(&s));
+        }
     }
 }

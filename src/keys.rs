@@ -70,6 +70,11 @@ fn abbreviate(s: &str) -> String {
 /// Whether a presented credential has the shape of an API key: valid UTF-8, 16 to 512
 /// characters, no control characters. Anything else is refused before any lookup.
 pub fn well_formed(key: &[u8]) -> bool {
+    // Keys are ASCII in practice: one pass over the bytes, no UTF-8 decoding.
+    if key.is_ascii() {
+        return (MIN_KEY_CHARS..=MAX_KEY_CHARS).contains(&key.len())
+            && !key.iter().any(u8::is_ascii_control);
+    }
     let Ok(s) = std::str::from_utf8(key) else {
         return false;
     };
@@ -288,5 +293,44 @@ mod tests {
         assert_eq!(idx.find(b"key-two-0123456789"), Some(1));
         assert_eq!(idx.find(b"key-three-0123456789"), None);
         assert_eq!(idx.len(), 2);
+    }
+
+    /// well_formed as it was before its ASCII fast path.
+    fn well_formed_reference(key: &[u8]) -> bool {
+        let Ok(s) = std::str::from_utf8(key) else {
+            return false;
+        };
+        let chars = s.chars().count();
+        (MIN_KEY_CHARS..=MAX_KEY_CHARS).contains(&chars) && !s.chars().any(char::is_control)
+    }
+
+    #[test]
+    fn well_formed_edges() {
+        let ok = |n: usize| vec![b'a'; n];
+        assert!(!well_formed(&ok(MIN_KEY_CHARS - 1)));
+        assert!(well_formed(&ok(MIN_KEY_CHARS)));
+        assert!(well_formed(&ok(MAX_KEY_CHARS)));
+        assert!(!well_formed(&ok(MAX_KEY_CHARS + 1)));
+        for control in [0u8, b'\t', b'\n', 0x1f, 0x7f] {
+            let mut key = ok(20);
+            key[5] = control;
+            assert!(!well_formed(&key), "{control:#x}");
+        }
+        // Non-ASCII keys are counted in characters, and C1 controls refused.
+        assert!(well_formed("ключ-ключ-ключ-ключ".as_bytes()));
+        assert!(!well_formed("key-key-key-key-\u{85}x".as_bytes()));
+        assert!(!well_formed(&[0xff; 20]));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn well_formed_agrees_with_the_reference(key in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            proptest::prop_assert_eq!(well_formed(&key), well_formed_reference(&key));
+        }
+
+        #[test]
+        fn well_formed_agrees_on_ascii(key in "[\\x00-\\x7f]{0,600}") {
+            proptest::prop_assert_eq!(well_formed(key.as_bytes()), well_formed_reference(key.as_bytes()));
+        }
     }
 }

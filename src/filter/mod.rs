@@ -362,7 +362,9 @@ impl Stream {
 
     fn respond(&self, status: u32, reason: Reason, headers: &[(&str, &str)]) -> Action {
         self.count(Counter::for_status(status));
-        let details = format!("keygate_{}", reason.code());
+        let mut details = String::with_capacity(8 + reason.code().len());
+        details.push_str("keygate_");
+        details.push_str(reason.code());
         if host::send_response(status, &details, headers, reason.body().as_bytes()).is_err() {
             log::error!("keygate: cannot send the {status} response");
         }

@@ -69,6 +69,7 @@ import http.client
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import shutil
@@ -1060,6 +1061,8 @@ class Runner:
         # Append mode, so that trim_log can truncate the file under a running Envoy.
         logf = open(e.log_path, "a")
         cmd = self.envoy_cmd(e.config, e.concurrency, admin_path, e.log_level)
+        if PIN_CPUS and e.concurrency == 1:
+            cmd = ["taskset", "-c", PIN_CPUS[1]] + cmd
         e.started = time.monotonic()
         e.extra["started_wall"] = time.time()
         e.proc = subprocess.Popen(
@@ -1299,6 +1302,8 @@ def h2load_cmd(port: int, path: str, n: int, conns: int, logfile: Path | None,
     at a time per connection; else HTTP/1.1. body: a POST with that file as its body."""
     cmd = ["h2load"] + ([] if h2 else ["--h1"]) + [
         "-c", str(conns), "-t", "1", "-n", str(n), "-H", f"x-api-key: {key_display}"]
+    if PIN_CPUS:
+        cmd = ["taskset", "-c", PIN_CPUS[0]] + cmd
     if body is not None:
         cmd += ["-d", str(body)]
     if logfile:
@@ -1473,6 +1478,8 @@ def scenario_request(keys: KeySet, size: int | None, scenario: str) -> tuple[str
 # --only / --scenarios: the configurations and scenarios measured (None: all). baseline is
 # always measured: every overhead is taken against it.
 ONLY_CONFIGS: set[str] | None = None
+# --pin-cpus A,B: h2load on CPU A, each --concurrency 1 Envoy on CPU B (None: no pinning).
+PIN_CPUS: tuple[str, str] | None = None
 ONLY_SCENARIOS: set[str] | None = None
 
 
@@ -2101,6 +2108,9 @@ def parse_args(argv=None):
     p.add_argument("--only", help="comma-separated configurations to measure (baseline always is); "
                                   "for a focused run such as the issue-13 proof")
     p.add_argument("--scenarios", help="comma-separated scenarios to measure (default: all)")
+    p.add_argument("--pin-cpus", metavar="LOAD,ENVOY",
+                   help="pin h2load to CPU LOAD and every --concurrency 1 Envoy to CPU ENVOY "
+                        "(taskset), so that the load generator and the proxy never share a CPU")
     p.add_argument("--settle-s", type=float, default=5.0,
                    help="sample RSS again this many seconds after an Envoy's first success, "
                         "with no traffic in between (default 5; 0 to skip)")
@@ -2147,7 +2157,14 @@ def parse_args(argv=None):
         p.error("--perf: `perf record -e cpu-clock` does not work here")
     a.out_explicit = a.out
     a.out = Path(a.out) if a.out else (OUT / "quick" if q else BENCH)
-    global ONLY_CONFIGS, ONLY_SCENARIOS
+    global ONLY_CONFIGS, ONLY_SCENARIOS, PIN_CPUS
+    if a.pin_cpus:
+        cpus = [c.strip() for c in a.pin_cpus.split(",")]
+        if len(cpus) != 2 or not all(c.isdigit() for c in cpus) or cpus[0] == cpus[1]:
+            p.error("--pin-cpus: two different CPU numbers, LOAD,ENVOY (for example 0,1)")
+        if shutil.which("taskset") is None:
+            p.error("--pin-cpus: taskset (util-linux) is not installed")
+        PIN_CPUS = (cpus[0], cpus[1])
     known_configs = set(CONFIG_ORDER)
     if a.only:
         ONLY_CONFIGS = {c.strip() for c in a.only.split(",") if c.strip()}
@@ -2854,6 +2871,54 @@ def paired_over(S: Summary, config: str, size: int, scenario: str = "allowed") -
             if r["config"] == config and r["scenario"] == scenario and r["round"] in base}
 
 
+# The proof lines' verdicts: a 95% interval of config/native (ratio of the median overheads
+# over rounds), by resampling whole rounds (each keeps its configurations' measurements
+# together, so that what drifts between rounds cancels); fixed seed, so that re-rendering
+# gives the same interval.
+BOOTSTRAP_REPS = 4000
+BOOTSTRAP_SEED = 13
+
+
+def ratio_interval(S: Summary, config: str, size: int,
+                   scenario: str = "allowed") -> tuple[float, float, int] | None:
+    """(low, high, rounds): the 95% bootstrap interval of config's median overhead over
+    native's, or None with fewer than MIN_VERDICT_ROUNDS paired rounds or when native's
+    resampled median overhead is not above zero in more than 1% of the resamples."""
+    pc, pn = paired_over(S, config, size, scenario), paired_over(S, "native", size, scenario)
+    rounds = sorted(k for k in pc if k in pn)
+    if len(rounds) < MIN_VERDICT_ROUNDS:
+        return None
+    rng = random.Random(BOOTSTRAP_SEED)
+    ratios = []
+    for _ in range(BOOTSTRAP_REPS):
+        pick = [rounds[rng.randrange(len(rounds))] for _ in rounds]
+        nat = statistics.median(pn[k] for k in pick)
+        if nat > 0:
+            ratios.append(statistics.median(pc[k] for k in pick) / nat)
+    if len(ratios) < 0.99 * BOOTSTRAP_REPS:
+        return None
+    ratios.sort()
+    return ratios[int(0.025 * len(ratios))], ratios[int(0.975 * len(ratios)) - 1], len(rounds)
+
+
+def interval_verdict(S: Summary, config: str, size: int, scenario: str = "allowed") -> tuple[str | None, str]:
+    """("above" | "within" | None, text): where config/native stands against TARGET_RATIO."""
+    above, n = steadiness(S, config, size, scenario)
+    rounds_txt = (f"above {TARGET_RATIO:g}x native's overhead of the same round in {above} of "
+                  f"{n} rounds")
+    iv = ratio_interval(S, config, size, scenario)
+    if iv is None:
+        return None, (f"no verdict: it needs at least {MIN_VERDICT_ROUNDS} rounds with native's "
+                      f"overhead above zero ({rounds_txt})")
+    lo, hi, n = iv
+    ci = f"95% interval {lo:.2f}x to {hi:.2f}x over {n} rounds; {rounds_txt}"
+    if lo > TARGET_RATIO:
+        return "above", f"above {TARGET_RATIO:g}x ({ci})"
+    if hi <= TARGET_RATIO:
+        return "within", f"within {TARGET_RATIO:g}x ({ci})"
+    return None, f"no verdict: the interval holds {TARGET_RATIO:g}x ({ci}); more rounds"
+
+
 def keyjob_headline(S: Summary) -> str:
     """The proof line: the cheapest filter that still does keygate's job, against native.
     The verdict is judged on the cheaper of wasm-keyjob (trimmed as keygate) and
@@ -2870,37 +2935,18 @@ def keyjob_headline(S: Summary) -> str:
     cheapest, cv = "wasm-keyjob", kj
     if kjl is not None and kjl < kj:
         cheapest, cv = "wasm-keyjob-lean", kjl
-    r = ratio(cv, nat)
-    # How steady the verdict is (never from fewer than MIN_VERDICT_ROUNDS rounds, which a
-    # quick run has): in how many rounds the cheaper one's overhead was above
-    # TARGET_RATIO x native's of the same round. A verdict needs the median and at least
-    # three rounds in four to agree; else the run cannot tell.
-    pk, pn = paired_over(S, cheapest, small), paired_over(S, "native", small)
-    both = [k for k in pk if k in pn]
-    above = sum(1 for k in both if pk[k] > TARGET_RATIO * pn[k])
-    frac = above / len(both) if both else None
-    rounds_txt = (f"above {TARGET_RATIO:g}x native's overhead of the same round in {above} of "
-                  f"{len(both)} rounds")
-    if r is None or frac is None:
-        verdict_txt = "no verdict (native's overhead is not above zero in this run)"
-    elif len(both) < MIN_VERDICT_ROUNDS:
-        verdict_txt = (f"no verdict from {len(both)} round(s): a verdict needs at least "
-                       f"{MIN_VERDICT_ROUNDS} ({rounds_txt})")
-    elif r > TARGET_RATIO and frac >= 0.75:
-        verdict_txt = (f"the cheaper of the two, {cheapest}, is {fmt_ratio(r)} of native, above "
-                       f"{TARGET_RATIO:g}x ({rounds_txt}): no filter in the Wasm VM that reads the "
-                       f"key, looks it up and forwards the identity with these host calls reaches "
-                       f"the target, so keygate cannot either")
-    elif r <= TARGET_RATIO and frac <= 0.25:
-        verdict_txt = (f"the cheaper of the two, {cheapest}, is {fmt_ratio(r)} of native, within "
-                       f"{TARGET_RATIO:g}x ({rounds_txt}): the target is not ruled out inside the "
-                       f"VM; what keygate adds over it ({fmt(None if kg is None else kg - cv)} us) "
-                       f"is its work beyond the job")
+    verdict, why = interval_verdict(S, cheapest, small)
+    if verdict == "above":
+        verdict_txt = (f"the cheaper of the two, {cheapest}, is {why}: no filter in the Wasm VM "
+                       f"that reads the key, looks it up and forwards the identity with these "
+                       f"host calls reaches the target, so keygate cannot either")
+    elif verdict == "within":
+        verdict_txt = (f"the cheaper of the two, {cheapest}, is {why}: the key job alone is not "
+                       f"ruled out inside the VM; what keygate adds over it "
+                       f"({fmt(None if kg is None else kg - cv)} us) is its work beyond that job "
+                       f"(see the whole-job line)")
     else:
-        verdict_txt = (f"no verdict from this run: the cheaper of the two, {cheapest}, is "
-                       f"{fmt_ratio(r)} of native in the median but {rounds_txt} (a verdict needs "
-                       f"three rounds in four to agree with the median): the rounds spread more "
-                       f"than the margin; more rounds on a quieter machine")
+        verdict_txt = f"the cheaper of the two, {cheapest}: {why}"
     kj401, n401 = S.val("A", "wasm-keyjob", small, "401"), S.val("A", "native", small, "401")
     lean_txt = ("" if kjl is None else
                 f"; wasm-keyjob-lean (the same without the response-headers callback, which "
@@ -2913,10 +2959,10 @@ def keyjob_headline(S: Summary) -> str:
             f"native {fmt(n401)} us ({fmt_ratio(ratio(kj401, n401))})")
 
 
-def steadiness(S: Summary, config: str, size: int) -> tuple[int, int]:
+def steadiness(S: Summary, config: str, size: int, scenario: str = "allowed") -> tuple[int, int]:
     """In how many rounds config's overhead was above TARGET_RATIO x native's overhead of the
     same round, and of how many rounds (both measured)."""
-    pc, pn = paired_over(S, config, size), paired_over(S, "native", size)
+    pc, pn = paired_over(S, config, size, scenario), paired_over(S, "native", size, scenario)
     both = [k for k in pc if k in pn]
     return sum(1 for k in both if pc[k] > TARGET_RATIO * pn[k]), len(both)
 
@@ -2934,26 +2980,21 @@ def fulljob_headline(S: Summary) -> str:
             f"with the fewest host calls; trimmed as keygate.wasm)")
     if fj is None or nat is None:
         return head + ": - (not measured in this run)"
-    r = ratio(fj, nat)
-    above, n = steadiness(S, "wasm-fulljob", small)
-    rounds_txt = f"above {TARGET_RATIO:g}x native's overhead of the same round in {above} of {n} rounds"
-    if r is None or n == 0:
-        verdict_txt = "no verdict (native's overhead is not above zero in this run)"
-    elif n < MIN_VERDICT_ROUNDS:
-        verdict_txt = f"no verdict from {n} round(s) ({rounds_txt})"
-    elif r > TARGET_RATIO and above / n >= 0.75:
-        verdict_txt = (f"above the target ({rounds_txt}): a filter in the Wasm VM that does what "
-                       f"the native chain does cannot reach {TARGET_RATIO:g}x, so keygate, which "
-                       f"does that and more, cannot either")
-    elif r <= TARGET_RATIO and above / n <= 0.25:
-        verdict_txt = f"within the target ({rounds_txt}): the VM does not rule it out"
+    verdict, why = interval_verdict(S, "wasm-fulljob", small)
+    if verdict == "above":
+        verdict_txt = (f"{why}: a filter in the Wasm VM that does what the native chain does "
+                       f"cannot reach {TARGET_RATIO:g}x, so keygate, which does that and more in "
+                       f"the same VM, cannot either")
+    elif verdict == "within":
+        verdict_txt = f"{why}: the VM does not rule the target out"
     else:
-        verdict_txt = f"no verdict ({rounds_txt}; a verdict needs three rounds in four to agree)"
+        verdict_txt = why
     fj401, n401 = S.val("A", "wasm-fulljob", small, "401"), S.val("A", "native", small, "401")
     return (f"{head}: overhead {fmt(fj)} us vs native {fmt(nat)} us -> wasm-fulljob/native "
-            f"{fmt_ratio(r)} (target <= {TARGET_RATIO:g}); {verdict_txt}; keygate/wasm-fulljob "
-            f"{fmt_ratio(ratio(kg, fj))} (keygate {fmt(kg)} us); 401: wasm-fulljob {fmt(fj401)} us "
-            f"vs native {fmt(n401)} us ({fmt_ratio(ratio(fj401, n401))})")
+            f"{fmt_ratio(ratio(fj, nat))} (target <= {TARGET_RATIO:g}); {verdict_txt}; "
+            f"keygate/wasm-fulljob {fmt_ratio(ratio(kg, fj))} (keygate {fmt(kg)} us); 401: "
+            f"wasm-fulljob {fmt(fj401)} us vs native {fmt(n401)} us "
+            f"({fmt_ratio(ratio(fj401, n401))})")
 
 
 def dynmod_headline(S: Summary) -> str:
@@ -2966,10 +3007,9 @@ def dynmod_headline(S: Summary) -> str:
         d, w_ = S.val("A", dyn, small), S.val("A", wasm, small)
         if d is None:
             continue
-        above, n = steadiness(S, dyn, small)
-        parts.append(f"{dyn} {fmt(d)} us -> {dyn}/native {fmt_ratio(ratio(d, nat))} (above "
-                     f"{TARGET_RATIO:g}x native's overhead of the same round in {above} of {n} "
-                     f"rounds); its Wasm twin {wasm} {fmt(w_)} us")
+        _, why = interval_verdict(S, dyn, small)
+        parts.append(f"{dyn} {fmt(d)} us -> {dyn}/native {fmt_ratio(ratio(d, nat))}, {why}; its "
+                     f"Wasm twin {wasm} {fmt(w_)} us")
     d401, n401 = S.val("A", "dynmod-fulljob", small, "401"), S.val("A", "native", small, "401")
     return (f"What would reach it, measured, {size_label(small)} keys, allowed: the same jobs as "
             f"native code in Envoy's dynamic_modules filter (bench/dynmod-keyjob, no Wasm VM), "

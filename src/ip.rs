@@ -142,14 +142,6 @@ pub fn parse_peer(s: &str) -> Option<IpAddr> {
 
 /// An address with an optional port: `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]`, `[::1]:80`.
 fn parse_with_port(s: &str) -> Option<(IpAddr, Option<u16>)> {
-    // The form Envoy reports for IPv4 peers, `1.2.3.4:5000`, first: one colon, no bracket
-    // (a bare IPv6 address has at least two colons and falls through).
-    if let Some((addr, port)) = s.split_once(':') {
-        if !port.contains(':') && !addr.starts_with('[') {
-            let ip = addr.parse::<Ipv4Addr>().ok()?;
-            return Some((IpAddr::V4(ip), Some(parse_port(port)?)));
-        }
-    }
     if let Some(rest) = s.strip_prefix('[') {
         let (addr, after) = rest.split_once(']')?;
         let port = match after {
@@ -159,12 +151,16 @@ fn parse_with_port(s: &str) -> Option<(IpAddr, Option<u16>)> {
         let ip = addr.parse::<Ipv6Addr>().ok()?;
         return Some((canonical(IpAddr::V6(ip)), port));
     }
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Some((canonical(ip), None));
+    // One colon: an IPv4 address and its port, the form Envoy reports for IPv4 peers (an
+    // IPv6 address has at least two colons), read without trying IPv6 first.
+    if let Some((addr, port)) = s.split_once(':') {
+        if !port.contains(':') {
+            let ip = addr.parse::<Ipv4Addr>().ok()?;
+            return Some((IpAddr::V4(ip), Some(parse_port(port)?)));
+        }
     }
-    let (addr, port) = s.rsplit_once(':')?;
-    let ip = addr.parse::<Ipv4Addr>().ok()?;
-    Some((IpAddr::V4(ip), Some(parse_port(port)?)))
+    let ip = s.parse::<IpAddr>().ok()?;
+    Some((canonical(ip), None))
 }
 
 fn parse_port(s: &str) -> Option<u16> {
@@ -465,8 +461,8 @@ mod properties {
         s.parse().unwrap()
     }
 
-    /// parse_with_port as it was before its IPv4 fast path: every other form must read
-    /// the same, and so must every string.
+    /// parse_with_port as it was before it read the IPv4 `address:port` form first: every
+    /// string must read the same.
     fn parse_with_port_reference(s: &str) -> Option<(IpAddr, Option<u16>)> {
         if let Some(rest) = s.strip_prefix('[') {
             let (addr, after) = rest.split_once(']')?;

@@ -19,16 +19,19 @@
 //! configuration creation return null, so Envoy refuses the configuration.
 
 mod abi;
+#[path = "../../keyjob_table.rs"]
+mod keyjob_table;
 
 use abi::*;
+use keyjob_table::{parse_keys, KeyTable};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 use std::time::Instant;
 
 const DENY_401: &[u8] = br#"{"error":"invalid_api_key","message":"Invalid API key"}"#;
-const DENY_403_IP: &[u8] = br#"{"error":"ip_not_allowed","message":"Access denied from this IP address"}"#;
+const DENY_403_IP: &[u8] =
+    br#"{"error":"ip_not_allowed","message":"Access denied from this IP address"}"#;
 const DENY_403_ADDR: &[u8] =
     br#"{"error":"client_address_unknown","message":"Client address could not be determined"}"#;
 const DENY_429: &[u8] = br#"{"error":"rate_limited","message":"Rate limit exceeded"}"#;
@@ -44,8 +47,6 @@ const BUCKET_WINDOW_S: u64 = 60;
 /// the hooks know which one they got.
 const TAG_KEYJOB: u32 = 0x6b65_796a; // the config itself: keyjob keeps no per-request state
 const TAG_FULLJOB: u32 = 0x6675_6c6c; // a per-request FullFilter
-
-type KeyTable = HashMap<[u8; 32], Box<str>>;
 
 #[repr(C)]
 struct Config {
@@ -97,36 +98,6 @@ fn parse_config(text: &str) -> Result<Config, String> {
         table,
         bucket,
     })
-}
-
-fn parse_keys(list: &str) -> Result<KeyTable, String> {
-    let mut table = KeyTable::new();
-    for (i, hex) in list.split(',').enumerate() {
-        let bytes = hex.trim().as_bytes();
-        if bytes.len() != 64 {
-            return Err(format!("digest {i} is not 64 hex digits"));
-        }
-        let mut digest = [0u8; 32];
-        for (j, pair) in bytes.chunks_exact(2).enumerate() {
-            let (Some(hi), Some(lo)) = (hex_digit(pair[0]), hex_digit(pair[1])) else {
-                return Err(format!("digest {i} is not 64 hex digits"));
-            };
-            digest[j] = hi << 4 | lo;
-        }
-        if table.insert(digest, format!("k{i:07}").into_boxed_str()).is_some() {
-            return Err(format!("digest {i} is repeated"));
-        }
-    }
-    Ok(table)
-}
-
-fn hex_digit(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
 }
 
 fn log_error(message: &str) {
@@ -248,7 +219,11 @@ unsafe fn full_job(filter: HttpFilterEnvoyPtr, state: &mut FullFilter) -> Filter
         ATTRIBUTE_SOURCE_ADDRESS,
         &mut address,
     );
-    match if known { loopback_v4(address.as_bytes()) } else { None } {
+    match if known {
+        loopback_v4(address.as_bytes())
+    } else {
+        None
+    } {
         None => return deny(filter, 403, DENY_403_ADDR),
         Some(false) => return deny(filter, 403, DENY_403_IP),
         Some(true) => {}
@@ -561,7 +536,7 @@ mod tests {
         let c = parse_config(&format!("keyjob:{D0},{D1}")).expect("valid");
         assert!(c.bucket.is_none());
         let digest: [u8; 32] = Sha256::digest(b"123").into();
-        assert_eq!(c.table.get(&digest).map(|s| &**s), Some("k0000000"));
+        assert_eq!(c.table.get(&digest).map(String::as_str), Some("k0000000"));
         assert_eq!(c.table.len(), 2);
     }
 

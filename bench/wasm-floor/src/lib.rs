@@ -26,6 +26,10 @@
 //! rate), and X-RateLimit-Limit / -Remaining / -Reset added to the response (three host
 //! calls in the response-headers callback), as local_ratelimit adds them.
 
+#[path = "../../keyjob_table.rs"]
+mod keyjob_table;
+
+use keyjob_table::{parse_keys, KeyTable};
 use proxy_wasm::hostcalls as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
@@ -104,16 +108,13 @@ struct Probe {
     metric: u32,
 }
 
-/// The keyjob filter's key table: SHA-256 digest -> key id.
-type KeyTable = HashMap<[u8; 32], String>;
-
 struct Root {
     probe: Option<Probe>,
     keyjob: Option<Rc<KeyTable>>,
     /// The key table is the fulljob's (see the module comment), not the keyjob's.
     fulljob: bool,
-    /// The fulljob's tokens taken ahead, by key id (one worker's; never shared).
-    leases: Rc<RefCell<HashMap<String, u64>>>,
+    /// The fulljob's tokens taken ahead, by key digest (one worker's; never shared).
+    leases: Rc<RefCell<HashMap<[u8; 32], u64>>>,
 }
 
 const KEYJOB_PREFIX: &str = "keyjob:";
@@ -122,38 +123,6 @@ const FULLJOB_PREFIX: &str = "fulljob:";
 const FULLJOB_LEASE: u64 = 256;
 /// The fulljob bucket's rate: the benchmark plan's, so that nothing is refused.
 const FULLJOB_LIMIT: u64 = 1_000_000_000;
-
-/// The key table of a `keyjob:` configuration (the part after the prefix).
-fn parse_keyjob(list: &str) -> Result<KeyTable, String> {
-    let mut table = KeyTable::new();
-    for (i, hex) in list.split(',').enumerate() {
-        let hex = hex.trim();
-        let bytes = hex.as_bytes();
-        if bytes.len() != 64 {
-            return Err(format!("digest {i} is not 64 hex digits"));
-        }
-        let mut digest = [0u8; 32];
-        for (j, pair) in bytes.chunks_exact(2).enumerate() {
-            let (Some(hi), Some(lo)) = (hex_digit(pair[0]), hex_digit(pair[1])) else {
-                return Err(format!("digest {i} is not 64 hex digits"));
-            };
-            digest[j] = hi << 4 | lo;
-        }
-        if table.insert(digest, format!("k{i:07}")).is_some() {
-            return Err(format!("digest {i} is repeated"));
-        }
-    }
-    Ok(table)
-}
-
-fn hex_digit(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
 
 impl Context for Root {}
 
@@ -180,7 +149,7 @@ impl RootContext for Root {
             .or_else(|| text.strip_prefix(FULLJOB_PREFIX).map(|list| (list, true)));
         if let Some((list, fulljob)) = keyjob {
             self.probe = None;
-            return match parse_keyjob(list) {
+            return match parse_keys(list) {
                 Ok(table) => {
                     self.keyjob = Some(Rc::new(table));
                     self.fulljob = fulljob;
@@ -335,18 +304,27 @@ impl Context for KeyJob {}
 
 impl HttpContext for KeyJob {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let key = match host::get_map_value_bytes(MapType::HttpRequestHeaders, "x-api-key") {
-            Ok(Some(key)) => key,
-            _ => return deny(),
-        };
-        let digest: [u8; 32] = Sha256::digest(&key).into();
-        let Some(id) = self.table.get(&digest) else {
+        let Some((_, id)) = find_key(&self.table) else {
             return deny();
         };
-        let _ = host::remove_map_value(MapType::HttpRequestHeaders, "x-api-key");
-        let _ = host::set_map_value(MapType::HttpRequestHeaders, "x-keygate-key-id", Some(id));
+        forward_identity(id);
         Action::Continue
     }
+}
+
+/// The key's digest and id: x-api-key read with one host call, hashed and looked up; `None`
+/// when the header is missing or the key unknown.
+fn find_key(table: &KeyTable) -> Option<(&[u8; 32], &String)> {
+    match host::get_map_value_bytes(MapType::HttpRequestHeaders, "x-api-key") {
+        Ok(Some(key)) => table.get_key_value(&<[u8; 32]>::from(Sha256::digest(&key))),
+        _ => None,
+    }
+}
+
+/// x-api-key removed, x-keygate-key-id set: two header mutations.
+fn forward_identity(id: &str) {
+    let _ = host::remove_map_value(MapType::HttpRequestHeaders, "x-api-key");
+    let _ = host::set_map_value(MapType::HttpRequestHeaders, "x-keygate-key-id", Some(id));
 }
 
 fn deny() -> Action {
@@ -354,7 +332,11 @@ fn deny() -> Action {
 }
 
 fn refuse(status: u32, body: &[u8]) -> Action {
-    let _ = host::send_http_response(status, vec![("content-type", "application/json")], Some(body));
+    let _ = host::send_http_response(
+        status,
+        vec![("content-type", "application/json")],
+        Some(body),
+    );
     Action::Pause
 }
 
@@ -364,7 +346,7 @@ const FORBIDDEN_BODY: &[u8] = b"{\"error\":\"ip_not_allowed\",\"message\":\"Forb
 /// forwarded, X-RateLimit-* on the response.
 struct FullJob {
     table: Rc<KeyTable>,
-    leases: Rc<RefCell<HashMap<String, u64>>>,
+    leases: Rc<RefCell<HashMap<[u8; 32], u64>>>,
     /// Tokens left in the key's bucket after this request, for X-RateLimit-Remaining.
     remaining: Option<u64>,
 }
@@ -381,12 +363,7 @@ impl HttpContext for FullJob {
         if !loopback {
             return refuse(403, FORBIDDEN_BODY);
         }
-        let key = match host::get_map_value_bytes(MapType::HttpRequestHeaders, "x-api-key") {
-            Ok(Some(key)) => key,
-            _ => return deny(),
-        };
-        let digest: [u8; 32] = Sha256::digest(&key).into();
-        let Some(id) = self.table.get(&digest) else {
+        let Some((digest, id)) = find_key(&self.table) else {
             return deny();
         };
         let Ok(now) = host::get_current_time() else {
@@ -395,7 +372,7 @@ impl HttpContext for FullJob {
         let Ok(mut leases) = self.leases.try_borrow_mut() else {
             return refuse(500, b"{}");
         };
-        let left = leases.entry(id.clone()).or_insert(0);
+        let left = leases.entry(*digest).or_insert(0);
         if *left == 0 {
             // The shared bucket: 16 bytes (tokens, refill time); at the benchmark's rate it
             // is full again at every lease, so the lease is simply taken.
@@ -418,14 +395,17 @@ impl HttpContext for FullJob {
         *left -= 1;
         self.remaining = Some(FULLJOB_LIMIT - FULLJOB_LEASE + *left);
         drop(leases);
-        let _ = host::remove_map_value(MapType::HttpRequestHeaders, "x-api-key");
-        let _ = host::set_map_value(MapType::HttpRequestHeaders, "x-keygate-key-id", Some(id));
+        forward_identity(id);
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
         if let Some(remaining) = self.remaining.take() {
-            let _ = host::add_map_value(MapType::HttpResponseHeaders, "x-ratelimit-limit", "1000000000");
+            let _ = host::add_map_value(
+                MapType::HttpResponseHeaders,
+                "x-ratelimit-limit",
+                "1000000000",
+            );
             let _ = host::add_map_value(
                 MapType::HttpResponseHeaders,
                 "x-ratelimit-remaining",
@@ -446,5 +426,7 @@ fn is_ipv4_port(addr: &[u8]) -> bool {
     !port.is_empty()
         && port.iter().all(u8::is_ascii_digit)
         && ip.split(|&b| b == b'.').count() == 4
-        && ip.split(|&b| b == b'.').all(|p| !p.is_empty() && p.len() <= 3 && p.iter().all(u8::is_ascii_digit))
+        && ip
+            .split(|&b| b == b'.')
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.iter().all(u8::is_ascii_digit))
 }
